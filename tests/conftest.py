@@ -1,0 +1,71 @@
+"""Shared test fixtures: tiny randomly initialised models that use the embedded model's tokenizer.
+
+A 2-layer, 64-wide Llama with the real 49k-token vocabulary runs a forward pass in
+milliseconds, yet tokenises, templates and pads exactly like the real model, which is
+where most bugs live. Tests that need the real model are marked `slow`.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+sys.path.insert(0, REPO)
+
+import common  # noqa: E402
+
+
+def make_tiny_model(directory, seed=0, layers=2, hidden=64, vocab_size=None):
+    """Save a random tiny Llama plus the embedded tokenizer to `directory`; return it."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(common.embedded_model_dir())
+    config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Path of a tiny random model directory (shared by the whole test session)."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_b(tmp_path_factory):
+    """A second tiny model, different weights, same tokenizer."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model-b"), seed=1)
+
+
+def run_script(script, *args, env=None, timeout=600, check=False):
+    """Run one of the numbered scripts as a user would; returns CompletedProcess."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
+    result = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)],
+                            capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def run_torchrun(script, nproc, *args, timeout=600):
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+               os.path.join(REPO, script), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
+
+
+def read_records(path):
+    import json
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
