@@ -7,7 +7,7 @@ Read top to bottom, this file is the vocabulary the scripts speak:
   3. prompts                    load_prompts (JSONL, directory, TSV, hub dataset)
   4. models                     load_model (hub id, local dir, the embedded default)
   5. chat formatting            chat_prompt_ids, end_of_turn_ids
-  6. batched generation         generate_batches
+  6. batched generation         generate_batches, generate_proxy_batches (proxy-tuned decoding)
   7. the batched logit scorer   tokenize_prompt_response, token_logps, score
   8. small helpers              extract_last_number, distributed setup, summaries
 """
@@ -142,6 +142,29 @@ def merge_parts(out_path, key, order):
     for path in glob.glob(glob.escape(out_path) + ".part*"):
         os.remove(path)
     return len(order)
+
+
+def run_resumable(items, key, out_path, process, rank=0, world_size=1):
+    """The skeleton of every long stage: skip what is done, shard the rest, merge.
+
+    items: the stage's input records, in order; key(item) names one (same key as its output).
+    process(my_items) yields lists of finished output records, a batch at a time;
+    each batch is appended to this rank's part file as soon as it arrives.
+    Returns (already_done, done_now) counts for this rank.
+    """
+    finished = {key(record) for record in read_finished(out_path)}
+    barrier()  # every rank must see the same `finished` before anyone appends
+    pending = [item for item in items if key(item) not in finished]
+    mine = pending[rank::world_size]
+    done_now = 0
+    for records in process(mine):
+        append_jsonl(part_path(out_path, rank), records)
+        done_now += len(records)
+    barrier()
+    if rank == 0:
+        merge_parts(out_path, key, [key(item) for item in items])
+    barrier()
+    return len(finished), done_now
 
 
 def check_not_done(out_path):
@@ -513,6 +536,99 @@ def generate_batches(model, tokenizer, prompt_ids, num_samples=1, temperature=0.
     progress.close()
 
 
+# Proxy-tuning (Liu et al. 2024; QAlign uses it too): steer a large model with the
+# difference a small model learned in tuning, logits = large + alpha * (expert - antiexpert),
+# without touching the large model's weights. generate() cannot mix three models, so
+# this is a plain decode loop: one KV cache per model, every step one token for all rows.
+
+
+def _last_logits(model, input_ids, attention_mask, position_ids, cache):
+    """One forward pass; returns (fp32 logits of the last position [batch, vocab], the updated KV cache)."""
+    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return output.logits[:, -1].float(), output.past_key_values
+
+
+def _sample_next(logits, temperature, top_p):
+    """Greedy argmax (temperature 0) or a top-p sample from logits [rows, vocab] -> [rows]."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the top token always stays
+        probs = torch.zeros_like(probs).scatter(-1, sorted_ids, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+def generate_proxy_batches(model, expert, antiexpert, tokenizer, prompt_ids, alpha=1.0, num_samples=1,
+                           temperature=0.0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=256,
+                           batch_size=16, desc="generate (proxy)", show_progress=True):
+    """generate_batches for a proxy-tuned model: same arguments (plus the two small models and alpha), same yields.
+
+    The three models must share the tokenizer; if their output layers differ in size
+    (padded vocabularies) only the common first ids are used. Prompts are padded on the
+    LEFT and positions count real tokens only, so padding changes nothing.
+    """
+    device = next(model.parameters()).device
+    stop_ids = torch.tensor(end_of_turn_ids(tokenizer), device=device)
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    progress = tqdm(total=len(order), desc=desc, unit="prompt", disable=not show_progress, dynamic_ncols=True)
+    for start in range(0, len(order), batch_size):
+        batch_indices = order[start:start + batch_size]
+        rows = [prompt_ids[i] for i in batch_indices for _ in range(num_samples)]  # samples of a prompt are adjacent
+        longest = max(len(ids) for ids in rows)
+        input_ids = torch.full((len(rows), longest), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(rows):
+            input_ids[row, longest - len(ids):] = torch.tensor(ids)
+            attention_mask[row, longest - len(ids):] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [rows, longest]
+        caches, step_ids, seen, new_tokens = [None, None, None], input_ids, None, []
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        with torch.inference_mode():
+            for _ in range(max_new_tokens):
+                logits = []
+                for k, one_model in enumerate((model, expert, antiexpert)):
+                    step_logits, caches[k] = _last_logits(one_model, step_ids, attention_mask, position_ids, caches[k])
+                    logits.append(step_logits)
+                vocab = min(step_logits.shape[-1] for step_logits in logits)
+                large, tuned, untuned = (step_logits[:, :vocab] for step_logits in logits)
+                combined = large + alpha * (tuned - untuned)  # [rows, vocab]
+                if seen is None:  # tokens of the prompt, padding excluded (for the repetition penalty)
+                    seen = torch.zeros_like(combined, dtype=torch.bool)
+                    row_index, column = attention_mask.nonzero(as_tuple=True)
+                    seen[row_index, input_ids[row_index, column]] = True
+                if repetition_penalty != 1.0:  # as in CTRL and HF: shrink the logit of every token already seen
+                    penalised = torch.where(combined < 0, combined * repetition_penalty, combined / repetition_penalty)
+                    combined = torch.where(seen, penalised, combined)
+                next_token = _sample_next(combined, temperature, top_p)
+                next_token = next_token.masked_fill(finished, tokenizer.pad_token_id)
+                new_tokens.append(next_token)
+                finished |= torch.isin(next_token, stop_ids)
+                if finished.all():
+                    break
+                seen[torch.arange(len(rows), device=device), next_token] = True
+                step_ids = next_token[:, None]
+                attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=1)
+                position_ids = position_ids[:, -1:] + 1
+        new_tokens = torch.stack(new_tokens, dim=1).tolist()
+        stop_list = stop_ids.tolist()
+        batch = []
+        for row, index in enumerate(batch_indices):
+            samples = []
+            for sample_tokens in new_tokens[row * num_samples:(row + 1) * num_samples]:
+                end = next((k for k, t in enumerate(sample_tokens) if t in stop_list), None)
+                kept = sample_tokens if end is None else sample_tokens[:end]
+                samples.append({"text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                                "truncated": end is None, "new_tokens": len(kept) + (end is not None)})
+            batch.append((index, samples))
+        progress.update(len(batch_indices))
+        yield batch
+    progress.close()
+
+
 # ----------------------------------------------------------------------------
 # 7. The batched logit scorer
 #
@@ -532,16 +648,23 @@ def tokenize_prompt_response(tokenizer, prompt, response, system=None):
     The pair is tokenised jointly, and the boundary found from the prompt's own
     tokens. If BPE merged across it (the joint ids do not start with the prompt's
     ids), the response is tokenised on its own and appended, which is what the
-    model saw when it generated the response after that prompt.
+    model saw when it generated the response after that prompt (with this repo's
+    tokenizer: a response starting "\n\n" would merge with the template's final
+    "\n" into 'ĊĊ'; the model never saw that token there, so it is not scored).
     """
     prompt_ids = chat_prompt_ids(tokenizer, prompt, system)
-    end_token = tokenizer.convert_ids_to_tokens(end_of_turn_token(tokenizer))
-    prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=False)
-    joint_ids = tokenizer(prompt_text + response + end_token, add_special_tokens=False).input_ids
-    if joint_ids[:len(prompt_ids)] == prompt_ids:
-        return joint_ids, len(prompt_ids)
-    response_ids = tokenizer(response + end_token, add_special_tokens=False).input_ids
-    return prompt_ids + response_ids, len(prompt_ids)
+    return _append_response(tokenizer, prompt_ids, response, end_of_turn_token(tokenizer)), len(prompt_ids)
+
+
+def _append_response(tokenizer, prompt_ids, response, end_id):
+    """prompt_ids + the response's tokens + end_id, the boundary checked as above."""
+    prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    # The end-of-turn token is appended as an id: a special token splits the text
+    # anyway, so its neighbours tokenise the same, and no string round trip is needed.
+    joint_ids = tokenizer(prompt_text + response, add_special_tokens=False).input_ids
+    if joint_ids[:len(prompt_ids)] != prompt_ids:
+        joint_ids = prompt_ids + tokenizer(response, add_special_tokens=False).input_ids
+    return joint_ids + [end_id]
 
 
 def token_logps(logits, labels, chunk_rows=1024):
@@ -582,63 +705,103 @@ def length_batches(lengths, token_budget):
 
 
 def _final_logit_transform(model):
-    """Models like Gemma 2 soft-cap their logits; apply the same after our own output layer."""
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return (lambda logits: torch.tanh(logits / cap) * cap) if cap else (lambda logits: logits)
+    """What some models do to the output layer's logits (Gemma 2 soft-caps, Cohere and Granite scale)."""
+    config = model.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = (getattr(config, "logit_scale", None) or 1.0) / (getattr(config, "logits_scaling", None) or 1.0)
+    if cap:
+        return lambda logits: torch.tanh(logits / cap) * cap
+    return (lambda logits: logits * scale) if scale != 1.0 else (lambda logits: logits)
+
+
+def _scoring_path(model):
+    """(decoder, output_layer, transform), checked once against the model's own logits.
+
+    The scorer runs the decoder, then the output layer only on response positions;
+    a model that post-processes its logits in a way we do not know would be scored
+    wrongly, without a sign. One 8-token forward pass per model rules that out.
+    """
+    decoder, output_layer = model.get_decoder(), model.get_output_embeddings()
+    transform = _final_logit_transform(model)
+    if not getattr(model, "_scoring_path_checked", False):
+        probe = torch.arange(10, 18, device=next(model.parameters()).device)[None]
+        full = model(input_ids=probe).logits.float()
+        ours = transform(output_layer(decoder(input_ids=probe).last_hidden_state)).float()
+        if not torch.allclose(ours, full, rtol=1e-3, atol=1e-3 * full.abs().max().item()):
+            raise RuntimeError(f"{type(model).__name__}: output_layer(decoder(x)) does not reproduce the model's "
+                               "logits; teach common._final_logit_transform what this model does to them")
+        model._scoring_path_checked = True
+    return decoder, output_layer, transform
+
+
+LOGIT_CHUNK_ELEMENTS = 2 ** 24  # fp32 logits per chunk: 64 MiB, whatever the vocabulary
 
 
 def score(model, tokenizer, prompts, responses, token_budget=8192, per_token=False, system=None,
-          desc="score", show_progress=True, chunk_rows=1024):
+          desc="score", show_progress=True, chunk_rows=None):
     """Summed log-probability of each response given its prompt, batched.
 
     prompts, responses: lists of str, same length (prompt = raw user message).
     Returns (summed_logps [n] float64 tensor, token_counts [n] long tensor), and a
     list of n per-token float32 tensors as a third value when per_token=True.
+    Counts include the end-of-turn token, which is scored.
     Batches are length-sorted under `token_budget` (rows x longest row), padded
-    on the right, and results come back in the order given.
+    on the right, and results come back in the order given. The output layer
+    runs `chunk_rows` response positions at a time (default: LOGIT_CHUNK_ELEMENTS
+    / vocabulary size), so memory does not grow with batch, length or vocabulary.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     device = next(model.parameters()).device
-    encoded = [tokenize_prompt_response(tokenizer, p, r, system) for p, r in zip(prompts, responses)]
+    end_id = end_of_turn_token(tokenizer)
+    prompt_ids = {}  # N samples share a prompt: render its template once
+    encoded = []
+    for prompt, response in zip(prompts, responses):
+        if prompt not in prompt_ids:
+            prompt_ids[prompt] = chat_prompt_ids(tokenizer, prompt, system)
+        encoded.append((_append_response(tokenizer, prompt_ids[prompt], response, end_id), len(prompt_ids[prompt])))
     summed = torch.zeros(len(encoded), dtype=torch.float64)
-    counts = torch.zeros(len(encoded), dtype=torch.long)
+    counts = torch.tensor([len(ids) - prompt_length for ids, prompt_length in encoded], dtype=torch.long)
     per_token_logps = [None] * len(encoded)
-    decoder, output_layer = model.get_decoder(), model.get_output_embeddings()
-    transform = _final_logit_transform(model)
-    batches = length_batches([len(ids) for ids, _ in encoded], token_budget)
-    progress = tqdm(total=len(encoded), desc=desc, unit="pair", disable=not show_progress, dynamic_ncols=True)
+    was_training = model.training
+    model.eval()  # dropout would make scores random
     with torch.inference_mode():
-        for batch in batches:
-            input_ids, attention_mask = pad_right([encoded[i][0] for i in batch], tokenizer.pad_token_id)
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        decoder, output_layer, transform = _scoring_path(model)
+        chunk_rows = chunk_rows or max(1, LOGIT_CHUNK_ELEMENTS // output_layer.weight.shape[0])
+        progress = tqdm(total=len(encoded), desc=desc, unit="pair", disable=not show_progress, dynamic_ncols=True)
+        for batch in length_batches([len(ids) for ids, _ in encoded], token_budget):
+            input_ids, _ = pad_right([encoded[i][0] for i in batch], tokenizer.pad_token_id)
+            input_ids = input_ids.to(device)
+            # No attention mask: with right padding and causal attention no real
+            # token can see a pad, and without a mask attention takes its fastest kernel.
+            hidden = decoder(input_ids=input_ids).last_hidden_state
             # Position t predicts token t+1: keep the positions whose next token is a response token.
-            response_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
-            for row, index in enumerate(batch):
-                ids, prompt_length = encoded[index]
-                response_mask[row, prompt_length - 1:len(ids) - 1] = True
-            rows, positions = response_mask.nonzero(as_tuple=True)
+            starts = torch.tensor([encoded[i][1] - 1 for i in batch], device=device)
+            ends = torch.tensor([len(encoded[i][0]) - 1 for i in batch], device=device)
+            columns = torch.arange(input_ids.shape[1], device=device)
+            response_mask = (columns >= starts[:, None]) & (columns < ends[:, None])
+            rows, positions = response_mask.nonzero(as_tuple=True)  # row-major: each row's tokens in order
             targets = input_ids[rows, positions + 1]
             logps = torch.cat([
                 token_logps(transform(output_layer(hidden[rows[s:s + chunk_rows], positions[s:s + chunk_rows]])),
                             targets[s:s + chunk_rows], chunk_rows)
                 for s in range(0, len(rows), chunk_rows)]).cpu()
-            rows = rows.cpu()
-            for row, index in enumerate(batch):
-                mine = logps[rows == row]
+            for index, mine in zip(batch, logps.split(counts[batch].tolist())):
                 summed[index] = mine.double().sum()
-                counts[index] = len(mine)
                 per_token_logps[index] = mine
             progress.update(len(batch))
-    progress.close()
+        progress.close()
+    model.train(was_training)
     return (summed, counts, per_token_logps) if per_token else (summed, counts)
 
 
 # ----------------------------------------------------------------------------
 # 8. Small helpers
 
-_NUMBER = re.compile(r"-?\d[\d.,\u00a0\u202f' ]*\d|-?\d")
+# A number as people write it: a minus sign only where it is not "10-2" subtraction, thousands
+# groups of exactly three digits after one separator ("1,234", "1 234 567", "1.234"), then
+# decimals right after the point; so "13. 13 - 4" or "1, 2, 3" are separate numbers.
+_NUMBER = re.compile(r"(?:(?<![\w])-)?\d+(?:[.,\u00a0\u202f' ]\d{3}(?!\d))*(?:[.,]\d+)?")
 
 
 def parse_number(text):
@@ -656,7 +819,7 @@ def parse_number(text):
         if len(set(separators)) == 2:          # both kinds: the last one is the decimal point
             whole, fraction = digits[:last], digits[last + 1:]
             digits = re.sub(r"[.,]", "", whole) + "." + fraction
-        elif len(separators) > 1 or decimals == 3:  # 1,234,567 or 1.234 -> thousands
+        elif len(separators) > 1 or (decimals == 3 and not re.match(r"0[.,]", digits)):  # 1,234,567, 1.234: thousands
             digits = re.sub(r"[.,]", "", digits)
         else:                                   # 18.00, 3,5 -> decimal
             digits = digits.replace(",", ".")
@@ -700,11 +863,11 @@ def cleanup_distributed():
 
 def summary_line(stage, seconds, tokens=None, **counts):
     """One line for the end of a run: counts, wall time and tokens per second."""
-    parts = [f"{stage}:"] + [f"{name.replace('_', ' ')} {value}" for name, value in counts.items()]
+    parts = [f"{name.replace('_', ' ')} {value}" for name, value in counts.items()]
     parts.append(f"time {seconds:.1f}s")
     if tokens is not None:
         parts.append(f"{tokens} tokens ({tokens / max(seconds, 1e-9):.1f} tokens/s)")
-    return ", ".join(parts)
+    return f"{stage}: " + ", ".join(parts)
 
 
 class Timer:

@@ -5,6 +5,7 @@ milliseconds, yet tokenises, templates and pads exactly like the real model, whi
 where most bugs live. Tests that need the real model are marked `slow`.
 """
 import os
+import signal
 import subprocess
 import sys
 
@@ -60,9 +61,18 @@ def run_script(script, *args, env=None, timeout=600, check=False):
 
 def run_torchrun(script, nproc, *args, timeout=600):
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                os.path.join(REPO, script), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
+    # Own process group, so a hang (say, a rendezvous that never completes) kills every rank, not just torchrun.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                               cwd=REPO, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def read_records(path):

@@ -1,0 +1,87 @@
+"""Stage 1: sample the policy's answers to the same prompts in every language.
+
+In:  prompts, as a directory of {lang}.jsonl files (default: the bundled data/prompts),
+     a JSONL file with "lang" + "prompt", an MGSM-style TSV, or a Hugging Face dataset.
+Out: responses.jsonl, one record per (id, language): the prompt's fields plus
+     "responses" (N samples), "truncated" (per sample: hit --max-new-tokens),
+     "model" and "sampling" (the settings used).
+
+    python 01_generate.py --langs en,es,de --limit 10 --max-new-tokens 128
+
+The defaults are the language-imbalance paper's: one greedy sample, repetition
+penalty 1.1. For implicit cross-lingual rewarding sample several, e.g.
+--num-samples 10 --temperature 0.9. Under `torchrun --nproc_per_node=K` the prompts
+are split across ranks and rank 0 merges the output. A killed run, rerun with the
+same command, continues where it stopped.
+"""
+import argparse
+
+import common
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", default="data/prompts",
+                        help="prompt file, directory of {lang}.jsonl, TSV, or hub dataset name[:config]")
+    parser.add_argument("--output", default="runs/demo/responses.jsonl", help="where to write the responses")
+    parser.add_argument("--model", default=common.EMBEDDED_MODEL,
+                        help="hub id, local directory, or the embedded default '%(default)s'")
+    parser.add_argument("--langs", default=None, help="comma-separated language codes to keep (default: all found)")
+    parser.add_argument("--limit", type=int, default=None, help="keep the first N prompt ids (same ids in every language)")
+    parser.add_argument("--num-samples", type=int, default=1, help="answers per prompt (N)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.1, help="1.0 turns it off")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--split", default="train", help="split to use when --prompts is a hub dataset")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.num_samples < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        raise common.InputError("--num-samples, --max-new-tokens and --batch-size must be at least 1")
+    if args.num_samples > 1 and args.temperature == 0:
+        raise common.InputError("--num-samples > 1 with greedy decoding gives N identical answers; set --temperature")
+    common.check_not_done(args.output)
+    rank, world_size = common.setup_distributed()
+    langs = args.langs.split(",") if args.langs else None
+    prompts = common.load_prompts(args.prompts, langs=langs, limit=args.limit, split=args.split)
+    model, tokenizer = common.load_model(args.model, trust_remote_code=args.trust_remote_code)
+    # Each rank samples its own share; offsetting the seed keeps ranks from drawing the same numbers.
+    common.seed_everything(args.seed + rank)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
+                "max_new_tokens": args.max_new_tokens, "num_samples": args.num_samples, "seed": args.seed}
+    counts = {"new_tokens": 0, "truncated": 0}
+
+    def process(my_prompts):
+        prompt_ids = [common.chat_prompt_ids(tokenizer, p["prompt"]) for p in my_prompts]
+        for batch in common.generate_batches(
+                model, tokenizer, prompt_ids, num_samples=args.num_samples, temperature=args.temperature,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size, desc=f"generate[rank {rank}]" if world_size > 1 else "generate"):
+            records = []
+            for index, samples in batch:
+                counts["new_tokens"] += sum(s["new_tokens"] for s in samples)
+                counts["truncated"] += sum(s["truncated"] for s in samples)
+                records.append({**my_prompts[index], "responses": [s["text"] for s in samples],
+                                "truncated": [s["truncated"] for s in samples],
+                                "model": args.model, "sampling": sampling})
+            yield records
+
+    timer = common.Timer()
+    already_done, done_now = common.run_resumable(prompts, lambda r: (r["id"], r["lang"]), args.output, process,
+                                                  rank, world_size)
+    languages = sorted({p["lang"] for p in prompts})
+    print(common.summary_line(
+        f"01_generate[rank {rank}]" if world_size > 1 else "01_generate", timer.seconds(), counts["new_tokens"],
+        prompts=len(prompts), languages=",".join(languages), resumed_from=already_done, generated=done_now,
+        samples_truncated=counts["truncated"]) + (f" -> {args.output}" if rank == 0 else ""))
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    common.run_main(main)

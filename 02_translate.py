@@ -1,0 +1,455 @@
+"""02_translate.py: the model translates its own responses (and, with --questions, the questions).
+
+In:  responses.jsonl from 01_generate.py, one record per (id, lang) with "responses": [str, ...].
+Out: translated.jsonl, the same records, each with
+       "translations":     {"<lang>": [str or null, ...]}  aligned with "responses"
+       "translation_info": {"<lang>": [null or why it failed, ...], "pieces": [int, ...], "translator": str}
+     and, with --questions, "prompt_en" (the prompt translated into the dominant language).
+Dominant-language records (English by default) are translated into every other language in
+the file; every other record is translated into the dominant language. These are the two
+directions the language-imbalance pairs of 03 are built from. A text too long for the model's
+context is cut at paragraph boundaries, translated piece by piece and joined ("pieces" > 1).
+
+    python 02_translate.py --input runs/demo/responses.jsonl --output runs/demo/translated.jsonl
+
+How a translation is made (the mechanism of the papers' code, in our own words): the source
+text goes inside <sentence> tags, the model is asked for its answer inside <translated>
+tags, and the assistant turn is primed with the opening <translated> tag, so the translation
+is whatever comes before the closing tag. A translation is null when the closing tag never
+comes, when nothing is inside the tags, or when the text is not in the target language.
+"""
+import argparse
+import math
+import os
+from collections import Counter, defaultdict
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import common
+
+# ----------------------------------------------------------------------------
+# The translation prompt. The instruction is always in English (the model follows English
+# instructions best); only the target language's name changes.
+
+TRANSLATION_PROMPT = (
+    "Translate the text between <sentence> and </sentence> into {target}. "
+    "Keep its meaning, its formatting and its line breaks. "
+    "Write only the translation, between <translated> and </translated>.\n\n"
+    "<sentence>{text}</sentence>"
+)
+OPEN_TAG, CLOSE_TAG = "<translated>", "</translated>"
+ECHOED_TAGS = (OPEN_TAG, "<sentence>", "</sentence>")  # tags a model sometimes repeats inside its answer
+
+# Why a translation is null. 03 counts skipped pairs by these names. length_cap is a missing
+# closing tag where the model was still writing when it hit its token cap (no_closing_tag:
+# it ended its turn without one); many of those mean the cap is too small or the model loops.
+NO_CLOSING_TAG, LENGTH_CAP, EMPTY = "no_closing_tag", "length_cap", "empty"
+WRONG_LANGUAGE, EMPTY_SOURCE = "wrong_language", "empty_source"
+REASONS = (NO_CLOSING_TAG, LENGTH_CAP, EMPTY, WRONG_LANGUAGE, EMPTY_SOURCE)
+
+# A translation may use at most LENGTH_FACTOR x (source tokens) x (how many more tokens the
+# target language needs than the source language) + EXTRA_TOKENS new tokens. The cap stops a
+# model that loops from running for ever; it has to be generous because a tokenizer built
+# mostly for English spends far more tokens on other scripts (SmolLM2: Russian ~3.8x English).
+LENGTH_FACTOR = 2.0
+EXTRA_TOKENS = 16
+# Too-long texts are cut at the coarsest of these boundaries that makes every piece fit.
+SPLIT_SEPARATORS = ("\n\n", "\n", ". ", " ")
+
+
+def translation_request(text, target):
+    """The user message asking for `text` in language `target` (a code of common.LANGUAGES)."""
+    return TRANSLATION_PROMPT.format(target=common.language_name(target), text=text)
+
+
+def extract_translation(output):
+    """The model's answer (generated after the primed <translated>) -> (text, None) or (None, reason).
+
+    The translation is everything before the first closing tag. Opening tags the model
+    repeats or nests inside its answer, and echoed <sentence> tags, are removed.
+    """
+    end = output.find(CLOSE_TAG)
+    if end < 0:
+        return None, NO_CLOSING_TAG
+    text = output[:end]
+    for tag in ECHOED_TAGS:
+        text = text.replace(tag, "")
+    text = text.strip()
+    if not text:
+        return None, EMPTY
+    return text, None
+
+
+def check_language(text, target):
+    """(text, None) when `text` reads as `target` (numbers and code pass), else (None, wrong_language)."""
+    if common.is_in_language(text, target):
+        return text, None
+    return None, WRONG_LANGUAGE
+
+
+def split_text(text, fits, separators=SPLIT_SEPARATORS):
+    """Cut `text` into [(piece, separator_after), ...] so that fits(piece) holds for each piece.
+
+    Paragraphs are packed together while they fit; a paragraph that does not fit on its own
+    is cut at line breaks, then sentences, then words. Joining piece + separator_after for
+    every piece gives back `text`. A single word longer than the limit stays one piece.
+    """
+    if fits(text) or not separators:
+        return [(text, "")]
+    separator, finer = separators[0], separators[1:]
+    pieces, current = [], None
+    for part in text.split(separator):
+        candidate = part if current is None else current + separator + part
+        if fits(candidate):
+            current = candidate
+            continue
+        if current is not None:
+            pieces.append((current, separator))
+            current = None
+        if fits(part):
+            current = part
+        else:
+            sub_pieces = split_text(part, fits, finer)
+            pieces.extend(sub_pieces[:-1] + [(sub_pieces[-1][0], separator)])
+    if current is not None:
+        pieces.append((current, separator))
+    pieces[-1] = (pieces[-1][0], "")
+    return pieces
+
+
+# ----------------------------------------------------------------------------
+# Input
+
+
+def read_responses(path, limit, need_prompt):
+    """01's records, checked: each names a known language and has a list of string responses."""
+    rows = common.read_jsonl(path, required=("id", "lang", "responses"))
+    seen = {}
+    for line_number, record in rows:
+        where = f"{path}:{line_number}"
+        common.language_name(record["lang"], where)
+        responses = record["responses"]
+        if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+            raise common.InputError(f"{where}: 'responses' must be a list of strings")
+        if need_prompt and not isinstance(record.get("prompt"), str):
+            raise common.InputError(f"{where}: --questions needs a 'prompt' string")
+        key = (str(record["id"]), record["lang"])
+        if key in seen:
+            raise common.InputError(f"{where}: id '{key[0]}' in language '{key[1]}' already on line {seen[key]}")
+        seen[key] = line_number
+    if limit is not None:
+        kept = set(list(dict.fromkeys(str(r["id"]) for _, r in rows))[:limit])
+        rows = [(n, r) for n, r in rows if str(r["id"]) in kept]
+    return rows
+
+
+def pick_translator(rows, path, translator):
+    """--translator if given, else the model that wrote the responses (all records must agree)."""
+    if translator:
+        return translator
+    first_line, first_model = None, None
+    for line_number, record in rows:
+        model = record.get("model", common.EMBEDDED_MODEL)
+        if first_model is None:
+            first_line, first_model = line_number, model
+        elif model != first_model:
+            raise common.InputError(f"{path}:{line_number}: written by '{model}' but line {first_line} by "
+                                    f"'{first_model}'; pass --translator to choose the model that translates")
+    return first_model or common.EMBEDDED_MODEL
+
+
+def token_ratios(records, tokenizer):
+    """{(source, target): tokens target-language text takes per token of source-language text}.
+
+    Measured on the prompts of the file itself: the same id in two languages is the same
+    prompt, so summing their token counts compares the two languages under this tokenizer.
+    """
+    tokens = defaultdict(dict)  # id -> lang -> token count of that prompt
+    for record in records:
+        if isinstance(record.get("prompt"), str):
+            ids = tokenizer(record["prompt"], add_special_tokens=False).input_ids
+            tokens[str(record["id"])][record["lang"]] = len(ids)
+    sums = defaultdict(lambda: [0, 0])  # (source, target) -> [target tokens, source tokens]
+    for by_lang in tokens.values():
+        for source in by_lang:
+            for target in by_lang:
+                sums[source, target][0] += by_lang[target]
+                sums[source, target][1] += by_lang[source]
+    return {pair: target_tokens / max(source_tokens, 1) for pair, (target_tokens, source_tokens) in sums.items()}
+
+
+def plan_targets(records, dominant, targets):
+    """{(id, lang): [target languages]}: dominant records go into every target, the others into dominant."""
+    present = list(dict.fromkeys(record["lang"] for record in records))
+    others = [code for code in (targets or present) if code != dominant]
+    plan = {}
+    for record in records:
+        key = (str(record["id"]), record["lang"])
+        if record["lang"] == dominant:
+            plan[key] = others
+        else:
+            plan[key] = [dominant] if record["lang"] in others else []
+    return plan
+
+
+# ----------------------------------------------------------------------------
+# Translating. A record becomes jobs (one text into one language); a job becomes pieces
+# (one model call each, usually just one); the pieces' answers are joined back into the job's
+# translation, and the jobs' translations into the record.
+
+
+def max_new_tokens(source_tokens, ratio):
+    """The cap on a translation's length: generous, but it stops a looping model."""
+    return math.ceil(LENGTH_FACTOR * max(1.0, ratio) * source_tokens) + EXTRA_TOKENS
+
+
+def piece_limit(context, overhead, ratio):
+    """Most source tokens a piece may have so that request + piece + translation fit the context."""
+    room = context - overhead - EXTRA_TOKENS
+    return max(8, int(room / (1 + LENGTH_FACTOR * max(1.0, ratio))))
+
+
+def make_jobs(record, targets, question_target, count_tokens, limit):
+    """[{slot, target, pieces}] for one record: every response into every target (+ the question).
+
+    slot is the response's index, or "prompt". pieces is split_text's [(piece, separator)],
+    empty for an empty source text (nothing to translate).
+    """
+    texts = [(index, target, response) for target in targets for index, response in enumerate(record["responses"])]
+    if question_target:
+        texts.append(("prompt", question_target, record["prompt"]))
+    fits = lambda piece: count_tokens(piece) <= limit  # noqa: E731
+    return [{"slot": slot, "target": target, "pieces": split_text(text, fits) if text.strip() else []}
+            for slot, target, text in texts]
+
+
+def generate_translations(model, tokenizer, requests, batch_size, sampling, progress):
+    """requests: [(prompt_ids, cap)]. Returns, in order, one generate_batches sample per request:
+    {"text": the model's output after <translated>, "truncated": hit the cap, "new_tokens"}.
+
+    Requests are sorted by their cap, so a batch's rows need similar lengths and a short
+    translation never waits for a long cap.
+    """
+    order = sorted(range(len(requests)), key=lambda i: requests[i][1])
+    outputs = [None] * len(requests)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        cap = max(requests[i][1] for i in chunk)
+        for batch in common.generate_batches(model, tokenizer, [requests[i][0] for i in chunk], max_new_tokens=cap,
+                                             batch_size=len(chunk), show_progress=False, **sampling):
+            for position, samples in batch:
+                outputs[chunk[position]] = samples[0]
+        progress.update(len(chunk))
+    return outputs
+
+
+def finish_job(job, outputs):
+    """Join a job's pieces: (translation, None), or (None, reason) if any piece failed.
+
+    outputs: one generate_translations sample per piece (None for a whitespace-only piece).
+    """
+    if not job["pieces"]:
+        return None, EMPTY_SOURCE
+    parts = []
+    for (piece, separator), output in zip(job["pieces"], outputs):
+        if output is None:  # a whitespace-only piece was not sent to the model
+            parts.append(piece + separator)
+            continue
+        text, reason = extract_translation(output["text"])
+        if reason == NO_CLOSING_TAG and output["truncated"]:
+            return None, LENGTH_CAP
+        if reason:
+            return None, reason
+        parts.append(text + separator)
+    return check_language("".join(parts).strip(), job["target"])
+
+
+def finish_record(record, targets, jobs, outputs, prompt_field, translator_name):
+    """The record with "translations", "translation_info" (and prompt_field) filled in."""
+    n = len(record["responses"])
+    translations = {target: [None] * n for target in targets}
+    info = {target: [None] * n for target in targets}
+    info["pieces"] = [0] * n
+    finished = dict(record)
+    for job, job_outputs in zip(jobs, outputs):
+        text, reason = finish_job(job, job_outputs)
+        if job["slot"] == "prompt":
+            finished[prompt_field] = text
+            info[prompt_field] = reason
+            info["prompt_pieces"] = len(job["pieces"])
+        else:
+            translations[job["target"]][job["slot"]] = text
+            info[job["target"]][job["slot"]] = reason
+            info["pieces"][job["slot"]] = len(job["pieces"])
+    finished["translations"] = translations
+    finished["translation_info"] = {**info, "translator": translator_name}
+    return finished
+
+
+def translate_records(records, plan, model, tokenizer, args, ratios, progress, tokens_generated):
+    """Yield lists of finished records, a block of about 4 batches of model calls at a time.
+
+    plan: {(id, lang): targets}. tokens_generated: a one-element list, added to.
+    """
+    count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    longest_name = max(common.LANGUAGES, key=lambda code: len(common.LANGUAGES[code]))
+    overhead = len(common.chat_prompt_ids(tokenizer, translation_request("", longest_name), assistant_prefix=OPEN_TAG))
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    prompt_field = f"prompt_{args.dominant}"
+
+    planned = []  # per record: its targets, jobs, model requests, and which (job, piece) each request is
+    for record in records:
+        targets = plan[(str(record["id"]), record["lang"])]
+        question_target = args.dominant if args.questions and targets and record["lang"] != args.dominant else None
+        worst_ratio = max([ratios.get((record["lang"], t), 1.0) for t in targets] or [1.0])
+        jobs = make_jobs(record, targets, question_target, count_tokens, piece_limit(context, overhead, worst_ratio))
+        requests, owner = [], []  # owner[k] = (job index, piece index) of request k
+        for job_index, job in enumerate(jobs):
+            ratio = ratios.get((record["lang"], job["target"]), 1.0)
+            for piece_index, (piece, _) in enumerate(job["pieces"]):
+                if piece.strip():
+                    ids = common.chat_prompt_ids(tokenizer, translation_request(piece, job["target"]),
+                                                 assistant_prefix=OPEN_TAG)
+                    requests.append((ids, max_new_tokens(count_tokens(piece), ratio)))
+                    owner.append((job_index, piece_index))
+        planned.append({"record": record, "targets": targets, "jobs": jobs, "requests": requests, "owner": owner})
+    progress.total = sum(len(item["requests"]) for item in planned)
+    progress.refresh()
+
+    # Records go to the model in blocks of at least 4 batches of requests: enough to sort by
+    # length, small enough that a kill loses little (finished blocks are on disk).
+    block = []
+    for position, item in enumerate(planned):
+        block.append(item)
+        if sum(len(b["requests"]) for b in block) < 4 * args.batch_size and position + 1 < len(planned):
+            continue
+        requests = [request for b in block for request in b["requests"]]
+        results = iter(generate_translations(model, tokenizer, requests, args.batch_size, sampling, progress))
+        finished = []
+        for b in block:
+            outputs = [[None] * len(job["pieces"]) for job in b["jobs"]]
+            for job_index, piece_index in b["owner"]:
+                sample = next(results)
+                outputs[job_index][piece_index] = sample
+                tokens_generated[0] += sample["new_tokens"]
+            finished.append(finish_record(b["record"], b["targets"], b["jobs"], outputs, prompt_field, args.translator))
+        yield finished
+        block = []
+
+
+# ----------------------------------------------------------------------------
+# The end-of-run summary
+
+
+def summarise(records, dominant):
+    """{direction: Counter(ok=..., <reason>=...)}, e.g. "en->es", and "question es->en" for --questions."""
+    table = defaultdict(Counter)
+    prompt_field = f"prompt_{dominant}"
+    for record in records:
+        info = record["translation_info"]
+        for target in record["translations"]:
+            for reason in info[target]:
+                table[f"{record['lang']}->{target}"][reason or "ok"] += 1
+        if prompt_field in info:
+            table[f"question {record['lang']}->{dominant}"][info[prompt_field] or "ok"] += 1
+    return table
+
+
+def format_summary(table):
+    """The per-direction table printed at the end of a run."""
+    lines = [f"{'direction':<18}{'ok':>12}" + "".join(f"  {reason}" for reason in REASONS)]
+    for direction in sorted(table):
+        counts = table[direction]
+        total = sum(counts.values())
+        ok = f"{counts['ok']}/{total} {100 * counts['ok'] / total:3.0f}%"
+        lines.append(f"{direction:<18}{ok:>12}" + "".join(f"{counts[reason]:>{len(reason) + 2}}" for reason in REASONS))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", default="runs/demo/responses.jsonl",
+                        help="01's responses (JSONL; default: %(default)s)")
+    parser.add_argument("--output", default="runs/demo/translated.jsonl",
+                        help="where the translated records go (default: %(default)s)")
+    parser.add_argument("--translator", "--model", dest="translator", default=None,
+                        help="model that translates: a hub id, a local directory or "
+                             f"'{common.EMBEDDED_MODEL}' (default: the model that wrote the responses, "
+                             "from the records' 'model' field: the policy translates itself)")
+    parser.add_argument("--dominant", default="en", help="the strong language (default: en)")
+    parser.add_argument("--targets", default=None,
+                        help="comma-separated other languages to work with (default: every language in the input); "
+                             "dominant records go into each, their records into the dominant language")
+    parser.add_argument("--questions", action="store_true",
+                        help="also translate each non-dominant prompt into the dominant language (field prompt_en)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="translations generated together (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, as in the papers (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, when temperature > 0")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="1.0 = none (default: a penalty would punish copying names and numbers)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (matters only when sampling)")
+    parser.add_argument("--limit", type=int, default=None, help="translate only the first N ids (all their languages)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow model code from the hub (off by default)")
+    args = parser.parse_args()
+    common.language_name(args.dominant, "--dominant")
+    args.targets = [code.strip() for code in args.targets.split(",") if code.strip()] if args.targets else None
+    for code in args.targets or []:
+        common.language_name(code, "--targets")
+    if args.batch_size < 1:
+        raise common.InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    return args
+
+
+def main():
+    args = parse_args()
+    timer = common.Timer()
+    common.check_not_done(args.output)
+    rows = read_responses(args.input, args.limit, args.questions)
+    records = [record for _, record in rows]
+    args.translator = pick_translator(rows, args.input, args.translator)
+    plan = plan_targets(records, args.dominant, args.targets)
+
+    rank, world_size = common.setup_distributed()
+    common.seed_everything(args.seed + rank)
+    model, tokenizer = common.load_model(args.translator, trust_remote_code=args.trust_remote_code)
+    ratios = token_ratios(records, tokenizer)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+
+    tokens_generated = [0]
+    progress = tqdm(desc="translate", unit="text", disable=rank != 0, dynamic_ncols=True)
+    key = lambda record: (str(record["id"]), record["lang"])  # noqa: E731
+    already_done, done_now = common.run_resumable(
+        records, key, args.output,
+        lambda mine: translate_records(mine, plan, model, tokenizer, args, ratios, progress, tokens_generated),
+        rank, world_size)
+    progress.close()
+
+    counts = torch.tensor([done_now, tokens_generated[0]], device=next(model.parameters()).device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    if rank == 0:
+        finished = common.read_jsonl(args.output)
+        table = summarise([record for _, record in finished], args.dominant)
+        print(format_summary(table))
+        totals = sum(table.values(), Counter())
+        untranslated = sum(1 for _, record in finished if not record["translations"])
+        print(common.summary_line(
+            "translate", timer.seconds(), int(counts[1]), records=len(finished), resumed=already_done,
+            translated_now=int(counts[0]), texts=sum(totals.values()), ok=totals["ok"],
+            null=sum(totals[reason] for reason in REASONS),
+            **{reason: totals[reason] for reason in REASONS},
+            records_with_no_target=untranslated))
+        print(f"wrote {args.output} (translator {args.translator})")
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    common.run_main(main)

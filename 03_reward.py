@@ -1,0 +1,546 @@
+"""Stage 3: turn the policy's own answers into preference pairs (or SFT rows).
+
+In:  translated.jsonl from 02_translate.py (methods imbalance and crossin), responses.jsonl
+     from 01_generate.py (implicit), or any of these or a prompts JSONL (qalign).
+Out: pairs.jsonl: {"id", "lang", "prompt", "chosen", "rejected", "method", ...scores} per pair,
+     or {"id", "lang", "prompt", "completion", "method", ...} per SFT row (crossin, qalign);
+     pairs.summary.json (rows made and skipped, per language and reason); with --eval-frac a
+     held-out pairs.eval.jsonl (whole prompt ids, never on both sides); for implicit the
+     cache pairs.scores.jsonl (every sample's log-probs, so a killed run does not rescore).
+
+    python 03_reward.py --method imbalance --input runs/demo/translated.jsonl --output runs/demo/pairs.jsonl
+
+Methods (English, the dominant language, is the teacher; X is any other language):
+  imbalance  language-imbalance-driven rewarding. Prompt in X: chosen = the English answer
+             translated into X, rejected = the native X answer. Prompt in English: chosen =
+             the native English answer, rejected = the X answer translated into English.
+             Sample i is paired with sample i.
+  implicit   implicit cross-lingual rewarding. Every answer is scored after the *English*
+             instruction plus a line asking for language X; reward = beta * (log pi_dpo -
+             log pi_ref); chosen = best, rejected = worst of the N samples after length
+             control (reward - alpha * characters, alpha per language chosen on a grid so
+             the mean chosen-minus-rejected length is closest to zero). English answers
+             are scored after their own instruction, so English gets pairs too (leave it
+             out with --langs). Needs --dpo-model and --ref-model (e.g. last iteration's
+             trained model and its reference) and N >= 2 samples per prompt.
+  crossin    CrossIn SFT rows: English instruction + "answer in X" -> the English answer
+             translated into X; X instruction + "answer in English" -> the English answer;
+             "translate this X instruction into English" -> the English instruction.
+  qalign     QAlign stage one SFT rows: "translate this question from X into English" ->
+             the English question (the gold English prompt of the same id, else prompt_en).
+Rerunning a finished run does nothing; the outputs appear only when complete.
+"""
+import argparse
+import glob
+import hashlib
+import json
+import os
+import random
+from collections import Counter, defaultdict
+
+import numpy as np
+from tqdm import tqdm
+
+import common
+
+ANSWER_IN = "Please answer in {language}."
+TRANSLATE_INSTRUCTION = "Translate the following {language} instruction into English."
+TRANSLATE_QUESTION = "Translate the following question from {language} into English."
+ANSWER_TOLERANCE = 1e-3  # MGSM convention: a final number within 1e-3 of gold is right
+TIE = 1e-4  # rewards closer than this are equal: the scorer is exact to about 1e-5
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", choices=("imbalance", "implicit", "crossin", "qalign"), default="imbalance",
+                        help="how rows are made (see above)")
+    parser.add_argument("--input", default="runs/demo/translated.jsonl", help="translated.jsonl or responses.jsonl")
+    parser.add_argument("--output", default="runs/demo/pairs.jsonl", help="where to write the pairs / SFT rows")
+    parser.add_argument("--langs", default=None,
+                        help="comma-separated languages to use (default: all in the input); the dominant "
+                             "language's records are always read, as the teacher")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompt ids")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the crossin mix")
+    parser.add_argument("--eval-frac", type=float, default=0.0,
+                        help="hold out this share of prompt ids into <output>.eval.jsonl (at least one id)")
+    parser.add_argument("--keep-truncated", action="store_true",
+                        help="also use answers that hit max_new_tokens in 01 (skipped by default)")
+    parser.add_argument("--dominant", default="en", help="the teacher language")
+    group = parser.add_argument_group("imbalance")
+    group.add_argument("--check-answer", action="store_true",
+                       help="skip pairs whose chosen answer's last number is not the record's gold 'answer'")
+    group = parser.add_argument_group("implicit")
+    group.add_argument("--dpo-model", default=None, help="the English-aligned DPO model (hub id or directory)")
+    group.add_argument("--ref-model", default=None, help="its reference model (same tokenizer)")
+    group.add_argument("--beta", type=float, default=1.0, help="reward = beta * (log pi_dpo - log pi_ref)")
+    group.add_argument("--alpha", type=float, default=None,
+                       help="fixed length penalty per character (0 turns length control off); "
+                            "default: chosen per language on a grid")
+    group.add_argument("--min-margin", type=float, default=0.0,
+                       help="drop prompts whose best and worst (length-controlled) scores differ by less than this")
+    group.add_argument("--batch-size", type=int, default=16, help="records scored (and cached) together")
+    group.add_argument("--token-budget", type=int, default=8192, help="scorer batch size in tokens")
+    group.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
+    group = parser.add_argument_group("crossin (share of the possible rows of each kind to keep)")
+    group.add_argument("--mix-answer-in-x", type=float, default=1.0, help="English instruction, answer in X")
+    group.add_argument("--mix-answer-in-en", type=float, default=1.0, help="X instruction, answer in English")
+    group.add_argument("--mix-translate", type=float, default=1.0, help="translate the X instruction into English")
+    group = parser.add_argument_group("qalign")
+    group.add_argument("--qalign-source", choices=("auto", "gold", "prompt_en"), default="auto",
+                       help="English question: the English record of the same id (gold), 02's prompt_en, "
+                            "or gold where there is one (auto)")
+    return parser.parse_args(argv)
+
+
+def sidecar(output, name):
+    """pairs.jsonl -> pairs.<name>.jsonl (or .json for the summary)."""
+    stem = output[:-len(".jsonl")] if output.endswith(".jsonl") else output
+    return f"{stem}.{name}.json" if name == "summary" else f"{stem}.{name}.jsonl"
+
+
+# ----------------------------------------------------------------------------
+# Reading and checking the input. Every problem is one line naming file and line.
+
+
+def read_input(path, method, dominant, limit):
+    """{(id, lang): (where, record)}, in file order, checked for what `method` needs."""
+    required = ("id", "lang", "prompt") + (() if method == "qalign" else ("responses",))
+    records = {}
+    for line_number, record in common.read_jsonl(path, required):
+        where = f"{path}:{line_number}"
+        common.language_name(record["lang"], where)
+        key = (str(record["id"]), record["lang"])
+        if key in records:
+            raise common.InputError(f"{where}: id '{key[0]}' appears twice in language '{key[1]}'")
+        responses = record.get("responses", [])
+        if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+            raise common.InputError(f"{where}: 'responses' must be a list of strings")
+        truncated = record.setdefault("truncated", [False] * len(responses))
+        if not isinstance(truncated, list) or len(truncated) != len(responses):
+            raise common.InputError(f"{where}: 'truncated' must be a list as long as 'responses'")
+        translations = record.get("translations", {})
+        if not isinstance(translations, dict):
+            raise common.InputError(f"{where}: 'translations' must be an object {{lang: [str or null, ...]}}")
+        for lang, texts in translations.items():
+            if not isinstance(texts, list) or len(texts) != len(responses) \
+                    or not all(t is None or isinstance(t, str) for t in texts):
+                raise common.InputError(f"{where}: translations['{lang}'] must be {len(responses)} strings or nulls, "
+                                        "one per response")
+        if not isinstance(record["prompt"], str):
+            raise common.InputError(f"{where}: 'prompt' must be a string")
+        records[key] = (where, record)
+    if limit is not None:
+        kept = set(list(dict.fromkeys(key[0] for key in records))[:limit])
+        records = {key: value for key, value in records.items() if key[0] in kept}
+    if not any(lang == dominant for _, lang in records) and not (method == "qalign"):
+        raise common.InputError(f"{path}: no '{dominant}' records; {method} needs the dominant language's answers")
+    return records
+
+
+def check_parallel(records, path, dominant, needs_translations):
+    """Every X record needs the dominant record of its id, and the reverse.
+
+    needs_translations: "both" (the dominant record into every X, every X into the
+    dominant language), "dominant" (only the first) or None.
+    """
+    languages = {lang for _, lang in records}
+    for (record_id, lang), (where, record) in records.items():
+        if lang == dominant:
+            missing = [x for x in sorted(languages - {dominant}) if (record_id, x) not in records]
+            if missing:
+                raise common.InputError(f"{where}: id '{record_id}' is in '{dominant}' but not in "
+                                        f"{', '.join(missing)} (every language needs the same ids)")
+            if needs_translations:
+                for x in sorted(languages - {dominant}):
+                    if x not in record.get("translations", {}):
+                        raise common.InputError(f"{where}: the '{dominant}' record has no translations into '{x}' "
+                                                "(run 02_translate.py on a file with both languages)")
+        else:
+            if (record_id, dominant) not in records:
+                raise common.InputError(f"{where}: id '{record_id}' in '{lang}' has no '{dominant}' record "
+                                        f"with the same id in {path}")
+            if needs_translations == "both" and dominant not in record.get("translations", {}):
+                raise common.InputError(f"{where}: no translations into '{dominant}' (run 02_translate.py)")
+
+
+def answer_is_right(text, answer):
+    value = common.parse_number(answer) if isinstance(answer, str) else answer
+    found = common.extract_last_number(text)
+    return value is not None and found is not None and abs(found - float(value)) <= ANSWER_TOLERANCE
+
+
+# ----------------------------------------------------------------------------
+# Methods. Each returns (rows, skipped) with skipped a list of (lang, reason).
+
+
+def imbalance_rows(records, langs, dominant, keep_truncated, check_answer):
+    rows, skipped = [], []
+    for (record_id, lang), (_, native) in records.items():
+        if lang == dominant:
+            continue
+        _, teacher = records[(record_id, dominant)]
+        for i in range(min(len(native["responses"]), len(teacher["responses"]))):
+            cut = not keep_truncated and (native["truncated"][i] or teacher["truncated"][i])
+            candidates = [  # (prompt record, chosen, rejected, which side is a translation, its source language)
+                (native, teacher["translations"][lang][i], native["responses"][i], "chosen", dominant),
+                (teacher, teacher["responses"][i], native["translations"][dominant][i], "rejected", lang)]
+            for prompt_record, chosen, rejected, translated, source in candidates:
+                pair_lang = prompt_record["lang"]
+                if pair_lang not in langs:
+                    continue
+                reason = ("truncated" if cut else
+                          "null_translation" if chosen is None or rejected is None else
+                          "identical" if chosen.strip() == rejected.strip() else
+                          "wrong_answer" if check_answer and prompt_record.get("answer") is not None
+                          and not answer_is_right(chosen, prompt_record["answer"]) else None)
+                if reason:
+                    skipped.append((pair_lang, reason))
+                    continue
+                rows.append({"id": record_id, "lang": pair_lang, "prompt": prompt_record["prompt"],
+                             "chosen": chosen, "rejected": rejected, "method": "imbalance", "sample": i,
+                             "translated": translated, "translated_from": source})
+        unpaired = abs(len(native["responses"]) - len(teacher["responses"]))
+        skipped += [(lang, "unpaired_sample")] * unpaired
+    return rows, skipped
+
+
+def crossin_rows(records, dominant, keep_truncated, mix, seed):
+    """mix: {kind: share of the possible rows of that kind to keep}."""
+    candidates, skipped = defaultdict(list), []
+    for (record_id, lang), (_, native) in records.items():
+        if lang == dominant:
+            continue
+        _, teacher = records[(record_id, dominant)]
+        name, dominant_name = common.language_name(lang), common.language_name(dominant)
+        for i, answer in enumerate(teacher["responses"]):
+            if teacher["truncated"][i] and not keep_truncated:
+                skipped += [(lang, "truncated")] * 2
+                continue
+            translated = teacher["translations"][lang][i]
+            if translated is None:
+                skipped.append((lang, "null_translation"))
+            else:
+                candidates["answer_in_x"].append(
+                    (record_id, lang, f"{teacher['prompt']}\n\n{ANSWER_IN.format(language=name)}", translated, i))
+            candidates["answer_in_en"].append(
+                (record_id, lang, f"{native['prompt']}\n\n{ANSWER_IN.format(language=dominant_name)}", answer, i))
+        candidates["translate"].append(
+            (record_id, lang, f"{TRANSLATE_INSTRUCTION.format(language=name)}\n\n{native['prompt']}",
+             teacher["prompt"], None))
+    rows = []
+    generator = random.Random(seed)
+    for kind in ("answer_in_x", "answer_in_en", "translate"):
+        pool = candidates[kind]
+        kept = set(generator.sample(range(len(pool)), round(mix[kind] * len(pool))))
+        for index, (record_id, lang, prompt, completion, sample) in enumerate(pool):
+            if index not in kept:
+                skipped.append((lang, f"mix_{kind}"))
+                continue
+            rows.append({"id": record_id, "lang": lang, "prompt": prompt, "completion": completion,
+                         "method": "crossin", "kind": kind, **({"sample": sample} if sample is not None else {})})
+    return rows, skipped
+
+
+def qalign_rows(records, dominant, source, path):
+    rows, skipped = [], []
+    for (record_id, lang), (where, record) in records.items():
+        if lang == dominant:
+            continue
+        gold = records.get((record_id, dominant))
+        if gold is not None and source in ("auto", "gold"):
+            english, origin = gold[1]["prompt"], "gold"
+        elif source in ("auto", "prompt_en") and "prompt_en" in record:
+            english, origin = record["prompt_en"], "prompt_en"
+        else:
+            wanted = {"gold": f"a '{dominant}' record with id '{record_id}'", "prompt_en": "a 'prompt_en' field",
+                      "auto": f"a '{dominant}' record with id '{record_id}' or a 'prompt_en' field"}[source]
+            raise common.InputError(f"{where}: no English question for qalign: needs {wanted} in {path}")
+        reason = ("null_translation" if not isinstance(english, str) or not english.strip() else
+                  "identical" if english.strip() == record["prompt"].strip() else None)
+        if reason:
+            skipped.append((lang, reason))
+            continue
+        header = TRANSLATE_QUESTION.format(language=common.language_name(lang))
+        rows.append({"id": record_id, "lang": lang, "prompt": f"{header}\n\n{record['prompt']}",
+                     "completion": english, "method": "qalign", "source": origin})
+    return rows, skipped
+
+
+# ----------------------------------------------------------------------------
+# Implicit cross-lingual rewarding: scoring (the long, resumable part), then selection.
+
+
+def scoring_prompt(records, key, dominant):
+    """The English instruction of the same id, plus a line asking for the answer in the record's language."""
+    record_id, lang = key
+    english = records[(record_id, dominant)][1]["prompt"]
+    return english if lang == dominant else f"{english}\n\n{ANSWER_IN.format(language=common.language_name(lang))}"
+
+
+def fingerprint(prompt, responses):
+    """Changes when what is scored changes, so a cached score of other texts is never reused."""
+    return hashlib.sha1(json.dumps([prompt, responses], ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def score_all(records, keys, args, rank, world_size):
+    """{(id, lang): {"dpo_logps": [...], "ref_logps": [...], "tokens": [...]}} for every key.
+
+    Finished records go to part files (one per rank) as each batch ends; a rerun reads
+    the parts and the merged <output>.scores.jsonl and scores only what is missing.
+    Returns (scores, tokens scored now).
+    """
+    path = sidecar(args.output, "scores")
+    wanted = {key: fingerprint(scoring_prompt(records, key, args.dominant), records[key][1]["responses"])
+              for key in keys}
+
+    def still_valid(saved):  # same models, same texts, and a record this run wants
+        return ((saved.get("dpo_model"), saved.get("ref_model")) == (args.dpo_model, args.ref_model)
+                and wanted.get((saved.get("id"), saved.get("lang"))) == saved.get("fingerprint"))
+
+    previous = [record for _, record in common.read_jsonl(path)] if os.path.exists(path) else []
+    previous += common.read_finished(path)
+    cached = {(saved["id"], saved["lang"]): saved for saved in previous if still_valid(saved)}
+    stale = sum(not still_valid(saved) for saved in previous)
+    if stale and rank == 0:
+        print(f"{path}: ignoring {stale} cached scores made with other models or texts")
+    common.barrier()  # every rank sees the same cache before anyone appends to it
+    mine = [key for key in keys if key not in cached][rank::world_size]
+    tokens_scored = 0
+    if mine:
+        dpo_model, tokenizer = common.load_model(args.dpo_model, trust_remote_code=args.trust_remote_code)
+        ref_model, ref_tokenizer = common.load_model(args.ref_model, trust_remote_code=args.trust_remote_code)
+        progress = tqdm(total=len(mine), desc=f"score[rank {rank}]" if world_size > 1 else "score", unit="record")
+        for start in range(0, len(mine), args.batch_size):
+            batch = mine[start:start + args.batch_size]
+            prompts = [scoring_prompt(records, key, args.dominant) for key in batch for _ in records[key][1]["responses"]]
+            responses = [text for key in batch for text in records[key][1]["responses"]]
+            dpo_logps, tokens = common.score(dpo_model, tokenizer, prompts, responses, args.token_budget,
+                                             show_progress=False)
+            ref_logps, ref_tokens = common.score(ref_model, ref_tokenizer, prompts, responses, args.token_budget,
+                                                 show_progress=False)
+            if not (dpo_logps.isfinite().all() and ref_logps.isfinite().all()):
+                raise RuntimeError(f"non-finite log-probs while scoring {batch}: check the models' weights and dtype")
+            if not (tokens == ref_tokens).all():
+                raise common.InputError("--dpo-model and --ref-model tokenise the answers differently; "
+                                        "the implicit reward needs one tokenizer")
+            finished, offset = [], 0
+            for key in batch:
+                n = len(records[key][1]["responses"])
+                finished.append({"id": key[0], "lang": key[1], "dpo_model": args.dpo_model,
+                                 "ref_model": args.ref_model, "fingerprint": wanted[key],
+                                 "dpo_logps": dpo_logps[offset:offset + n].tolist(),
+                                 "ref_logps": ref_logps[offset:offset + n].tolist(),
+                                 "tokens": tokens[offset:offset + n].tolist()})
+                offset += n
+            common.append_jsonl(common.part_path(path, rank), finished)
+            tokens_scored += 2 * int(tokens.sum())
+            progress.update(len(batch))
+        progress.close()
+    common.barrier()
+    if rank != 0:  # rank 0 alone merges and makes the rows
+        return {}, tokens_scored
+    scores = dict(cached)
+    scores.update({(s["id"], s["lang"]): s for s in common.read_finished(path) if still_valid(s)})
+    common.write_jsonl(path, [scores[key] for key in keys])  # one merged cache, kept for reruns
+    for part in glob.glob(glob.escape(path) + ".part*"):
+        os.remove(part)
+    return scores, tokens_scored
+
+
+def alpha_grid(rewards, lengths, valid):
+    """Candidate alphas: 0 and +-121 log-spaced values around the reward-per-character scale of the data."""
+    masked_reward = np.where(valid, rewards, np.nan)
+    masked_length = np.where(valid, lengths, np.nan)
+    reward_spread = np.nanmedian(np.nanmax(masked_reward, 1) - np.nanmin(masked_reward, 1))
+    length_spread = np.nanmedian(np.nanmax(masked_length, 1) - np.nanmin(masked_length, 1))
+    scale = reward_spread / max(length_spread, 1.0)
+    if not scale > 0:
+        return np.zeros(1)
+    steps = scale * np.geomspace(1e-3, 1e3, 121)
+    return np.concatenate([-steps[::-1], [0.0], steps])
+
+
+def choose_alpha(rewards, lengths, valid, grid):
+    """The alpha of `grid` whose best-minus-worst mean length gap is closest to zero.
+
+    rewards, lengths: [prompts, samples] arrays; valid: [prompts, samples] bool (padding
+    and skipped samples are False). Returns (alpha, mean length gap at that alpha).
+    Ties go to the smallest |alpha|: change the reward no more than needed.
+    """
+    grid = np.asarray(grid, dtype=float)
+    gaps = []
+    block = max(1, 4_000_000 // max(rewards.size, 1))  # alphas per step: bounded memory
+    for start in range(0, len(grid), block):
+        alphas = grid[start:start + block, None, None]
+        adjusted = rewards[None] - alphas * lengths[None]  # [alphas, prompts, samples]
+        best = np.where(valid[None], adjusted, -np.inf).argmax(axis=2)
+        worst = np.where(valid[None], adjusted, np.inf).argmin(axis=2)
+        chosen_length = np.take_along_axis(lengths[None], best[..., None], axis=2)[..., 0]
+        rejected_length = np.take_along_axis(lengths[None], worst[..., None], axis=2)[..., 0]
+        gaps.append((chosen_length - rejected_length).mean(axis=1))
+    gaps = np.concatenate(gaps)
+    pick = np.lexsort((np.abs(grid), np.abs(gaps)))[0]
+    return float(grid[pick]), float(gaps[pick])
+
+
+def search_alpha(rewards, lengths, valid):
+    """choose_alpha on the coarse log grid, then on 201 even steps between the winner's neighbours.
+
+    The gap can fall steeply with alpha (many prompts flip at once), so a coarse grid
+    alone may step over the zero crossing.
+    """
+    grid = alpha_grid(rewards, lengths, valid)
+    alpha, gap = choose_alpha(rewards, lengths, valid, grid)
+    where = int(np.searchsorted(grid, alpha))
+    fine = np.linspace(grid[max(where - 1, 0)], grid[min(where + 1, len(grid) - 1)], 201)
+    return choose_alpha(rewards, lengths, valid, np.concatenate([[alpha], fine]))
+
+
+def implicit_rows(records, keys, scores, args):
+    """Best-vs-worst pairs per prompt, with per-language length control."""
+    rows, skipped, alphas = [], [], {}
+    by_lang = defaultdict(list)
+    for key in keys:
+        by_lang[key[1]].append(key)
+    for lang in sorted(by_lang, key=lambda code: list(common.LANGUAGES).index(code)):
+        usable = []  # (key, sample indices, rewards)
+        for key in by_lang[lang]:
+            record, saved = records[key][1], scores[key]
+            samples = [i for i in range(len(record["responses"])) if args.keep_truncated or not record["truncated"][i]]
+            skipped += [(lang, "truncated_sample")] * (len(record["responses"]) - len(samples))
+            rewards = [args.beta * (saved["dpo_logps"][i] - saved["ref_logps"][i]) for i in samples]
+            if len(samples) < 2:
+                skipped.append((lang, "fewer_than_2_samples"))
+            elif max(rewards) - min(rewards) <= TIE:
+                skipped.append((lang, "all_equal"))
+            else:
+                usable.append((key, samples, rewards))
+        if not usable:
+            continue
+        width = max(len(samples) for _, samples, _ in usable)
+        rewards = np.zeros((len(usable), width))
+        lengths = np.zeros((len(usable), width))
+        valid = np.zeros((len(usable), width), dtype=bool)
+        for row, (key, samples, reward) in enumerate(usable):
+            rewards[row, :len(samples)] = reward
+            lengths[row, :len(samples)] = [len(records[key][1]["responses"][i]) for i in samples]
+            valid[row, :len(samples)] = True
+        if args.alpha is None:
+            alpha, gap = search_alpha(rewards, lengths, valid)
+        else:
+            alpha, gap = choose_alpha(rewards, lengths, valid, [args.alpha])
+        _, gap_before = choose_alpha(rewards, lengths, valid, [0.0])
+        alphas[lang] = {"alpha": alpha, "length_gap": gap, "length_gap_without_control": gap_before}
+        adjusted = np.where(valid, rewards - alpha * lengths, np.nan)
+        for row, (key, samples, reward) in enumerate(usable):
+            best, worst = int(np.nanargmax(adjusted[row])), int(np.nanargmin(adjusted[row]))
+            responses = records[key][1]["responses"]
+            chosen, rejected = responses[samples[best]], responses[samples[worst]]
+            margin = adjusted[row, best] - adjusted[row, worst]
+            reason = ("all_equal" if margin <= TIE else "near_tie" if margin < args.min_margin else
+                      "identical" if chosen.strip() == rejected.strip() else None)
+            if reason:
+                skipped.append((lang, reason))
+                continue
+            rows.append({"id": key[0], "lang": lang, "prompt": records[key][1]["prompt"], "chosen": chosen,
+                         "rejected": rejected, "method": "implicit",
+                         "chosen_reward": reward[best], "rejected_reward": reward[worst],
+                         "chosen_score": float(adjusted[row, best]), "rejected_score": float(adjusted[row, worst]),
+                         "alpha": alpha, "beta": args.beta, "chosen_sample": samples[best],
+                         "rejected_sample": samples[worst],
+                         "rewards": [reward[samples.index(i)] if i in samples else None  # None: not a candidate
+                                     for i in range(len(responses))]})
+    return rows, skipped, alphas
+
+
+# ----------------------------------------------------------------------------
+
+
+def split_by_id(rows, fraction, seed):
+    """(train, eval): whole prompt ids held out, so a prompt never lands on both sides."""
+    if fraction <= 0:
+        return rows, []
+    ids = sorted({row["id"] for row in rows})
+    random.Random(seed).shuffle(ids)
+    held_out = set(ids[:min(max(1, round(fraction * len(ids))), len(ids) - 1)])
+    return [r for r in rows if r["id"] not in held_out], [r for r in rows if r["id"] in held_out]
+
+
+def summarise(rows, skipped):
+    """{lang: {"made": n, "skipped": {reason: n}}} and the table printed at the end."""
+    made, reasons = Counter(row["lang"] for row in rows), defaultdict(Counter)
+    for lang, reason in skipped:
+        reasons[lang][reason] += 1
+    languages = sorted(set(made) | set(reasons), key=lambda code: list(common.LANGUAGES).index(code))
+    summary = {lang: {"made": made[lang], "skipped": dict(reasons[lang])} for lang in languages}
+    lines = [f"  {lang:4} made {made[lang]:6}  skipped {sum(reasons[lang].values()):6}"
+             + ("  (" + ", ".join(f"{r} {n}" for r, n in sorted(reasons[lang].items())) + ")" if reasons[lang] else "")
+             for lang in languages]
+    return summary, "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.eval_frac < 0 or args.eval_frac >= 1:
+        raise common.InputError("--eval-frac must be in [0, 1)")
+    mix = {"answer_in_x": args.mix_answer_in_x, "answer_in_en": args.mix_answer_in_en, "translate": args.mix_translate}
+    if not all(0 <= share <= 1 for share in mix.values()):
+        raise common.InputError("--mix-* shares must be between 0 and 1")
+    if args.method == "implicit":
+        if not args.dpo_model or not args.ref_model:
+            raise common.InputError("--method implicit needs --dpo-model and --ref-model")
+        if args.dpo_model == args.ref_model:
+            raise common.InputError("--dpo-model and --ref-model are the same model: every reward would be 0")
+    common.language_name(args.dominant, "--dominant")
+    common.check_not_done(args.output)
+    timer = common.Timer()
+    records = read_input(args.input, args.method, args.dominant, args.limit)
+    langs = args.langs.split(",") if args.langs else sorted({lang for _, lang in records})
+    for code in langs:
+        common.language_name(code, "--langs")
+    records = {key: value for key, value in records.items() if key[1] in langs or key[1] == args.dominant}
+    if args.method != "qalign":
+        needs = {"imbalance": "both", "crossin": "dominant", "implicit": None}[args.method]
+        check_parallel(records, args.input, args.dominant, needs)
+    if args.method == "implicit" and max(len(record["responses"]) for _, record in records.values()) < 2:
+        raise common.InputError(f"{args.input}: one answer per prompt; implicit rewarding picks the best and worst "
+                                "of N (run 01_generate.py with --num-samples 4 --temperature 0.9)")
+    rank, world_size = common.setup_distributed()
+    tokens, alphas = None, None
+    if args.method == "implicit":
+        keys = [key for key in records if key[1] in langs]
+        scores, tokens = score_all(records, keys, args, rank, world_size)
+        if rank == 0:
+            rows, skipped, alphas = implicit_rows(records, keys, scores, args)
+    elif args.method == "imbalance":
+        rows, skipped = imbalance_rows(records, langs, args.dominant, args.keep_truncated, args.check_answer)
+    elif args.method == "crossin":
+        rows, skipped = crossin_rows(records, args.dominant, args.keep_truncated, mix, args.seed)
+    else:
+        rows, skipped = qalign_rows(records, args.dominant, args.qalign_source, args.input)
+    if rank != 0:  # rank 0 alone writes
+        common.cleanup_distributed()
+        return
+    train, held_out = split_by_id(rows, args.eval_frac, args.seed)
+    summary, table = summarise(rows, skipped)
+    info = {"method": args.method, "input": args.input, "rows": len(train), "eval_rows": len(held_out),
+            "per_language": summary, **({"length_control": alphas} if alphas is not None else {})}
+    with open(sidecar(args.output, "summary") + ".partial", "w", encoding="utf-8") as handle:
+        json.dump(info, handle, ensure_ascii=False, indent=1)
+    os.replace(sidecar(args.output, "summary") + ".partial", sidecar(args.output, "summary"))
+    if args.eval_frac > 0:
+        common.write_jsonl(sidecar(args.output, "eval"), held_out)
+    common.write_jsonl(args.output, train)  # last: its existence means the stage is complete
+    print(f"03_reward ({args.method}) rows made and skipped per language:\n{table}")
+    for lang, control in (alphas or {}).items():
+        print(f"  {lang:4} alpha {control['alpha']:.3g}: mean chosen-rejected length {control['length_gap']:+.1f} "
+              f"characters (without length control {control['length_gap_without_control']:+.1f})")
+    if not rows:
+        print("warning: no rows were made; see the skip reasons above")
+    print(common.summary_line("03_reward", timer.seconds(), tokens, method=args.method, rows=len(train),
+                              eval_rows=len(held_out), skipped=len(skipped)) + f" -> {args.output}")
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    common.run_main(main)

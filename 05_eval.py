@@ -1,0 +1,686 @@
+"""Stage 5: did the loop help? Math accuracy, win rate, language fidelity, consistency, a report.
+
+In:  models to compare (--models: the base model first, then each iteration's), MGSM TSVs,
+     the bundled math set (data/math/{lang}.jsonl with question/answer), instruction prompts.
+Out: in --output (default runs/demo/eval/):
+     eval.json         per model, per metric, per language: score, n, 95% interval
+     predictions.jsonl every prompt, response, extracted answer, judge verdicts
+     report.md         models as columns, metric x language as rows, deltas against the first model
+     report.png        per-language bars per model, one panel per metric (needs matplotlib)
+
+    python 05_eval.py --models smollm2-135m runs/demo/model --tasks mgsm,math,winrate --limit 20
+
+Tasks (--tasks):
+  mgsm, math  greedy step-by-step answer in the problem's language; the last number in the
+              answer is right when within 1e-3 of gold. Also reported: language fidelity
+              (share of answers written in the prompt's language), cross-lingual consistency
+              (CrossIn: share of parallel problems answered alike in every language) and its
+              harmonic mean with accuracy. --translate-test adds `mgsm-tt`/`math-tt`: the model
+              first translates the question into English, then answers that (question alignment).
+  winrate     each model's answers judged against the first model's, in both orders (a judge
+              that favours a slot cancels out), ties count half. Judge: a local model's
+              next-token logits for "A" vs "B" (--judge), or an OpenAI-compatible endpoint
+              (--judge-api, key from the environment variable named by --judge-api-key-env).
+With --proxy-expert/--proxy-antiexpert one more column is evaluated: the first model
+proxy-tuned, logits = first + alpha * (expert - antiexpert).
+If a model directory holds train_summary.json (from 04_dpo.py), its held-out reward accuracy
+is reported too. Resumable: finished (model, task) work files in --output/work/ are reused;
+a killed run continues. Runs under `torchrun --nproc_per_node=K` (prompts sharded, rank 0 reports).
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+MATH_TASKS = ("mgsm", "math")
+TASKS = MATH_TASKS + ("winrate",)
+
+# One instruction line per language, appended to the problem.
+MATH_INSTRUCTIONS = {
+    "en": "Solve the problem step by step, then write the final answer as a number.",
+    "es": "Resuelve el problema paso a paso y luego escribe la respuesta final como un número.",
+    "de": "Löse die Aufgabe Schritt für Schritt und schreibe dann die endgültige Antwort als Zahl.",
+    "fr": "Résous le problème étape par étape, puis écris la réponse finale sous forme de nombre.",
+    "ru": "Реши задачу шаг за шагом, а затем запиши окончательный ответ числом.",
+    "zh": "请一步一步地解决这个问题，然后用一个数字写出最终答案。",
+    "ja": "この問題を段階的に解き、最後に最終的な答えを数字で書いてください。",
+    "th": "จงแก้โจทย์นี้ทีละขั้นตอน แล้วเขียนคำตอบสุดท้ายเป็นตัวเลข",
+    "sw": "Tatua tatizo hili hatua kwa hatua, kisha andika jibu la mwisho kama namba.",
+    "bn": "সমস্যাটি ধাপে ধাপে সমাধান করো, তারপর চূড়ান্ত উত্তরটি একটি সংখ্যা হিসেবে লেখো।",
+    "te": "ఈ సమస్యను దశలవారీగా పరిష్కరించండి, తర్వాత తుది సమాధానాన్ని ఒక సంఖ్యగా రాయండి.",
+    "it": "Risolvi il problema passo dopo passo, poi scrivi la risposta finale come numero.",
+    "pt": "Resolva o problema passo a passo e depois escreva a resposta final como um número.",
+    "ko": "이 문제를 단계별로 풀고, 마지막에 최종 답을 숫자로 쓰세요.",
+    "ar": "حل المسألة خطوة بخطوة، ثم اكتب الإجابة النهائية كرقم.",
+}
+TRANSLATE_QUESTION = ("Translate this {language} question into English. "
+                      "Reply with the English question only.\n\n{question}")
+JUDGE_PROMPT = """Two assistants answered the same instruction. Decide which answer is better: more helpful, \
+correct and complete, and written in the language of the instruction.
+
+[Instruction]
+{instruction}
+
+[Answer A]
+{answer_a}
+
+[Answer B]
+{answer_b}
+
+Which answer is better? Reply with one letter: A or B."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--models", nargs="+", default=None,
+        help="hub ids, directories or the embedded default; the first is the baseline "
+             f"(default: {common.EMBEDDED_MODEL}, plus runs/demo/model if it exists)")
+    add("--tasks", default="mgsm,math,winrate", help=f"comma-separated, from {','.join(TASKS)} (default: %(default)s)")
+    add("--langs", default="en,es,de,fr,ru,zh", help="comma-separated language codes (default: %(default)s)")
+    add("--mgsm", default=os.path.normpath(os.path.join(REPO, "..", "shared", "data", "mgsm")),
+        help="MGSM: directory of mgsm_{lang}.tsv, JSONL with question/answer, or hub dataset (default: %(default)s)")
+    add("--math", default="data/math",
+        help="math set: directory of {lang}.jsonl with question/answer, a JSONL file, or hub dataset "
+             "(default: %(default)s)")
+    add("--prompts", default="data/prompts", help="instruction prompts for the win rate (default: %(default)s)")
+    add("--output", default="runs/demo/eval", help="output directory (default: %(default)s)")
+    add("--limit", type=int, default=None, help="first N problems/prompts per task (the same ids in every language)")
+    add("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default: %(default)s)")
+    add("--batch-size", type=int, default=16, help="prompts per generation batch (default: %(default)s)")
+    add("--token-budget", type=int, default=8192,
+        help="local judge: rows x longest row per batch (default: %(default)s)")
+    add("--seed", type=int, default=0, help="seed of the bootstrap intervals (default: %(default)s)")
+    add("--translate-test", action="store_true",
+        help="also evaluate each math task translate-test style (translate into English, then answer)")
+    add("--judge", default=common.EMBEDDED_MODEL,
+        help="win-rate judge: a local model (default: %(default)s), or with --judge-api the model name sent")
+    add("--judge-api", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    add("--judge-api-key-env", default="OPENAI_API_KEY",
+        help="environment variable holding the endpoint's API key; unset: no key sent (default: %(default)s)")
+    add("--judge-max-tokens", type=int, default=8, help="longest judge reply over the API (default: %(default)s)")
+    add("--proxy-expert", default=None, help="small tuned model for proxy-tuned decoding")
+    add("--proxy-antiexpert", default=None, help="the same small model untuned")
+    add("--proxy-alpha", type=float, default=1.0, help="weight of (expert - antiexpert) (default: %(default)s)")
+    add("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------
+# Inputs
+
+
+def load_math_problems(source, langs, limit):
+    """Math problems with a numeric gold answer; a bad answer is reported with file and line."""
+    for lang in langs if os.path.isdir(source) else []:  # TSVs are checked by load_prompts itself
+        path = os.path.join(source, f"{lang}.jsonl")
+        for line_number, record in common.read_jsonl(path) if os.path.isfile(path) else []:
+            check_gold(record.get("answer"), f"{path}:{line_number}")
+    if os.path.isfile(source) and source.endswith(".jsonl"):
+        for line_number, record in common.read_jsonl(source):
+            check_gold(record.get("answer"), f"{source}:{line_number}")
+    problems = common.load_prompts(source, langs=langs, limit=limit)
+    for problem in problems:  # hub datasets land here unchecked
+        problem["answer"] = check_gold(problem.get("answer"), f"{source}: problem {problem['id']} ({problem['lang']})")
+    return problems
+
+
+def check_gold(answer, where):
+    if answer is None:
+        raise common.InputError(f"{where}: no 'answer' field (math problems need a numeric gold answer)")
+    value = answer if isinstance(answer, (int, float)) and not isinstance(answer, bool) else common.parse_number(answer)
+    if value is None or not math.isfinite(value):
+        raise common.InputError(f"{where}: gold answer {answer!r} is not a number")
+    return float(value)
+
+
+def unique_labels(names):
+    """Short column names: a directory's shortest distinct path tail (iter1/model, iter2/model), else the name.
+
+    The same model given twice gets 'name (2)'.
+    """
+    parts = [os.path.normpath(name).split(os.sep) if os.path.isdir(name) else [name] for name in names]
+    labels = []
+    for i, path in enumerate(parts):
+        tail = 1
+        while tail < len(path) and any(other[-tail:] == path[-tail:] and other != path for other in parts):
+            tail += 1
+        label = "/".join(path[-tail:])
+        labels.append(label if label not in labels else f"{label} ({labels.count(label) + 1})")
+    return labels
+
+
+def slug(text):
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def held_out_reward_accuracy(name):
+    """04_dpo.py's held-out reward accuracy (share of pairs with chosen reward > rejected), or None."""
+    path = os.path.join(name, "train_summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        try:
+            summary = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise common.InputError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    accuracy = summary.get("eval_after", {}).get("rewards/accuracies")
+    pairs = summary.get("eval_pairs")
+    if accuracy is None or not pairs:
+        raise common.InputError(f"{path}: needs 'eval_after' with 'rewards/accuracies' and 'eval_pairs'")
+    # Wilson score interval: only the rate and the count are known, not the per-pair outcomes.
+    z, n = 1.96, pairs
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {"score": accuracy, "n": n, "ci": [centre - half, centre + half]}
+
+
+# ----------------------------------------------------------------------------
+# Generation
+
+
+def load_generator(column, args):
+    """(generate(prompt_ids, desc) -> generate_batches-style iterator, tokenizer) for one column."""
+    model, tokenizer = common.load_model(column["model"], trust_remote_code=args.trust_remote_code)
+    options = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    if "proxy" not in column:
+        return (lambda ids, desc: common.generate_batches(model, tokenizer, ids, desc=desc, **options)), tokenizer
+    small = []
+    for flag, name in (("--proxy-expert", args.proxy_expert), ("--proxy-antiexpert", args.proxy_antiexpert)):
+        small_model, small_tokenizer = common.load_model(name, trust_remote_code=args.trust_remote_code)
+        if small_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise common.InputError(f"{flag} {name}: its tokenizer differs from {column['model']}'s; "
+                                    "proxy-tuning needs one shared vocabulary")
+        small.append(small_model)
+    return (lambda ids, desc: common.generate_proxy_batches(model, small[0], small[1], tokenizer, ids,
+                                                            alpha=args.proxy_alpha, desc=desc, **options)), tokenizer
+
+
+def in_language(text, lang):
+    """Language fidelity of one answer: an empty answer is not in any language; only numbers pass."""
+    return bool(text.strip()) and common.is_in_language(text, lang)
+
+
+def answer_records(generate, tokenizer, items, messages, desc, counts):
+    """Generate one greedy answer per item; yields lists of (item, sample) per batch."""
+    ids = [common.chat_prompt_ids(tokenizer, message) for message in messages]
+    for batch in generate(ids, desc):
+        counts["new_tokens"] += sum(samples[0]["new_tokens"] for _, samples in batch)
+        yield [(items[index], samples[0]) for index, samples in batch]
+
+
+def math_message(question, lang):
+    """The user turn for a math problem: the problem, then the step-by-step line in its language."""
+    return f"{question}\n\n{MATH_INSTRUCTIONS.get(lang, MATH_INSTRUCTIONS['en'])}"
+
+
+def math_process(generate, tokenizer, translate_test, batch_size, counts):
+    """process() for run_resumable: items are math problems, out come scored predictions."""
+
+    def scored(item, sample, prompt, extra):
+        prediction = common.extract_last_number(sample["text"])
+        counts["no_number"] += prediction is None
+        return {**{k: item[k] for k in ("model", "task", "id", "lang")}, "prompt": prompt, **extra,
+                "response": sample["text"], "truncated": sample["truncated"], "answer": item["answer"],
+                "prediction": prediction,
+                "correct": prediction is not None and abs(prediction - item["answer"]) <= 1e-3,
+                "detected_language": common.detect_language(sample["text"]),
+                "in_language": in_language(sample["text"], item["lang"])}
+
+    def process(items):
+        if not translate_test:
+            messages = [math_message(item["prompt"], item["lang"]) for item in items]
+            for batch in answer_records(generate, tokenizer, items, messages, "answer", counts):
+                yield [scored(item, sample, math_message(item["prompt"], item["lang"]), {}) for item, sample in batch]
+            return
+        for start in range(0, len(items), batch_size):  # translate a batch, then answer it
+            chunk = items[start:start + batch_size]
+            english = {id(item): item["prompt"] for item in chunk if item["lang"] == "en"}
+            to_translate = [item for item in chunk if item["lang"] != "en"]
+            messages = [TRANSLATE_QUESTION.format(language=common.language_name(item["lang"]), question=item["prompt"])
+                        for item in to_translate]
+            for batch in answer_records(generate, tokenizer, to_translate, messages, "translate", counts):
+                english.update({id(item): sample["text"] for item, sample in batch})
+            messages = [math_message(english[id(item)], "en") for item in chunk]
+            records = []
+            for batch in answer_records(generate, tokenizer, chunk, messages, "answer", counts):
+                records += [scored(item, sample, math_message(english[id(item)], "en"),
+                                   {"question": item["prompt"], "question_en": english[id(item)]})
+                            for item, sample in batch]
+            yield records
+
+    return process
+
+
+def winrate_process(generate, tokenizer, counts):
+    def process(items):
+        for batch in answer_records(generate, tokenizer, items, [item["prompt"] for item in items], "answer", counts):
+            yield [{**{k: item[k] for k in ("model", "task", "id", "lang", "prompt")}, "response": sample["text"],
+                    "truncated": sample["truncated"], "detected_language": common.detect_language(sample["text"]),
+                    "in_language": in_language(sample["text"], item["lang"])} for item, sample in batch]
+    return process
+
+
+def predict(column, task_items, work, args, rank, world_size, counts):
+    """Every task's predictions for one column: {task: [record]}, generating only what is not on disk.
+
+    The model is loaded only if some task is unfinished, and freed on return, before the next column's.
+    """
+    generator, predictions = None, {}
+    for task, problems in task_items.items():
+        path = os.path.join(work, f"{column['slug']}.{task}.jsonl")
+        if not os.path.exists(path):  # not finished in an earlier run
+            generate, tokenizer = generator = generator or load_generator(column, args)
+            items = [{**p, "model": column["label"], "task": task} for p in problems]
+            process = (winrate_process(generate, tokenizer, counts) if task == "winrate" else
+                       math_process(generate, tokenizer, task.endswith("-tt"), args.batch_size, counts))
+            key = lambda record: (record["model"], record["task"], record["id"], record["lang"])  # noqa: E731
+            counts["predictions"] += common.run_resumable(items, key, path, process, rank, world_size)[1]
+        predictions[task] = [record for _, record in common.read_jsonl(path)]
+    return predictions
+
+
+# ----------------------------------------------------------------------------
+# Judging
+
+
+def judge_pairs(judge, pairs):
+    """Judge each (instruction, reference, candidate) in both orders; the candidate's points.
+
+    judge(texts) -> [{"choice": "A" | "B" | "tie" | None, ...}] for the pairwise prompts,
+    with "logit_a"/"logit_b" when the judge is a local model.
+    Letter verdicts (API): for the candidate 1, against 0, a tie or an unreadable reply 0.5,
+    averaged over the two orders, so a judge that always picks one slot scores 0.5.
+    Logit verdicts (local): the candidate's margin (its letter's logit minus the other's) is
+    summed over the two orders; a fixed preference for a slot adds +m once and -m once and
+    cancels exactly, and the sign of what is left is the verdict (0 is a tie, 0.5). A small
+    judge is mostly position bias, so this keeps the little signal it has; votes would not.
+    Returns [(score, [verdict reference-first, verdict candidate-first])].
+    """
+    texts = []
+    for instruction, reference, candidate in pairs:
+        texts.append(JUDGE_PROMPT.format(instruction=instruction, answer_a=reference, answer_b=candidate))
+        texts.append(JUDGE_PROMPT.format(instruction=instruction, answer_a=candidate, answer_b=reference))
+    verdicts = judge(texts)
+    results = []
+    for k in range(len(pairs)):
+        first, second = verdicts[2 * k], verdicts[2 * k + 1]
+        if "logit_a" in first:
+            margin = (first["logit_b"] - first["logit_a"]) + (second["logit_a"] - second["logit_b"])
+            score = 1.0 if margin > 0 else 0.0 if margin < 0 else 0.5
+        else:
+            points = {"B": 1.0, "A": 0.0}.get(first["choice"], 0.5), {"A": 1.0, "B": 0.0}.get(second["choice"], 0.5)
+            score = sum(points) / 2
+        results.append((score, [dict(first, order="reference first"), dict(second, order="candidate first")]))
+    return results
+
+
+def local_judge(model, tokenizer, token_budget):
+    """A judge that compares the next-token logits of "A" and "B" after the pairwise prompt.
+
+    Cheaper and steadier than parsing a generated reply: there is always a verdict.
+    """
+    letters = [tokenizer("A", add_special_tokens=False).input_ids, tokenizer("B", add_special_tokens=False).input_ids]
+    if any(len(ids) != 1 for ids in letters):
+        raise common.InputError("--judge: the tokenizer does not have single tokens for 'A' and 'B'")
+    a_id, b_id = letters[0][0], letters[1][0]
+    decoder, output_layer = model.get_decoder(), model.get_output_embeddings()
+    device = next(model.parameters()).device
+
+    def judge(texts):
+        encoded = [common.chat_prompt_ids(tokenizer, text) for text in texts]
+        verdicts = [None] * len(texts)
+        with torch.inference_mode():
+            for batch in common.length_batches([len(ids) for ids in encoded], token_budget):
+                input_ids, attention_mask = common.pad_right([encoded[i] for i in batch], tokenizer.pad_token_id)
+                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+                hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                last = hidden[torch.arange(len(batch)), attention_mask.sum(1) - 1]  # right padding: last real token
+                logits = output_layer(last).float()[:, [a_id, b_id]].cpu().tolist()
+                for row, index in enumerate(batch):
+                    logit_a, logit_b = logits[row]
+                    choice = "A" if logit_a > logit_b else "B" if logit_b > logit_a else "tie"
+                    verdicts[index] = {"choice": choice, "logit_a": logit_a, "logit_b": logit_b}
+        return verdicts
+
+    return judge
+
+
+def api_judge(url, model_name, key, max_tokens):
+    """A judge behind an OpenAI-compatible chat completions endpoint (stdlib urllib, greedy)."""
+    endpoint = url.rstrip("/")
+    if not endpoint.endswith("/chat/completions"):
+        endpoint += "/chat/completions"
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+
+    def ask(text):
+        body = json.dumps({"model": model_name, "messages": [{"role": "user", "content": text}],
+                           "temperature": 0, "max_tokens": max_tokens}).encode()
+        for attempt in range(4):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(endpoint, body, headers), timeout=300) as response:
+                    return json.loads(response.read())["choices"][0]["message"]["content"] or ""
+            except urllib.error.HTTPError as error:
+                if error.code in (429, 500, 502, 503, 504) and attempt < 3:  # busy or hiccup: wait and retry
+                    time.sleep(2 ** attempt)
+                    continue
+                detail = error.read().decode(errors="replace")[:200]
+                raise common.InputError(f"--judge-api {endpoint}: HTTP {error.code} {error.reason} {detail}") from None
+            except (urllib.error.URLError, TimeoutError) as error:  # refused, unreachable, or no reply in time
+                if attempt < 3:
+                    time.sleep(2 ** attempt)
+                    continue
+                raise common.InputError(f"--judge-api {endpoint}: no reply ({getattr(error, 'reason', error)})") from None
+            except (KeyError, IndexError, TypeError, json.JSONDecodeError) as error:
+                raise common.InputError(f"--judge-api {endpoint}: not a chat completions reply ({error})") from None
+
+    def judge(texts):
+        verdicts = []
+        for text in texts:
+            reply = ask(text)
+            match = re.search(r"\b([AB])\b", reply)
+            verdicts.append({"choice": match.group(1) if match else None, "reply": reply})
+        return verdicts
+
+    ask("Reply with the letter A.")  # one request now: a wrong URL or key fails before any generation
+    return judge
+
+
+def judge_process(judge, reference, counts, chunk=16):
+    """process() for run_resumable: items are a candidate's win-rate predictions."""
+    def process(items):
+        progress = tqdm(total=len(items), desc="judge", unit="pair", dynamic_ncols=True)
+        for start in range(0, len(items), chunk):
+            part = items[start:start + chunk]
+            results = judge_pairs(judge, [(item["prompt"], reference[(item["id"], item["lang"])]["response"],
+                                           item["response"]) for item in part])
+            counts["unreadable_verdicts"] += sum(v["choice"] is None for _, verdicts in results for v in verdicts)
+            progress.update(len(part))
+            yield [{"model": item["model"], "task": "judge", "id": item["id"], "lang": item["lang"], "score": score,
+                    "verdicts": verdicts} for item, (score, verdicts) in zip(part, results)]
+        progress.close()
+    return process
+
+
+def judge_caveat(args, judge_model):
+    if args.judge_api:
+        return (f"Judge: `{args.judge}` behind {args.judge_api} (chat completions, greedy, reply parsed for A/B). "
+                "LLM judges favour longer answers; position bias is cancelled by judging both orders.")
+    parameters = sum(p.numel() for p in judge_model.parameters())
+    text = (f"Judge: local model `{args.judge}` ({parameters / 1e6:.0f}M parameters), next-token logits of "
+            "'A' vs 'B' after a pairwise prompt; the candidate's logit margin is summed over both orders, which "
+            "cancels a fixed position bias, and its sign is the verdict.")
+    if parameters < 1e9:
+        text += (f" **Caveat: a {parameters / 1e6:.0f}M-parameter judge is weak (its raw verdicts are mostly position "
+                 "bias, which the two orders cancel); treat these win rates as a smoke test, not evidence. "
+                 "Use --judge-api with a strong model.**")
+    return text
+
+
+# ----------------------------------------------------------------------------
+# Metrics and report
+
+
+def entry(values, seed):
+    low, high = common.bootstrap_interval(values, seed=seed)
+    return {"score": float(np.mean(values)), "n": len(values), "ci": [low, high]}
+
+
+def per_language(rows, field, langs, seed):
+    table = {lang: entry([float(r[field]) for r in rows if r["lang"] == lang], seed)
+             for lang in langs if any(r["lang"] == lang for r in rows)}
+    if rows:
+        table["all"] = entry([float(r[field]) for r in rows], seed)
+    return table
+
+
+def consistency(rows, langs, seed, samples=1000):
+    """CrossIn cross-lingual consistency over parallel problems, and its harmonic mean with accuracy.
+
+    A problem is consistent when it got a number in every language and the numbers agree
+    (within 1e-3). Accuracy here is over the same problems and languages. Intervals
+    resample problems (each with all its languages) so the two stay paired.
+    """
+    by_id = {}
+    for row in rows:
+        by_id.setdefault(row["id"], {})[row["lang"]] = row
+    parallel = [group for group in by_id.values() if all(lang in group for lang in langs)]
+    if not parallel or len(langs) < 2:
+        return {}
+    same = np.array([all(group[lang]["prediction"] is not None for lang in langs) and
+                     max(group[lang]["prediction"] for lang in langs) - min(group[lang]["prediction"] for lang in langs)
+                     <= 1e-3 for group in parallel], dtype=float)
+    correct = np.array([np.mean([group[lang]["correct"] for lang in langs]) for group in parallel])
+
+    def harmonic(cons, acc):
+        return 0.0 if cons + acc == 0 else 2 * cons * acc / (cons + acc)
+
+    picks = np.random.default_rng(seed).integers(0, len(parallel), size=(samples, len(parallel)))
+    boot = [harmonic(same[p].mean(), correct[p].mean()) for p in picks]
+    return {"consistency": {"all": entry(same, seed)},
+            "consistency x accuracy (harmonic mean)": {"all": {
+                "score": harmonic(same.mean(), correct.mean()), "n": len(parallel),
+                "ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]}}}
+
+
+def compute_results(columns, predictions, judgements, langs, seed):
+    """{label: {metric: {lang: {"score", "n", "ci"}}}}; metrics are named "<task> <what>"."""
+    results = {}
+    for column in columns:
+        label, metrics = column["label"], {}
+        for task, rows in predictions[label].items():
+            if task.split("-")[0] in MATH_TASKS:
+                metrics[f"{task} accuracy"] = per_language(rows, "correct", langs, seed)
+                for name, table in consistency(rows, langs, seed).items():
+                    metrics[f"{task} {name}"] = table
+            if task == "winrate" and label in judgements:
+                metrics["winrate vs first model"] = per_language(judgements[label], "score", langs, seed)
+            if not task.endswith("-tt"):  # translate-test answers are in English by design
+                metrics[f"{task} language fidelity"] = per_language(rows, "in_language", langs, seed)
+        if column.get("held_out"):
+            metrics["held-out reward accuracy (04)"] = {"all": column["held_out"]}
+        results[label] = metrics
+    return results
+
+
+def metric_names(results, labels):
+    """Every metric once, in the order compute_results makes them; the baseline lacks some, so it goes last."""
+    return list(dict.fromkeys(metric for label in labels[1:] + labels[:1] for metric in results[label]))
+
+
+def cell(value, base=None):
+    if value is None:
+        return "–"
+    text = f"{100 * value['score']:.1f} [{100 * value['ci'][0]:.1f}, {100 * value['ci'][1]:.1f}] n={value['n']}"
+    if base is not None:
+        text += f" ({100 * (value['score'] - base['score']):+.1f})"
+    return text
+
+
+def write_report(path, columns, results, judge_text, args):
+    labels = [c["label"] for c in columns]
+    rows = [(metric, lang) for metric in metric_names(results, labels) for lang in args.langs.split(",") + ["all"]
+            if any(lang in results[label].get(metric, {}) for label in labels)]
+    lines = ["# Evaluation report", "",
+             "Columns are models; the first is the baseline and later cells show the difference from it in "
+             "points (+/-). Each cell: score in % [95% bootstrap interval] n=number of items.", ""]
+    lines += [f"- `{c['label']}`: {c['description']}" for c in columns]
+    lines += ["", f"Math: greedy, max {args.max_new_tokens} new tokens, the last number in the answer counts, "
+              "right within 1e-3 of gold. Language fidelity: share of answers detected (py3langid) in the prompt's "
+              "language; an answer of only numbers counts as faithful, an empty one does not. Consistency "
+              "(CrossIn): share of parallel problems answered with the same number in every language; `all` pools "
+              "the languages.", ""]
+    if any("winrate vs first model" in results[label] for label in labels):
+        lines += ["Win rate: share of pairwise judgements won against the first model, both orders, ties half.",
+                  judge_text, ""]
+    lines += ["| metric | lang | " + " | ".join(f"`{label}`" for label in labels) + " |",
+              "|---|---|" + "---|" * len(labels)]
+    for metric, lang in rows:
+        base = results[labels[0]].get(metric, {}).get(lang)
+        cells = [cell(results[label].get(metric, {}).get(lang), base if k > 0 else None)
+                 for k, label in enumerate(labels)]
+        lines.append(f"| {metric} | {lang} | " + " | ".join(cells) + " |")
+    with open(path + ".partial", "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    os.replace(path + ".partial", path)
+
+
+def plot_report(path, columns, results, langs):
+    """One panel per metric with per-language values: bars per model with interval whiskers."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no report.png")
+        return False
+    labels = [c["label"] for c in columns]
+    metrics = [metric for metric in metric_names(results, labels)
+               if any(lang in results[label].get(metric, {}) for label in labels for lang in langs)]
+    if not metrics:
+        return False
+    columns_per_row = 2
+    grid_rows = math.ceil(len(metrics) / columns_per_row)
+    figure, axes = plt.subplots(grid_rows, columns_per_row, figsize=(6.5 * columns_per_row, 3.4 * grid_rows),
+                                squeeze=False)
+    groups = langs + ["all"]
+    width = 0.8 / len(labels)
+    for axis, metric in zip(axes.flat, metrics):
+        for k, label in enumerate(labels):  # model k: colour k and the k-th bar of every group, always
+            table = results[label].get(metric, {})
+            xs = [i + (k - (len(labels) - 1) / 2) * width for i, lang in enumerate(groups) if lang in table]
+            values = [table[lang] for lang in groups if lang in table]
+            heights = [100 * v["score"] for v in values]
+            errors = [[100 * (v["score"] - v["ci"][0]) for v in values],
+                      [100 * (v["ci"][1] - v["score"]) for v in values]]
+            axis.bar(xs, heights, width, yerr=errors, capsize=2, color=f"C{k % 10}", label=label)
+        axis.set_xticks(range(len(groups)), groups)
+        axis.set_ylim(0, 100)
+        axis.set_ylabel("%")
+        axis.set_title(metric)
+        if metric == "winrate vs first model":
+            axis.axhline(50, color="grey", linewidth=0.8, linestyle="--")
+    for axis in list(axes.flat)[len(metrics):]:
+        axis.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path + ".partial.png", dpi=110)
+    plt.close(figure)
+    os.replace(path + ".partial.png", path)
+    return True
+
+
+# ----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise common.InputError(f"--tasks: unknown task(s) {','.join(unknown) or '(none)'} (known: {','.join(TASKS)})")
+    langs = [lang for lang in args.langs.split(",") if lang]
+    for lang in langs:
+        common.language_name(lang, "--langs")
+    if (args.proxy_expert is None) != (args.proxy_antiexpert is None):
+        raise common.InputError("--proxy-expert and --proxy-antiexpert go together")
+    if args.max_new_tokens < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise common.InputError("--max-new-tokens, --batch-size and --limit must be at least 1")
+    eval_path = os.path.join(args.output, "eval.json")
+    common.check_not_done(eval_path)
+    names = args.models
+    if names is None:
+        names = [common.EMBEDDED_MODEL] + (["runs/demo/model"] if os.path.isdir("runs/demo/model") else [])
+        if len(names) == 1:
+            print("runs/demo/model not found: evaluating the base model only")
+    columns = [{"label": label, "model": name, "description": name, "held_out": held_out_reward_accuracy(name)}
+               for label, name in zip(unique_labels(names), names)]
+    if args.proxy_expert:
+        columns.append({"label": "proxy-tuned", "model": names[0], "proxy": True, "held_out": None,
+                        "description": f"{names[0]} + {args.proxy_alpha} x "
+                                       f"({args.proxy_expert} - {args.proxy_antiexpert})"})
+    for column in columns:  # work files are named after what the column is, so a changed --models never reuses them
+        column["slug"] = f"{slug(column['label'])}-{hashlib.sha1(column['description'].encode()).hexdigest()[:8]}"
+
+    # Read every input before loading any model, so a bad file fails in a second.
+    sources = {"mgsm": args.mgsm, "math": args.math, "winrate": args.prompts}
+    task_items = {}
+    for task in tasks:
+        if task in MATH_TASKS:
+            task_items[task] = load_math_problems(sources[task], langs, args.limit)
+            if args.translate_test:
+                task_items[f"{task}-tt"] = task_items[task]
+        else:
+            task_items[task] = common.load_prompts(sources[task], langs=langs, limit=args.limit)
+    judge = None
+    if args.judge_api and "winrate" in tasks and len(columns) > 1:
+        judge = api_judge(args.judge_api, args.judge, os.environ.get(args.judge_api_key_env), args.judge_max_tokens)
+
+    rank, world_size = common.setup_distributed()
+    common.seed_everything(args.seed)
+    work = os.path.join(args.output, "work")
+    os.makedirs(work, exist_ok=True)
+    counts = {"new_tokens": 0, "predictions": 0, "judged": 0, "no_number": 0, "unreadable_verdicts": 0}
+    timer = common.Timer()
+    predictions = {column["label"]: predict(column, task_items, work, args, rank, world_size, counts)
+                   for column in columns}
+
+    judgements, judge_text = {}, ""
+    if "winrate" in tasks and len(columns) > 1:
+        reference = {(r["id"], r["lang"]): r for r in predictions[columns[0]["label"]]["winrate"]}
+        judge_model = None
+        if not args.judge_api:
+            judge_model, judge_tokenizer = common.load_model(args.judge, trust_remote_code=args.trust_remote_code)
+            judge = local_judge(judge_model, judge_tokenizer, args.token_budget)
+        judge_text = judge_caveat(args, judge_model)
+        judge_name = slug(f"{args.judge}@{args.judge_api}" if args.judge_api else args.judge)
+        for column in columns[1:]:
+            path = os.path.join(work, f"{column['slug']}.judge-{judge_name}.jsonl")
+            if not os.path.exists(path):
+                counts["judged"] += common.run_resumable(
+                    predictions[column["label"]]["winrate"], lambda r: (r["model"], r["id"], r["lang"]), path,
+                    judge_process(judge, reference, counts), rank, world_size)[1]
+            judgements[column["label"]] = [r for _, r in common.read_jsonl(path)]
+
+    if rank == 0:
+        results = compute_results(columns, predictions, judgements, langs, args.seed)
+        verdicts = {(r["model"], r["id"], r["lang"]): r for rows in judgements.values() for r in rows}
+        every = []
+        for label, by_task in predictions.items():
+            for task, rows in by_task.items():
+                for row in rows:
+                    judged = verdicts.get((label, row["id"], row["lang"])) if task == "winrate" else None
+                    every.append({**row, **({"judge_score": judged["score"], "judge_verdicts": judged["verdicts"]}
+                                            if judged else {})})
+        common.write_jsonl(os.path.join(args.output, "predictions.jsonl"), every)
+        write_report(os.path.join(args.output, "report.md"), columns, results, judge_text, args)
+        plotted = plot_report(os.path.join(args.output, "report.png"), columns, results, langs)
+        summary = {"models": [{k: c[k] for k in ("label", "model", "description")} for c in columns],
+                   "tasks": list(task_items), "langs": langs, "judge": judge_text or None,
+                   "max_new_tokens": args.max_new_tokens, "results": results}
+        with open(eval_path + ".partial", "w", encoding="utf-8") as handle:  # last: its presence means done
+            json.dump(summary, handle, ensure_ascii=False, indent=1)
+        os.replace(eval_path + ".partial", eval_path)
+        print(f"wrote {eval_path}, predictions.jsonl, report.md" + (", report.png" if plotted else ""))
+    print(common.summary_line("05_eval" + (f"[rank {rank}]" if world_size > 1 else ""), timer.seconds(),
+                              counts["new_tokens"], models=len(columns), tasks=len(task_items),
+                              predictions_made_now=counts["predictions"], judged_now=counts["judged"],
+                              answers_without_a_number=counts["no_number"],
+                              unreadable_judge_replies=counts["unreadable_verdicts"]))
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,184 @@
+"""Benchmark 04's DPO training: precomputed vs in-loop reference, and against TRL's DPOTrainer.
+
+Same model (the embedded SmolLM2-135M-Instruct, fp32, CPU or one GPU), same pairs (alpagasus prompts
+with short made-up chosen/rejected answers, ~80 tokens per sequence), 4 pairs per step, max length
+256, one epoch, lr 5e-7, beta 0.1, sigmoid loss. Each variant runs in its own subprocess under a small
+wrapper that reads the child's peak resident memory (ru_maxrss of RUSAGE_CHILDREN).
+Training tokens/s = tokens of prompt+chosen and prompt+rejected sequences (no padding) per second of
+optimizer steps (reference precomputation and model loading excluded, for all variants).
+
+TRL is never a project dependency: install it into a separate venv and pass its python, e.g.
+    python3 -m venv /tmp/trlvenv && /tmp/trlvenv/bin/pip install torch==2.13.0 trl
+
+    python bench/bench_dpo.py                                    # 32 pairs, 8 steps (+ TRL if found)
+    python bench/bench_dpo.py --quick                            # 8 pairs, 2 steps
+    python bench/bench_dpo.py --trl-python /tmp/trlvenv/bin/python
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALPAGASUS = os.path.join(os.path.dirname(REPO), "shared", "data", "alpagasus")
+DEFAULT_TRL_PYTHON = "/tmp/trlvenv/bin/python"
+BATCH, MAX_LENGTH, LR, BETA = 4, 256, 5e-7, 0.1
+
+CHOSEN = ("Here is a clear answer. Start with the main idea in one sentence, then give one concrete example "
+          "that shows how it works in practice, and finish with a short summary that the reader can act on today.")
+REJECTED = ("I am not sure about this one. Maybe you could search for it online or ask somebody who knows more "
+            "about the topic, because it is hard to say anything useful without more details.")
+
+
+def write_pairs(path, count):
+    """`count` pairs: alpagasus prompts (en, es, de, fr in turn) with made-up chosen/rejected answers."""
+    languages = ["en", "es", "de", "fr"]
+    prompts = {}
+    for lang in languages:
+        with open(os.path.join(ALPAGASUS, f"{lang}.jsonl"), encoding="utf-8") as handle:
+            prompts[lang] = [json.loads(line) for _, line in zip(range(count), handle)]
+    with open(path, "w", encoding="utf-8") as handle:
+        for index in range(count):
+            lang = languages[index % len(languages)]
+            record = prompts[lang][index]
+            prompt = record.get("instruction") or record["prompt"]
+            handle.write(json.dumps({"id": record["id"], "lang": lang, "prompt": prompt.split("\n")[0][:200],
+                                     "chosen": CHOSEN, "rejected": REJECTED, "method": "bench"},
+                                    ensure_ascii=False) + "\n")
+
+
+def measured(command, env=None):
+    """Run `command` under a wrapper; returns (stdout, peak RSS of the command in MB)."""
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    result = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True, cwd=REPO,
+                            env=dict(os.environ, TOKENIZERS_PARALLELISM="false", **(env or {})))
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    peak_line = [line for line in result.stdout.splitlines() if line.startswith("PEAK_RSS_KB")][-1]
+    return result.stdout, int(peak_line.split()[1]) / 1024
+
+
+def run_ours(pairs_path, scratch, in_loop):
+    output = os.path.join(scratch, "in-loop" if in_loop else "precomputed")
+    command = [sys.executable, os.path.join(REPO, "04_dpo.py"), "--input", pairs_path, "--output", output,
+               "--batch-size", str(BATCH), "--grad-accum", "1", "--epochs", "1", "--eval-frac", "0",
+               "--save-every", "0", "--max-length", str(MAX_LENGTH), "--lr", str(LR), "--beta", str(BETA)]
+    _, peak_mb = measured(command + (["--reference-in-loop"] if in_loop else []))
+    with open(os.path.join(output, "train_summary.json"), encoding="utf-8") as handle:
+        summary = json.load(handle)
+    return {"tokens_per_second": summary["tokens_per_second"], "train_tokens": summary["train_tokens"],
+            "steps": summary["steps"], "forward_tokens_per_second": summary["forward_tokens_per_second"],
+            "peak_memory_mb": peak_mb}
+
+
+def run_trl(trl_python, pairs_path, scratch):
+    """TRL's DPOTrainer in its own venv; None and a printed reason when that python or trl is missing."""
+    if not os.path.exists(trl_python):
+        print(f"TRL row skipped: {trl_python} not found (python3 -m venv /tmp/trlvenv && "
+              "/tmp/trlvenv/bin/pip install torch==2.13.0 trl)")
+        return None
+    if subprocess.run([trl_python, "-c", "import trl"], capture_output=True).returncode != 0:
+        print(f"TRL row skipped: {trl_python} cannot import trl")
+        return None
+    sys.path.insert(0, REPO)
+    import common
+    command = [trl_python, os.path.abspath(__file__), "--child-trl", pairs_path, common.embedded_model_dir(),
+               os.path.join(scratch, "trl")]
+    try:
+        stdout, peak_mb = measured(command, env={"HF_DATASETS_CACHE": os.path.join(scratch, "datasets-cache")})
+    except RuntimeError as error:  # a newer trl may have renamed a setting: say so, keep the other rows
+        print(f"TRL row skipped: {error}")
+        return None
+    result = json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+    result.update(tokens_per_second=result["train_tokens"] / result["train_seconds"], peak_memory_mb=peak_mb)
+    return result
+
+
+def trl_child(pairs_path, model_dir, output):
+    """Runs inside the TRL venv: DPOTrainer with the same pairs, batch, length and precomputed reference."""
+    import time
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    with open(pairs_path, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle]
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": row["prompt"]}],
+                                  "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                                  "rejected": [{"role": "assistant", "content": row["rejected"]}]} for row in rows])
+
+    class StepTimer(TrainerCallback):
+        seconds = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds += time.perf_counter() - self.started
+
+    timer = StepTimer()
+    config = DPOConfig(output_dir=output, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+                       num_train_epochs=1, learning_rate=LR, beta=BETA, max_length=MAX_LENGTH,
+                       precompute_ref_log_probs=True, lr_scheduler_type="cosine", warmup_steps=0.1, max_grad_norm=1.0,
+                       logging_steps=1, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
+                       bf16=torch.cuda.is_available(), seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset,
+                         processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer])
+    tokens = sum(2 * len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"])
+                 for row in trainer.train_dataset)
+    trainer.train()
+    print(json.dumps({"train_tokens": tokens, "train_seconds": timer.seconds, "steps": trainer.state.global_step}))
+
+
+def run(quick=False, trl_python=DEFAULT_TRL_PYTHON):
+    """All variants, one after the other; returns the table rows."""
+    count = 8 if quick else 32
+    with tempfile.TemporaryDirectory(prefix="bench_dpo_") as scratch:
+        pairs_path = os.path.join(scratch, "pairs.jsonl")
+        write_pairs(pairs_path, count)
+        precomputed = run_ours(pairs_path, scratch, in_loop=False)
+        in_loop = run_ours(pairs_path, scratch, in_loop=True)
+        trl = run_trl(trl_python, pairs_path, scratch)
+    steps = precomputed["steps"]
+    rows = [{"stage": "04 dpo", "metric": f"train tokens/s, precomputed vs in-loop reference ({count} pairs, "
+                                          f"{steps} steps of {BATCH})",
+             "ours": precomputed["tokens_per_second"], "baseline": in_loop["tokens_per_second"],
+             "ratio": precomputed["tokens_per_second"] / in_loop["tokens_per_second"],
+             "peak_memory_mb": f"{precomputed['peak_memory_mb']:.0f} vs {in_loop['peak_memory_mb']:.0f}"},
+            {"stage": "04 dpo", "metric": "train tokens/s / forward-only tokens/s (forward+backward ~3 forwards)",
+             "ours": precomputed["tokens_per_second"], "baseline": precomputed["forward_tokens_per_second"],
+             "ratio": precomputed["tokens_per_second"] / precomputed["forward_tokens_per_second"],
+             "peak_memory_mb": f"{precomputed['peak_memory_mb']:.0f}"}]
+    if trl:
+        rows.append({"stage": "04 dpo", "metric": f"train tokens/s vs TRL DPOTrainer, precomputed ref ({steps} vs "
+                                                  f"{trl['steps']} steps, {precomputed['train_tokens']} vs "
+                                                  f"{trl['train_tokens']} tokens)",
+                     "ours": precomputed["tokens_per_second"], "baseline": trl["tokens_per_second"],
+                     "ratio": precomputed["tokens_per_second"] / trl["tokens_per_second"],
+                     "peak_memory_mb": f"{precomputed['peak_memory_mb']:.0f} vs {trl['peak_memory_mb']:.0f} "
+                                       f"({precomputed['peak_memory_mb'] / trl['peak_memory_mb']:.2f}x)"})
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="8 pairs (2 steps) instead of 32 (8 steps)")
+    parser.add_argument("--trl-python", default=DEFAULT_TRL_PYTHON,
+                        help="python of a separate venv with trl installed; its row is skipped when absent")
+    parser.add_argument("--child-trl", nargs=3, metavar=("PAIRS", "MODEL_DIR", "OUTPUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_trl:
+        trl_child(*args.child_trl)
+    else:
+        print("command: python bench/bench_dpo.py" + (" --quick" if args.quick else "")
+              + f" --trl-python {args.trl_python}")
+        print(f"{'metric':<100} {'ours':>9} {'baseline':>9} {'ratio':>7}  peak MB")
+        for row in run(args.quick, args.trl_python):
+            print(f"{row['metric']:<100} {row['ours']:>9.1f} {row['baseline']:>9.1f} {row['ratio']:>6.2f}x  "
+                  f"{row['peak_memory_mb']}")

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The whole self-improvement loop: 01 -> 02 -> 03 -> 04 for ITERS iterations, then 05.
+#
+#   bash loop.sh                      # the CPU demo: embedded model, bundled data, 2 iterations
+#   ITERS=1 LIMIT=4 bash loop.sh      # smaller
+#
+# Iteration 1 builds language-imbalance pairs (English answers, self-translated, are
+# preferred over native answers in the other languages, and the reverse into English).
+# From iteration 2 on, REWARD=implicit (default) scores several samples per prompt with
+# the previous iteration's trained model against its reference (implicit cross-lingual
+# rewarding); REWARD=imbalance repeats iteration 1's method with the new policy.
+# Each trained model is the next iteration's policy. Everything lands in $RUN:
+#   $RUN/iter1/{responses,translated,pairs,pairs.eval}.jsonl  $RUN/iter1/model/
+#   $RUN/iter2/...                                            $RUN/eval/report.md, report.png
+# Each stage skips work already done, so rerunning after an interruption continues.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+RUN=${RUN:-runs/loop}                   # where everything goes
+ITERS=${ITERS:-2}                       # self-improvement iterations
+MODEL=${MODEL:-smollm2-135m}            # the starting policy (hub id, directory, or the embedded default)
+PROMPTS=${PROMPTS:-data/prompts}        # training prompts (parallel, same ids in every language)
+LANGS=${LANGS:-en,es,de,fr,ru,zh}       # English first: it is the teacher
+LIMIT=${LIMIT:-16}                      # prompt ids per language used for training pairs
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-96}    # answer length while generating training data
+REWARD=${REWARD:-implicit}              # method from iteration 2 on: implicit | imbalance
+SAMPLES=${SAMPLES:-4}                   # samples per prompt for implicit rewarding (paper: 10)
+EPOCHS=${EPOCHS:-2}                     # DPO epochs per iteration
+EVAL_TASKS=${EVAL_TASKS:-math,winrate}  # 05's tasks (add mgsm for the real benchmark)
+EVAL_LIMIT=${EVAL_LIMIT:-12}            # problems / prompts per language in the evaluation
+EVAL_MAX_NEW_TOKENS=${EVAL_MAX_NEW_TOKENS:-160}
+PYTHON=${PYTHON:-python}
+TRAIN=${TRAIN:-$PYTHON}                 # e.g. TRAIN="torchrun --nproc_per_node=8" on a multi-GPU machine
+
+stage() { echo; echo "== $(date +%H:%M:%S) iteration $1: $2"; }
+
+policy=$MODEL
+reference=""
+models=("$MODEL")
+for iteration in $(seq 1 "$ITERS"); do
+  dir=$RUN/iter$iteration
+  mkdir -p "$dir"
+  if [ "$iteration" -eq 1 ] || [ "$REWARD" = imbalance ]; then
+    stage "$iteration" "01 generate (greedy, one answer per prompt)"
+    $PYTHON 01_generate.py --model "$policy" --prompts "$PROMPTS" --langs "$LANGS" --limit "$LIMIT" \
+      --max-new-tokens "$MAX_NEW_TOKENS" --output "$dir/responses.jsonl"
+    stage "$iteration" "02 translate (the policy translates its own answers)"
+    $PYTHON 02_translate.py --model "$policy" --input "$dir/responses.jsonl" --output "$dir/translated.jsonl"
+    stage "$iteration" "03 reward (language-imbalance pairs)"
+    $PYTHON 03_reward.py --method imbalance --input "$dir/translated.jsonl" --output "$dir/pairs.jsonl" \
+      --eval-frac 0.15
+  else
+    stage "$iteration" "01 generate ($SAMPLES samples per prompt, temperature 0.9)"
+    $PYTHON 01_generate.py --model "$policy" --prompts "$PROMPTS" --langs "$LANGS" --limit "$LIMIT" \
+      --max-new-tokens "$MAX_NEW_TOKENS" --num-samples "$SAMPLES" --temperature 0.9 --output "$dir/responses.jsonl"
+    stage "$iteration" "03 reward (implicit: $policy against $reference)"
+    $PYTHON 03_reward.py --method implicit --input "$dir/responses.jsonl" --output "$dir/pairs.jsonl" \
+      --dpo-model "$policy" --ref-model "$reference" --eval-frac 0.15
+  fi
+  stage "$iteration" "04 DPO (+NLL) training"
+  $TRAIN 04_dpo.py --model "$policy" --input "$dir/pairs.jsonl" --eval-pairs "$dir/pairs.eval.jsonl" \
+    --output "$dir/model" --epochs "$EPOCHS"
+  reference=$policy
+  policy=$dir/model
+  models+=("$policy")
+done
+
+stage "all" "05 evaluate: ${models[*]}"
+$PYTHON 05_eval.py --models "${models[@]}" --tasks "$EVAL_TASKS" --langs "$LANGS" --limit "$EVAL_LIMIT" \
+  --max-new-tokens "$EVAL_MAX_NEW_TOKENS" --output "$RUN/eval"
+echo
+echo "done: $RUN/eval/report.md"

@@ -1,0 +1,264 @@
+"""Tests of 04_dpo.py: the loss by hand, ln 2 at step 1, exact accumulation, resume, DDP/FSDP, bad input."""
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, read_records, run_script, run_torchrun
+
+spec = importlib.util.spec_from_file_location("dpo", os.path.join(REPO, "04_dpo.py"))
+dpo = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(dpo)
+
+# One thread per process: the tiny model is bound by its 49k-row output layer, and on a busy
+# 2-core machine two threads fight each other.
+ENV = {"OMP_NUM_THREADS": "1"}
+
+PAIRS = [
+    ("es-0", "¿Cuál es la capital de Francia?", "La capital de Francia es París.", "The capital of France is Paris."),
+    ("es-1", "Dame un consejo para dormir mejor.", "Intenta acostarte a la misma hora todas las noches.",
+     "Try to go to bed at the same time every night."),
+    ("de-0", "Wie viele Tage hat eine Woche?", "Eine Woche hat sieben Tage.", "A week has seven days."),
+    ("de-1", "Nenne eine Farbe des Himmels.", "Der Himmel ist an klaren Tagen blau.", "Blue, usually."),
+    ("fr-0", "Quel est le plus grand océan ?", "Le plus grand océan est l'océan Pacifique.",
+     "The Pacific Ocean is the largest one."),
+    ("fr-1", "Comment dit-on merci en anglais ?", "En anglais, on dit « thank you ».", "Thank you."),
+    ("en-0", "Give one tip for staying healthy.", "Drink plenty of water every day and keep moving.",
+     "Bebe mucha agua todos los días."),
+    ("en-1", "What is two plus three?", "Two plus three is five.", "Dos más tres son cinco."),
+]
+
+
+def write_pairs(path, pairs=PAIRS):
+    with open(path, "w", encoding="utf-8") as handle:
+        for pair_id, prompt, chosen, rejected in pairs:
+            handle.write(json.dumps({"id": pair_id, "lang": pair_id[:2], "prompt": prompt, "chosen": chosen,
+                                     "rejected": rejected, "method": "imbalance"}, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def train(tmp_path, model, pairs_file, name, *extra, check=True):
+    output = tmp_path / name
+    result = run_script("04_dpo.py", "--input", pairs_file, "--output", output, "--model", model,
+                        "--eval-frac", "0", "--save-every", "0", *extra, env=ENV, check=check)
+    return output, result
+
+
+def weights(output):
+    return load_file(os.path.join(output, "model.safetensors"))
+
+
+def max_difference(first, second):
+    assert sorted(first) == sorted(second)
+    return max((first[name] - second[name]).abs().max().item() for name in first)
+
+
+def test_dpo_loss_matches_hand_computation():
+    policy_chosen = torch.tensor([-10.0, -20.0], dtype=torch.float64, requires_grad=True)
+    policy_rejected = torch.tensor([-12.0, -15.0], dtype=torch.float64)
+    reference_chosen = torch.tensor([-11.0, -19.0], dtype=torch.float64)
+    reference_rejected = torch.tensor([-11.0, -16.0], dtype=torch.float64)
+    beta = 0.5
+    deltas = [(-10 + 11) - (-12 + 11), (-20 + 19) - (-15 + 16)]  # [2, -2]
+    log_sigmoid = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    args = (policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta)
+
+    loss, chosen_rewards, rejected_rewards = dpo.dpo_loss(*args)
+    assert loss.item() == pytest.approx(sum(-log_sigmoid(beta * d) for d in deltas) / 2, abs=1e-12)
+    assert chosen_rewards.tolist() == pytest.approx([0.5, -0.5])
+    assert rejected_rewards.tolist() == pytest.approx([-0.5, 0.5])
+    loss.backward()  # d/d policy_chosen_i = -beta * sigmoid(-beta delta_i) / 2
+    assert policy_chosen.grad.tolist() == pytest.approx([-beta / (1 + math.exp(beta * d)) / 2 for d in deltas])
+
+    smoothed, _, _ = dpo.dpo_loss(*args, label_smoothing=0.1)
+    assert smoothed.item() == pytest.approx(
+        sum(-0.9 * log_sigmoid(beta * d) - 0.1 * log_sigmoid(-beta * d) for d in deltas) / 2, abs=1e-12)
+    assert dpo.dpo_loss(*args, loss_type="ipo")[0].item() == pytest.approx(((2 - 1) ** 2 + (-2 - 1) ** 2) / 2)
+    assert dpo.dpo_loss(*args, loss_type="hinge")[0].item() == pytest.approx((0 + 2) / 2)
+
+    counts = torch.tensor([4, 5])
+    with_nll, _, _ = dpo.dpo_loss(*args, nll_weight=0.5, chosen_token_counts=counts)
+    assert with_nll.item() == pytest.approx(loss.item() + 0.5 * (10 + 20) / 9, abs=1e-12)
+    # Under accumulation the sums are divided by the WHOLE step's counts, not the micro-batch's.
+    scaled, _, _ = dpo.dpo_loss(*args, nll_weight=0.5, chosen_token_counts=counts, pairs_in_batch=8,
+                                tokens_in_batch=36)
+    assert scaled.item() == pytest.approx(loss.item() * 2 / 8 + 0.5 * 30 / 36, abs=1e-12)
+
+
+def test_step_one_loss_is_ln2_and_outputs_load(tmp_path, tiny_model):
+    pairs_file = write_pairs(tmp_path / "pairs.jsonl")
+    # Reference scored one row per batch (budget 32 tokens), training in batches of 4 pairs = 8 rows.
+    output, result = train(tmp_path, tiny_model, pairs_file, "out", "--batch-size", "4", "--grad-accum", "1",
+                           "--score-token-budget", "32", "--lr", "1e-3", "--max-steps", "1")
+    first = read_records(output / "metrics.jsonl")[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-5
+    assert abs(first["rewards/margins"]) < 1e-5 and first["rewards/accuracies"] == 0.0
+    for name in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "lr", "grad_norm",
+                 "tokens/s"):
+        assert name in first
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["steps"] == 1 and summary["train_pairs"] == 8 and summary["reference_scored_now"] == 8
+    # The old way (reference model run beside the policy every step) computes the same numbers.
+    in_loop, _ = train(tmp_path, tiny_model, pairs_file, "in-loop", "--batch-size", "4", "--grad-accum", "1",
+                       "--lr", "1e-3", "--max-steps", "1", "--reference-in-loop")
+    in_loop_first = read_records(in_loop / "metrics.jsonl")[0]
+    for name in ("loss", "logps/chosen", "logps/rejected", "grad_norm"):
+        assert in_loop_first[name] == pytest.approx(first[name], rel=1e-6, abs=1e-6)
+    assert not (in_loop / "reference_logps.json").exists()
+    assert summary["tokens_per_second"] > 0 and summary["forward_tokens_per_second"] > 0
+    assert "04_dpo: steps 1, pairs 8" in result.stdout and "forward-only rate" in result.stdout
+    assert not [name for name in os.listdir(output) if name.startswith("checkpoint") or name.endswith(".tmp")]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoTokenizer.from_pretrained(output)
+    reloaded = AutoModelForCausalLM.from_pretrained(output)
+    assert reloaded.config.tie_word_embeddings
+    # Rerunning a complete run does nothing; a changed pair gets its reference rescored, the rest are cached.
+    again = run_script("04_dpo.py", "--input", pairs_file, "--output", output, "--model", tiny_model, env=ENV)
+    assert again.returncode == 0 and "is complete" in again.stdout
+    os.remove(output / "train_summary.json")
+    changed = [PAIRS[0][:3] + ("The capital is Paris, of course.",)] + PAIRS[1:]
+    output, _ = train(tmp_path, tiny_model, write_pairs(tmp_path / "pairs.jsonl", changed), "out",
+                      "--batch-size", "4", "--grad-accum", "1", "--max-steps", "1")
+    assert json.loads((output / "train_summary.json").read_text())["reference_scored_now"] == 1
+
+
+def test_accumulation_is_exact(tmp_path, tiny_model):
+    pairs_file = write_pairs(tmp_path / "pairs.jsonl")
+    common = ("--lr", "1e-3", "--nll-weight", "1.0", "--epochs", "2", "--warmup-ratio", "0")
+    # Gradient checkpointing recomputes the same activations, so it must not change a thing either.
+    split, _ = train(tmp_path, tiny_model, pairs_file, "split", "--batch-size", "1", "--grad-accum", "4", *common,
+                     "--gradient-checkpointing")
+    whole, _ = train(tmp_path, tiny_model, pairs_file, "whole", "--batch-size", "4", "--grad-accum", "1", *common)
+    # Adam hides a uniform loss scale, so compare the logged loss and gradient norm too.
+    for a, b in zip(read_records(split / "metrics.jsonl"), read_records(whole / "metrics.jsonl"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["nll_loss"] == pytest.approx(b["nll_loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert max_difference(weights(split), weights(whole)) < 2e-5
+
+
+def test_overfits_eight_pairs(tmp_path, tiny_model):
+    pairs_file = write_pairs(tmp_path / "pairs.jsonl")
+    output, result = train(tmp_path, tiny_model, pairs_file, "out", "--eval-pairs", pairs_file, "--batch-size", "4",
+                           "--grad-accum", "1", "--epochs", "12", "--lr", "5e-3", "--beta", "0.5")
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["eval_pairs"] == 8
+    assert summary["eval_before"]["rewards/accuracies"] == 0.0  # policy == reference: every margin is 0
+    assert summary["eval_after"]["rewards/accuracies"] == 1.0
+    assert summary["eval_after"]["rewards/margins"] > 1.0
+    assert read_records(output / "metrics.jsonl")[-1]["rewards/accuracies"] == 1.0
+    assert "eval rewards/accuracies: 0.0000 -> 1.0000" in result.stdout
+
+
+def test_kill_and_resume_gives_the_same_weights(tmp_path, tiny_model):
+    pairs_file = write_pairs(tmp_path / "pairs.jsonl")
+    flags = ["--batch-size", "1", "--grad-accum", "1", "--epochs", "3", "--lr", "1e-3", "--save-every", "2"]
+    straight, _ = train(tmp_path, tiny_model, pairs_file, "straight", *flags)
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, os.path.join(REPO, "04_dpo.py"), "--input", pairs_file, "--output", str(killed),
+               "--model", tiny_model, "--eval-frac", "0", *flags]
+    process = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, **ENV), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    metrics, deadline = killed / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "train_summary.json").exists()
+
+    changed = run_script("04_dpo.py", *command[2:], "--lr", "2e-3", "--resume", env=ENV)
+    assert changed.returncode == 2 and "lr=0.001" in changed.stderr  # a checkpoint refuses other settings
+    resumed = run_script("04_dpo.py", *command[2:], "--resume", env=ENV, check=True)
+    assert "resuming from" in resumed.stdout
+    assert max_difference(weights(straight), weights(killed)) == 0.0
+    straight_losses = [record["loss"] for record in read_records(straight / "metrics.jsonl")]
+    assert [record["loss"] for record in read_records(killed / "metrics.jsonl")] == straight_losses
+    assert len(straight_losses) == 24
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, tiny_model):
+    """Same global batch (4 pairs) as 1 process x 2 x accumulation 2, and as 2 processes (DDP, FSDP) x 1 x 2."""
+    pairs_file = write_pairs(tmp_path / "pairs.jsonl")
+    flags = ["--lr", "1e-3", "--epochs", "2", "--nll-weight", "0.5"]
+    one, _ = train(tmp_path, tiny_model, pairs_file, "one", "--batch-size", "2", "--grad-accum", "2", *flags)
+    for sharding in ("ddp", "fsdp"):
+        two = tmp_path / sharding
+        result = run_torchrun("04_dpo.py", 2, "--input", pairs_file, "--output", two, "--model", tiny_model,
+                              "--eval-frac", "0", "--save-every", "0", "--batch-size", "1", "--grad-accum", "2",
+                              *flags, *(["--fsdp"] if sharding == "fsdp" else []))
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = json.loads((two / "train_summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["steps"] == 4
+        assert max_difference(weights(one), weights(two)) < 2e-5, sharding
+        for a, b in zip(read_records(one / "metrics.jsonl"), read_records(two / "metrics.jsonl"), strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), sharding
+
+
+def test_bad_pairs_name_file_and_line(tmp_path, tiny_model):
+    def rows_file(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+        return str(path)
+    good = {"prompt": "Say hello.", "chosen": "Hola.", "rejected": "Hello."}
+    # One through the command line (exit code 2, one line, nothing written), the others directly.
+    missing = rows_file("missing.jsonl", [good, {"prompt": "Hi.", "chosen": "Hola."}])
+    output, result = train(tmp_path, tiny_model, missing, "missing.out", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing.jsonl'}:2: missing field 'rejected'"
+    assert not output.exists()
+    args = dpo.argparse.Namespace(loss="sigmoid", max_length=1024)
+    tokenizer = dpo.common.load_tokenizer(tiny_model)
+    for name, rows, message in [("empty.jsonl", [good, good, dict(good, chosen="")], ":3: field 'chosen' is empty"),
+                                ("blank.jsonl", [dict(good, rejected="   ")],
+                                 ":1: field 'rejected' must be a non-empty string")]:
+        with pytest.raises(dpo.common.InputError) as error:
+            dpo.read_examples(rows_file(name, rows), args, tokenizer)
+        assert str(error.value) == f"{tmp_path / name}{message}"
+
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for _, p, c, r in PAIRS]
+    rows.insert(2, {"prompt": "Explain this. " * 40, "chosen": "Sure.", "rejected": "No."})
+    rows.insert(5, {"prompt": "Say yes.", "chosen": "Yes.", "rejected": "Yes."})
+    path = rows_file("long.jsonl", rows)
+    output, result = train(tmp_path, tiny_model, path, "long.out", "--max-length", "80", "--batch-size", "4",
+                           "--grad-accum", "1", "--max-steps", "1")
+    assert f"skipped 1 of 10 rows, longer than --max-length 80 tokens (first: {path}:3)" in result.stdout
+    assert f"skipped 1 of 10 rows, chosen == rejected (first: {path}:6)" in result.stdout
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["skipped"]["train"] == {"too_long": 1, "identical": 1} and summary["train_pairs"] == 8
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model):
+    pairs_file = write_pairs(tmp_path / "pairs.jsonl")
+    output, result = train(tmp_path, tiny_model, pairs_file, "out", "--batch-size", "2", "--grad-accum", "1",
+                           "--lr", "1e30", "--warmup-ratio", "0", "--save-every", "1", check=False)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "step 2:" in last and "nan" in last and f"last good checkpoint: {output / 'checkpoint-1'}" in last
+    assert os.path.exists(output / "checkpoint-1" / "model.safetensors")
+    assert not (output / "train_summary.json").exists()
+
+
+def test_sft_loss_decreases(tmp_path, tiny_model):
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "prompt": p, "completion": c}, ensure_ascii=False) + "\n"
+                            for i, p, c, _ in PAIRS), encoding="utf-8")
+    output, _ = train(tmp_path, tiny_model, str(path), "out", "--loss", "sft", "--eval-pairs", str(path),
+                      "--batch-size", "8", "--grad-accum", "1", "--epochs", "6", "--lr", "3e-3", "--warmup-ratio", "0")
+    losses = [record["loss"] for record in read_records(output / "metrics.jsonl")]
+    assert len(losses) == 6 and losses[0] == pytest.approx(math.log(49152), abs=1.0)  # random init: ~uniform
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:]))
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"] - 1.0

@@ -1,0 +1,505 @@
+"""Tests of 05_eval.py and the proxy-tuned decoding path in common.py."""
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import REPO, SHARED_DATA, read_records, run_script, run_torchrun
+
+spec = importlib.util.spec_from_file_location("eval05", os.path.join(REPO, "05_eval.py"))
+eval05 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(eval05)
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: threads only fight each other on a busy 2-core box
+
+
+# ----------------------------------------------------------------------------
+# Answer extraction
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Janet sells 16 - 3 - 4 = 9 eggs at $2 each, so she makes 9 * 2 = $18.", 18.0),
+    ("La respuesta es 1.234,5 euros.", 1234.5),
+    ("The total is 1,234.5 dollars.", 1234.5),
+    ("Die Temperatur fällt auf -3 Grad.", -3.0),
+    ("Итого: 18.00", 18.0),
+    ("所以她每天赚 $18", 18.0),
+    ("答案：１８", 18.0),                                # full-width digits
+    ("Il a payé 70 000 €.", 70000.0),
+    ("Ответ: 1 234 567", 1234567.0),
+    ("Das sind 3,5 kg.", 3.5),
+    ("es decir, 12,50 €", 12.5),
+    ("It costs $1,500.00.", 1500.0),
+    ("La proporción es 0.125", 0.125),                    # not 125: a leading 0 means decimals
+    ("Les nombres sont 4, 5", 5.0),                       # a list, not the decimal 4.5
+    ("16 - 3 = 13. 13 - 4 = 9", 9.0),
+    ("So she has 10-2", 2.0),                             # subtraction, not minus two
+    ("x=-7", -7.0),
+    ("**Answer: 42**", 42.0),
+    ("Je ne sais pas.", None),
+    ("", None),
+])
+def test_extract_last_number(text, expected):
+    assert common.extract_last_number(text) == expected
+
+
+# ----------------------------------------------------------------------------
+# Accuracy, intervals, consistency on hand-made predictions
+
+
+def prediction(problem_id, lang, predicted, gold):
+    return {"id": problem_id, "lang": lang, "prediction": predicted, "answer": gold,
+            "correct": predicted is not None and abs(predicted - gold) <= 1e-3}
+
+
+HAND_MADE = ([prediction(f"p{k}", "en", pred, gold)
+              for k, (pred, gold) in enumerate([(18, 18), (5, 5), (None, 3), (7, 8)])] +
+             [prediction(f"p{k}", "es", pred, gold)
+              for k, (pred, gold) in enumerate([(18.0005, 18), (6, 5), (None, 3), (7.0004, 8)])])
+
+
+def test_accuracy_and_interval():
+    table = eval05.per_language(HAND_MADE, "correct", ["en", "es"], seed=0)
+    assert table["en"]["score"] == 0.5 and table["en"]["n"] == 4
+    assert table["es"]["score"] == 0.25 and table["es"]["n"] == 4   # 18.0005 is within 1e-3 of 18
+    assert table["all"]["score"] == 3 / 8 and table["all"]["n"] == 8
+    assert table["en"]["ci"] == list(common.bootstrap_interval([1, 1, 0, 0], seed=0))
+    low, high = table["all"]["ci"]
+    assert 0 <= low < 3 / 8 < high <= 1
+    perfect = eval05.per_language([prediction("a", "en", 1, 1)] * 5, "correct", ["en"], seed=0)
+    assert perfect["en"] == {"score": 1.0, "n": 5, "ci": [1.0, 1.0]}
+
+
+def test_consistency_and_harmonic_mean():
+    result = eval05.consistency(HAND_MADE, ["en", "es"], seed=0)
+    # p0: 18 vs 18.0005 agree; p1: 5 vs 6 differ; p2: no number; p3: 7 vs 7.0004 agree (both wrong).
+    assert result["consistency"]["all"]["score"] == 0.5 and result["consistency"]["all"]["n"] == 4
+    harmonic = result["consistency x accuracy (harmonic mean)"]["all"]
+    assert harmonic["score"] == pytest.approx(2 * 0.5 * 0.375 / (0.5 + 0.375))
+    assert harmonic["ci"][0] <= harmonic["score"] <= harmonic["ci"][1]
+    assert eval05.consistency(HAND_MADE, ["en"], seed=0) == {}   # one language: nothing to compare
+
+
+def test_gold_answer_and_in_language_rules():
+    assert eval05.check_gold("1,234", "x") == 1234.0 and eval05.check_gold(18, "x") == 18.0
+    with pytest.raises(common.InputError, match="f.jsonl:3: gold answer 'eighteen' is not a number"):
+        eval05.check_gold("eighteen", "f.jsonl:3")
+    assert eval05.in_language("Die Antwort ist achtzehn Euro pro Tag.", "de")
+    assert not eval05.in_language("The answer is eighteen dollars per day.", "de")
+    assert eval05.in_language("18", "de") and not eval05.in_language("  ", "de")
+
+
+def test_column_labels(tmp_path):
+    for iteration in ("iter1", "iter2"):
+        (tmp_path / iteration / "model").mkdir(parents=True)
+    names = [str(tmp_path / "iter1" / "model"), str(tmp_path / "iter2" / "model"), "smollm2-135m", "smollm2-135m"]
+    assert eval05.unique_labels(names) == ["iter1/model", "iter2/model", "smollm2-135m", "smollm2-135m (2)"]
+
+
+def test_math_scoring_with_fixed_answers(tiny_model):
+    """The math task's records: last number, 1e-3 tolerance, prompt in the problem's language."""
+    tokenizer = common.load_tokenizer(tiny_model)
+    replies = {"m0": "9 * 2 = $18.", "m1": "Das macht 1.234,5 Euro", "m2": "Je ne sais pas", "m3": "about 18.0021"}
+    items = [{"model": "x", "task": "math", "id": i, "lang": lang, "prompt": f"question {i}", "answer": gold}
+             for i, lang, gold in [("m0", "en", 18), ("m1", "de", 1234.5), ("m2", "fr", 3), ("m3", "en", 18)]]
+    seen_prompts = []
+
+    def fake_generate(prompt_ids, desc):
+        seen_prompts.extend(tokenizer.decode(ids) for ids in prompt_ids)
+        yield [(k, [{"text": replies[items[k]["id"]], "truncated": False, "new_tokens": 3}]) for k in range(len(items))]
+
+    counts = {"new_tokens": 0, "no_number": 0}
+    records = [r for batch in eval05.math_process(fake_generate, tokenizer, False, 4, counts)(items) for r in batch]
+    assert [r["prediction"] for r in records] == [18.0, 1234.5, None, 18.0021]
+    assert [r["correct"] for r in records] == [True, True, False, False]
+    assert counts == {"new_tokens": 12, "no_number": 1}
+    assert eval05.MATH_INSTRUCTIONS["de"] in seen_prompts[1] and eval05.MATH_INSTRUCTIONS["fr"] in seen_prompts[2]
+
+
+def test_translate_test_answers_the_english_translation(tiny_model):
+    """--translate-test: non-English questions are translated first; the answer prompt is English."""
+    tokenizer = common.load_tokenizer(tiny_model)
+    items = [{"model": "x", "task": "math-tt", "id": "m0", "lang": lang, "prompt": question, "answer": 7}
+             for lang, question in [("en", "Tom has 3 and buys 4. How many?"),
+                                    ("es", "Tom tiene 3 y compra 4. ¿Cuántas?")]]
+    calls = []
+
+    def fake_generate(prompt_ids, desc):
+        calls.append((desc, [tokenizer.decode(ids) for ids in prompt_ids]))
+        text = "Tom has 3 and buys 4. How many?" if desc == "translate" else "3 + 4 = 7"
+        yield [(k, [{"text": text, "truncated": False, "new_tokens": 5}]) for k in range(len(prompt_ids))]
+
+    counts = {"new_tokens": 0, "no_number": 0}
+    records = [r for batch in eval05.math_process(fake_generate, tokenizer, True, 8, counts)(items) for r in batch]
+    assert [desc for desc, _ in calls] == ["translate", "answer"]
+    assert len(calls[0][1]) == 1 and "Translate this Spanish question into English" in calls[0][1][0]
+    assert all(eval05.MATH_INSTRUCTIONS["en"] in prompt for prompt in calls[1][1])
+    spanish = next(r for r in records if r["lang"] == "es")
+    assert spanish["question_en"] == "Tom has 3 and buys 4. How many?" and spanish["question"] == items[1]["prompt"]
+    assert [r["correct"] for r in records] == [True, True] and counts["new_tokens"] == 15
+
+
+# ----------------------------------------------------------------------------
+# Judging
+
+
+PAIRS = [("Say hi.", "reference one", "candidate one"), ("Count.", "reference two", "candidate two")]
+
+
+def candidate_slot(text):
+    return "A" if text.index("candidate") < text.index("reference") else "B"
+
+
+def test_order_swap_cancels_a_judge_that_always_prefers_the_first_slot():
+    always_first = lambda texts: [{"choice": "A"} for _ in texts]  # noqa: E731
+    assert [score for score, _ in eval05.judge_pairs(always_first, PAIRS)] == [0.5, 0.5]
+    always_second = lambda texts: [{"choice": "B"} for _ in texts]  # noqa: E731
+    assert [score for score, _ in eval05.judge_pairs(always_second, PAIRS)] == [0.5, 0.5]
+    likes_candidate = lambda texts: [{"choice": candidate_slot(t)} for t in texts]  # noqa: E731
+    assert [score for score, _ in eval05.judge_pairs(likes_candidate, PAIRS)] == [1.0, 1.0]
+    likes_reference = lambda texts: [{"choice": "B" if candidate_slot(t) == "A" else "A"} for t in texts]  # noqa: E731
+    assert [score for score, _ in eval05.judge_pairs(likes_reference, PAIRS)] == [0.0, 0.0]
+    # local (logit) judges: a fixed pull towards slot A cancels; what is left decides
+    first_slot_logits = lambda texts: [{"choice": "A", "logit_a": 2.0, "logit_b": 0.0} for _ in texts]  # noqa: E731
+    assert [score for score, _ in eval05.judge_pairs(first_slot_logits, PAIRS)] == [0.5, 0.5]
+
+    def biased_but_likes_candidate(texts):  # +2 for slot A, +0.1 for the candidate: votes would say A twice
+        return [{"choice": "A", "logit_a": 2.0 + 0.1 * (candidate_slot(t) == "A"),
+                 "logit_b": 0.1 * (candidate_slot(t) == "B")} for t in texts]
+    assert [score for score, _ in eval05.judge_pairs(biased_but_likes_candidate, PAIRS)] == [1.0, 1.0]
+    unreadable = lambda texts: [{"choice": None} for _ in texts]  # noqa: E731
+    score, verdicts = eval05.judge_pairs(unreadable, PAIRS)[0]
+    assert score == 0.5 and [v["order"] for v in verdicts] == ["reference first", "candidate first"]
+
+
+def test_local_judge_reads_the_last_real_token(tiny_model):
+    """Right padding in a batch must not change a verdict: compare with one unpadded forward each."""
+    model, tokenizer = common.load_model(tiny_model)
+    judge = eval05.local_judge(model, tokenizer, token_budget=100000)
+    texts = [eval05.JUDGE_PROMPT.format(instruction=i, answer_a=a, answer_b=b) for i, a, b in PAIRS]
+    texts.append(texts[0] + " A much longer prompt than the others, so the rest are padded." * 3)
+    verdicts = judge(texts)
+    a_id, b_id = (tokenizer(letter, add_special_tokens=False).input_ids[0] for letter in "AB")
+    for text, verdict in zip(texts, verdicts):
+        ids = torch.tensor([common.chat_prompt_ids(tokenizer, text)])
+        with torch.inference_mode():
+            logits = model(input_ids=ids).logits[0, -1]
+        assert verdict["logit_a"] == pytest.approx(logits[a_id].item(), abs=1e-4)
+        assert verdict["logit_b"] == pytest.approx(logits[b_id].item(), abs=1e-4)
+        assert verdict["choice"] == ("A" if logits[a_id] > logits[b_id] else "B")
+
+
+# ----------------------------------------------------------------------------
+# Proxy-tuned decoding
+
+
+def make_untied_model(directory, seed):
+    """A tiny random Llama whose output layer is NOT tied to its embeddings, saved with the real tokenizer.
+
+    (conftest's tiny models tie them, so their greedy answer just repeats the prompt's
+    last token, a newline: every model would then agree and no comparison would mean anything.)
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tokenizer = common.load_tokenizer(common.EMBEDDED_MODEL)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def untied_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("untied")
+    return make_untied_model(root / "large", seed=0), make_untied_model(root / "small", seed=1)
+
+
+PROMPTS = ["Hi", "What is 2+2? Explain it to a child, step by step.", "Bonjour, ça va ?", "Wie spät ist es?"]
+
+
+def decode_all(batches, count):
+    out = {}
+    for batch in batches:
+        for index, samples in batch:
+            out[index] = samples
+    return [out[i] for i in range(count)]
+
+
+@pytest.fixture()
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_proxy_decoding_reduces_to_plain_decoding(untied_models, one_thread):
+    large, tokenizer = common.load_model(untied_models[0])
+    small, _ = common.load_model(untied_models[1])
+    ids = [common.chat_prompt_ids(tokenizer, p) for p in PROMPTS]
+    options = dict(max_new_tokens=12, show_progress=False)
+    plain_large = decode_all(common.generate_batches(large, tokenizer, ids, batch_size=4, **options), len(ids))
+    plain_small = decode_all(common.generate_batches(small, tokenizer, ids, batch_size=4, **options), len(ids))
+    assert all(a[0]["text"] and a != b for a, b in zip(plain_large, plain_small))  # the comparison means something
+    # alpha 0: the large model alone, whatever the small ones say (batch 3 pads differently than batch 4)
+    alpha_zero = common.generate_proxy_batches(large, small, large, tokenizer, ids, alpha=0.0, batch_size=3, **options)
+    assert decode_all(alpha_zero, len(ids)) == plain_large
+    # expert == antiexpert: the difference is zero
+    same_small = common.generate_proxy_batches(large, small, small, tokenizer, ids, alpha=1.0, batch_size=4, **options)
+    assert decode_all(same_small, len(ids)) == plain_large
+    # antiexpert == large, alpha 1: large + (small - large) is the small model: the arithmetic is really applied
+    swapped = common.generate_proxy_batches(large, small, large, tokenizer, ids, alpha=1.0, batch_size=4, **options)
+    assert decode_all(swapped, len(ids)) == plain_small
+
+
+def test_proxy_repetition_penalty_and_sampling(untied_models, one_thread):
+    large, tokenizer = common.load_model(untied_models[0])
+    small, _ = common.load_model(untied_models[1])
+    ids = [common.chat_prompt_ids(tokenizer, p) for p in PROMPTS[:2]]
+    options = dict(max_new_tokens=10, show_progress=False, batch_size=1)  # no padding: HF penalises pad tokens too
+    hf = decode_all(common.generate_batches(large, tokenizer, ids, repetition_penalty=1.5, **options), len(ids))
+    ours = decode_all(common.generate_proxy_batches(large, small, small, tokenizer, ids, repetition_penalty=1.5,
+                                                    **options), len(ids))
+    assert ours == hf
+    # top_p so small only the top token survives: sampling becomes greedy
+    greedy = decode_all(common.generate_proxy_batches(large, small, large, tokenizer, ids, alpha=0.5, **options), 2)
+    nucleus = decode_all(common.generate_proxy_batches(large, small, large, tokenizer, ids, alpha=0.5, temperature=0.8,
+                                                       top_p=1e-6, **options), 2)
+    assert nucleus == greedy
+    torch.manual_seed(0)
+    sampled = decode_all(common.generate_proxy_batches(large, small, large, tokenizer, ids, alpha=0.5, temperature=1.0,
+                                                       num_samples=3, **options), 2)
+    assert [len(s) for s in sampled] == [3, 3] and all(x["new_tokens"] <= 10 for s in sampled for x in s)
+    torch.manual_seed(0)
+    again = decode_all(common.generate_proxy_batches(large, small, large, tokenizer, ids, alpha=0.5, temperature=1.0,
+                                                     num_samples=3, **options), 2)
+    assert again == sampled and len({x["text"] for x in sampled[0]}) > 1
+
+
+# ----------------------------------------------------------------------------
+# The script end to end (tiny models)
+
+
+def write_math_fixture(directory, answers=None):
+    problems = {"en": ["Tom has 3 apples and buys 4 more. How many apples does he have?",
+                       "A box holds 6 eggs. How many eggs are in 2 boxes?"],
+                "es": ["Tom tiene 3 manzanas y compra 4 más. ¿Cuántas manzanas tiene?",
+                       "Una caja tiene 6 huevos. ¿Cuántos huevos hay en 2 cajas?"]}
+    os.makedirs(directory, exist_ok=True)
+    for lang, questions in problems.items():
+        with open(os.path.join(directory, f"{lang}.jsonl"), "w", encoding="utf-8") as handle:
+            for k, (question, answer) in enumerate(zip(questions, answers or [7, 12])):
+                handle.write(json.dumps({"id": f"math-{k}", "question": question, "answer": answer}) + "\n")
+    return str(directory)
+
+
+def write_prompt_fixture(directory):
+    prompts = {"en": ["Name a colour.", "Say hello."], "es": ["Nombra un color.", "Di hola."]}
+    os.makedirs(directory, exist_ok=True)
+    for lang, texts in prompts.items():
+        with open(os.path.join(directory, f"{lang}.jsonl"), "w", encoding="utf-8") as handle:
+            for k, text in enumerate(texts):
+                handle.write(json.dumps({"id": f"p-{k}", "prompt": text}) + "\n")
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def two_model_run(tmp_path_factory, untied_models, tiny_model):
+    """One run of 05 on two tiny models (the second with a train_summary.json) plus a proxy column."""
+    root = tmp_path_factory.mktemp("eval-run")
+    base_model = untied_models[0]
+    trained = str(root / "trained")
+    shutil.copytree(untied_models[1], trained)
+    with open(os.path.join(trained, "train_summary.json"), "w") as handle:
+        json.dump({"eval_before": {"rewards/accuracies": 0.5}, "eval_after": {"rewards/accuracies": 0.75},
+                   "eval_pairs": 40}, handle)
+    output = str(root / "eval")
+    args = ["--models", base_model, trained, "--tasks", "mgsm,math,winrate", "--langs", "en,es", "--limit", "2",
+            "--mgsm", os.path.join(SHARED_DATA, "mgsm"), "--math", write_math_fixture(root / "math"),
+            "--prompts", write_prompt_fixture(root / "prompts"), "--max-new-tokens", "8", "--judge", tiny_model,
+            "--proxy-expert", trained, "--proxy-antiexpert", trained, "--output", output]
+    result = run_script("05_eval.py", *args, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output, args, result, os.path.basename(base_model), tiny_model
+
+
+def test_two_model_run_writes_every_output(two_model_run):
+    output, _, result, base, judge = two_model_run
+    summary = json.load(open(os.path.join(output, "eval.json")))
+    labels = [m["label"] for m in summary["models"]]
+    assert labels == [base, "trained", "proxy-tuned"]
+    results = summary["results"]
+    for label in labels:
+        for metric in ("mgsm accuracy", "math accuracy", "mgsm language fidelity", "winrate language fidelity"):
+            assert set(results[label][metric]) == {"en", "es", "all"}
+            assert results[label][metric]["en"]["n"] == 2 and results[label][metric]["all"]["n"] == 4
+            for value in results[label][metric].values():
+                assert value["ci"][0] <= value["score"] <= value["ci"][1]
+        assert results[label]["math consistency"]["all"]["n"] == 2
+    assert "winrate vs first model" not in results[base]
+    assert results["trained"]["winrate vs first model"]["all"]["n"] == 4
+    held_out = results["trained"]["held-out reward accuracy (04)"]["all"]
+    assert held_out["score"] == 0.75 and held_out["n"] == 40 and held_out["ci"][0] < 0.75 < held_out["ci"][1]
+    # eval.json agrees with predictions.jsonl
+    predictions = read_records(os.path.join(output, "predictions.jsonl"))
+    assert len(predictions) == 3 * 3 * 4
+    math_rows = [p for p in predictions if p["model"] == "trained" and p["task"] == "math"]
+    assert results["trained"]["math accuracy"]["all"]["score"] == np.mean([p["correct"] for p in math_rows])
+    judged = [p for p in predictions if p["task"] == "winrate" and p["model"] != base]
+    assert len(judged) == 8 and all(len(p["judge_verdicts"]) == 2 and p["judge_score"] in (0, 0.5, 1) for p in judged)
+    # proxy column with expert == antiexpert answers exactly like the first model, unlike the second
+    by_key = {(p["model"], p["task"], p["id"], p["lang"]): p["response"] for p in predictions}
+    proxy_keys = [k for k in by_key if k[0] == "proxy-tuned"]
+    assert all(by_key[k] == by_key[(base, *k[1:])] for k in proxy_keys)
+    assert sum(by_key[k] != by_key[("trained", *k[1:])] for k in proxy_keys) == len(proxy_keys)
+    report = open(os.path.join(output, "report.md"), encoding="utf-8").read()
+    assert f"| metric | lang | `{base}` | `trained` | `proxy-tuned` |" in report
+    assert "| held-out reward accuracy (04) | all | – | 75.0 [" in report and "n=40" in report
+    assert "Caveat" in report and "judge is weak" in report and f"`{judge}`" in report
+    with open(os.path.join(output, "report.png"), "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "05_eval: models 3, tasks 3, predictions made now 36, judged now 8" in result.stdout
+
+
+def test_rerun_resumes_from_a_killed_run(two_model_run):
+    """Part files of a killed run are kept; the rerun only makes what is missing."""
+    output, args, _, base, _ = two_model_run
+    work = os.path.join(output, "work")
+    finished = next(os.path.join(work, name) for name in os.listdir(work)
+                    if name.startswith(f"{base}-") and name.endswith(".math.jsonl"))
+    rows = read_records(finished)
+    rows[0]["response"] = "MARKER 7"   # were it redone, the marker would be gone
+    with open(finished + ".part0", "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in rows[:2])
+        handle.write('{"torn": ')     # a kill mid-write
+    os.remove(finished)
+    os.remove(os.path.join(output, "eval.json"))
+    result = run_script("05_eval.py", *args, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "predictions made now 2, judged now 0" in result.stdout
+    assert read_records(finished)[0]["response"] == "MARKER 7" and len(read_records(finished)) == 4
+    assert not any(name.endswith(tuple(f".part{k}" for k in range(4))) for name in os.listdir(work))
+    with pytest.raises(SystemExit) as finished_run:  # complete: says so and stops at once
+        eval05.main(args)
+    assert finished_run.value.code == 0
+
+
+# ----------------------------------------------------------------------------
+# Bad input: one line naming file and line, non-zero exit, nothing written
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_bad_inputs(tmp_path, tiny_model):
+    """Each bad input stops the run before any model loads, naming the file and line."""
+    base = ["--models", tiny_model, "--langs", "en,es", "--output", str(tmp_path / "out")]
+    mgsm = tmp_path / "mgsm"
+    mgsm.mkdir()
+    (mgsm / "mgsm_en.tsv").write_text("What is 1+1?\t2\nWhat is 2+2?\t\n", encoding="utf-8")
+    (mgsm / "mgsm_es.tsv").write_text("¿1+1?\t2\n¿2+2?\t4\n", encoding="utf-8")
+    result = run_script("05_eval.py", *base, "--tasks", "mgsm", "--mgsm", mgsm)  # as a user sees it
+    assert_one_line_error(result, f"{mgsm / 'mgsm_en.tsv'}:2:", "no answer")
+
+    (mgsm / "mgsm_en.tsv").write_text("What is 1+1?\t2\nWhat is 2+2?\tfour\n", encoding="utf-8")
+    with pytest.raises(common.InputError, match=r"mgsm_en.tsv:2: answer 'four' is not a number"):
+        eval05.main([*base, "--tasks", "mgsm", "--mgsm", str(mgsm)])
+    math_dir = write_math_fixture(tmp_path / "math", answers=[7, "twelve"])
+    with pytest.raises(common.InputError, match=r"en.jsonl:2: gold answer 'twelve' is not a number"):
+        eval05.main([*base, "--tasks", "math", "--math", math_dir])
+    with pytest.raises(common.InputError, match=r"--langs: unknown language code 'xx'"):
+        eval05.main([*base, "--langs", "en,xx", "--tasks", "math", "--math", math_dir])
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"id": "a", "lang": "en", "question": "1+1?", "answer": 2}\n'
+                     '{"id": "a", "lang": "klingon", "question": "1+1?", "answer": 2}\n', encoding="utf-8")
+    with pytest.raises(common.InputError, match=r"mixed.jsonl:2: unknown language code 'klingon'"):
+        eval05.main([*base, "--langs", "en", "--tasks", "math", "--math", str(mixed)])
+    with pytest.raises(common.InputError, match=r"--tasks: unknown task\(s\) mmlu"):
+        eval05.main([*base, "--tasks", "math,mmlu"])
+    assert not os.path.exists(tmp_path / "out" / "eval.json")
+
+
+# ----------------------------------------------------------------------------
+# Slow: the judge over a real HTTP server; the real model on a real MGSM slice
+
+
+@pytest.fixture()
+def judge_server():
+    """tests/openai_server.py serving the embedded model on a free loopback port; stopped afterwards."""
+    server = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "openai_server.py"), "--port", "0",
+                               "--api-key", "test-key"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, **ONE_THREAD))
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("listening on "), server.stderr.read()[-2000:] if server.poll() is not None else line
+        yield f"http://127.0.0.1:{int(line.split()[-1])}/v1"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_api_judge_against_a_real_local_server(judge_server, tmp_path, tiny_model, tiny_model_b):
+    args = ["--models", tiny_model, tiny_model_b, "--tasks", "winrate", "--langs", "en,es", "--limit", "2",
+            "--prompts", write_prompt_fixture(tmp_path / "prompts"), "--max-new-tokens", "8",
+            "--judge", "smollm2-135m", "--judge-api", judge_server, "--judge-api-key-env", "EVAL_TEST_KEY"]
+    wrong_key = run_script("05_eval.py", *args, "--output", tmp_path / "wrong",
+                           env={"EVAL_TEST_KEY": "nope", **ONE_THREAD})
+    assert_one_line_error(wrong_key, "--judge-api", "HTTP 401")
+    result = run_script("05_eval.py", *args, "--output", tmp_path / "out",
+                        env={"EVAL_TEST_KEY": "test-key", **ONE_THREAD})
+    assert result.returncode == 0, result.stderr[-3000:]
+    judged = [p for p in read_records(tmp_path / "out" / "predictions.jsonl") if "judge_verdicts" in p]
+    assert len(judged) == 4
+    for record in judged:
+        assert [v["order"] for v in record["judge_verdicts"]] == ["reference first", "candidate first"]
+        assert all(isinstance(v["reply"], str) and v["choice"] in ("A", "B", None) for v in record["judge_verdicts"])
+    summary = json.load(open(tmp_path / "out" / "eval.json"))
+    assert judge_server in summary["judge"]
+    assert summary["results"][os.path.basename(tiny_model_b)]["winrate vs first model"]["all"]["n"] == 4
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_match_one_process(tmp_path, untied_models):
+    """Under torchrun the problems are split across ranks; the merged predictions equal a 1-process run."""
+    args = ["--models", *untied_models, "--tasks", "math", "--langs", "en,es", "--math",
+            write_math_fixture(tmp_path / "math"), "--max-new-tokens", "6"]
+    single = run_script("05_eval.py", *args, "--output", tmp_path / "one", env=ONE_THREAD)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = run_torchrun("05_eval.py", 2, *args, "--output", tmp_path / "two")
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert read_records(tmp_path / "two" / "predictions.jsonl") == read_records(tmp_path / "one" / "predictions.jsonl")
+    assert "05_eval[rank 1]" in double.stdout
+
+
+@pytest.mark.slow
+def test_real_model_end_to_end(tmp_path):
+    """The embedded model, greedy, on one easy problem in two languages: a scored, detected, reported answer."""
+    math_dir = write_math_fixture(tmp_path / "math")
+    result = run_script("05_eval.py", "--models", "smollm2-135m", "--tasks", "math", "--langs", "en,es", "--limit", "1",
+                        "--math", math_dir, "--max-new-tokens", "48", "--output", tmp_path / "out", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_records(tmp_path / "out" / "predictions.jsonl")
+    assert [r["lang"] for r in rows] == ["en", "es"] and all(r["response"] for r in rows)
+    english = rows[0]
+    assert english["detected_language"] == "en" and english["in_language"]
+    assert english["prediction"] == common.extract_last_number(english["response"])
+    assert english["correct"] == (english["prediction"] is not None and abs(english["prediction"] - 7) <= 1e-3)
+    summary = json.load(open(tmp_path / "out" / "eval.json"))
+    assert summary["results"]["smollm2-135m"]["math accuracy"]["all"]["n"] == 2
+    assert os.path.exists(tmp_path / "out" / "report.png")

@@ -1,0 +1,221 @@
+"""01_generate.py and the common.py pieces it stands on: prompts, records, chat ids, batched generation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import common
+from conftest import REPO, SHARED_DATA, read_records, run_script, run_torchrun
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+# ---------------------------------------------------------------- prompt loading
+
+def test_load_prompts_directory_is_parallel_and_limit_keeps_same_ids():
+    prompts = common.load_prompts(os.path.join(SHARED_DATA, "alpagasus"), langs=["es", "en"], limit=3)
+    assert [(p["lang"], p["id"]) for p in prompts] == [
+        ("es", "alpagasus-0"), ("es", "alpagasus-1"), ("es", "alpagasus-2"),
+        ("en", "alpagasus-0"), ("en", "alpagasus-1"), ("en", "alpagasus-2")]
+    assert prompts[3]["prompt"] == "Give three tips for staying healthy."  # read from "instruction"
+
+
+def test_load_prompts_mgsm_tsv_gives_parallel_ids_and_numeric_answers():
+    prompts = common.load_prompts(os.path.join(SHARED_DATA, "mgsm"), langs=["en", "zh"], limit=2)
+    assert [(p["lang"], p["id"], p["answer"]) for p in prompts] == [
+        ("en", "mgsm-0", 18.0), ("en", "mgsm-1", 3.0), ("zh", "mgsm-0", 18.0), ("zh", "mgsm-1", 3.0)]
+
+
+def test_load_prompts_bundled_data_has_six_parallel_languages():
+    prompts = common.load_prompts(os.path.join(REPO, "data", "prompts"))
+    by_lang = {}
+    for p in prompts:
+        by_lang.setdefault(p["lang"], []).append(p["id"])
+    assert sorted(by_lang) == ["de", "en", "es", "fr", "ru", "zh"]
+    assert all(ids == by_lang["en"] for ids in by_lang.values()) and len(by_lang["en"]) >= 50
+    math = common.load_prompts(os.path.join(REPO, "data", "math"), langs=["en"])
+    assert len(math) >= 40 and all(isinstance(p["answer"], (int, float)) for p in math)
+
+
+def test_jsonl_file_with_lang_field_and_extra_fields_travel(tmp_path):
+    path = write(tmp_path / "p.jsonl", '{"id": "a", "lang": "fr", "instruction": "Bonjour", "answer": 4, "topic": "x"}\n')
+    assert common.load_prompts(path) == [{"id": "a", "lang": "fr", "prompt": "Bonjour", "answer": 4, "topic": "x"}]
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"id": "a", "lang": "en", "prompt": "ok"}\n{"id": "b", "lang": "en", "prompt": "x"\n', "p.jsonl:2: not valid JSON"),
+    ('{"id": "a", "lang": "en", "text": "no prompt"}\n', "p.jsonl:1: record has no 'prompt'"),
+    ('{"id": "a", "lang": "xx", "prompt": "hi"}\n', "p.jsonl:1: unknown language code 'xx'"),
+    ('{"id": "a", "lang": "en", "prompt": "ok"}\n\n{"id": "b", "lang": "en", "prompt": "  "}\n', "p.jsonl:3: empty prompt"),
+    ('[1, 2]\n', "p.jsonl:1: expected a JSON object"),
+    ('{"id": "a", "lang": "en", "prompt": "x"}\n{"id": "a", "lang": "en", "prompt": "y"}\n', "id 'a' appears twice"),
+])
+def test_bad_prompt_files_raise_one_line_naming_file_and_line(tmp_path, content, expected):
+    path = write(tmp_path / "p.jsonl", content)
+    with pytest.raises(common.InputError) as error:
+        common.load_prompts(path)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_tsv_errors_name_the_line(tmp_path):
+    path = write(tmp_path / "mgsm_en.tsv", "What is 1+1?\t2\nWhat is 2+2?\n")
+    with pytest.raises(common.InputError, match=r"mgsm_en.tsv:2: expected question<TAB>answer"):
+        common.load_prompts(path)
+    path = write(tmp_path / "mgsm_de.tsv", "Was ist 1+1?\tzwei\n")
+    with pytest.raises(common.InputError, match=r"mgsm_de.tsv:1: answer 'zwei' is not a number"):
+        common.load_prompts(path)
+
+
+# ---------------------------------------------------------------- resumable records
+
+def test_torn_part_file_line_is_dropped_and_cut(tmp_path):
+    out = str(tmp_path / "out.jsonl")
+    with open(out + ".part0", "w") as handle:
+        handle.write('{"k": 1}\n{"k": 2}\n{"k": 3, "tor')
+    assert common.read_finished(out) == [{"k": 1}, {"k": 2}]
+    assert open(out + ".part0").read() == '{"k": 1}\n{"k": 2}\n'
+
+
+def test_run_resumable_skips_finished_and_merges_in_input_order(tmp_path):
+    out = str(tmp_path / "out.jsonl")
+    common.append_jsonl(out + ".part1", [{"k": 2, "v": "old"}])  # left by an earlier run with 2 ranks
+    seen = []
+
+    def process(items):
+        seen.extend(item["k"] for item in items)
+        yield [{"k": item["k"], "v": "new"} for item in items]
+
+    done = common.run_resumable([{"k": k} for k in range(4)], lambda r: r["k"], out, process)
+    assert done == (1, 3) and seen == [0, 1, 3]
+    assert read_records(out) == [{"k": 0, "v": "new"}, {"k": 1, "v": "new"}, {"k": 2, "v": "old"}, {"k": 3, "v": "new"}]
+    assert not [f for f in os.listdir(tmp_path) if ".part" in f]
+
+
+# ---------------------------------------------------------------- chat formatting and generation
+
+def test_chat_prompt_has_exactly_one_bos(tiny_model):
+    tokenizer = common.load_tokenizer(tiny_model)
+    ids = common.chat_prompt_ids(tokenizer, "Hola")
+    assert ids.count(tokenizer.bos_token_id) == 3  # <|im_start|> is this model's BOS and opens each of 3 turns
+    assert ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(tiny_model):
+    model, tokenizer = common.load_model(tiny_model)
+    texts = ["Hi", "Give three tips for staying healthy and explain each one briefly.", "Wie spät ist es?",
+             "Name a colour.", "¿Cómo podemos reducir la contaminación del aire en las ciudades grandes?"]
+    prompt_ids = [common.chat_prompt_ids(tokenizer, t) for t in texts]
+    settings = dict(max_new_tokens=12, repetition_penalty=1.1, show_progress=False)
+    batched = {i: s for batch in common.generate_batches(model, tokenizer, prompt_ids, batch_size=5, **settings)
+               for i, s in batch}
+    for index, ids in enumerate(prompt_ids):
+        [[(_, alone)]] = list(common.generate_batches(model, tokenizer, [ids], batch_size=1, **settings))
+        assert batched[index] == alone, texts[index]
+    assert all(s[0]["truncated"] and s[0]["new_tokens"] == 12 for s in batched.values())  # random weights never stop
+
+
+def test_sampling_gives_n_samples_per_prompt(tiny_model):
+    model, tokenizer = common.load_model(tiny_model)
+    common.seed_everything(0)
+    [batch] = list(common.generate_batches(model, tokenizer, [common.chat_prompt_ids(tokenizer, "Hi")], num_samples=3,
+                                           temperature=1.0, max_new_tokens=8, show_progress=False))
+    samples = batch[0][1]
+    assert len(samples) == 3 and len({s["text"] for s in samples}) > 1
+
+
+# ---------------------------------------------------------------- the script
+
+def prompts_file(tmp_path, n=4, langs=("en", "es")):
+    lines = [json.dumps({"id": f"p{i}", "lang": lang, "prompt": f"Prompt number {i} in {lang}", "answer": i})
+             for lang in langs for i in range(n)]
+    return write(tmp_path / "prompts.jsonl", "\n".join(lines) + "\n")
+
+
+def test_generate_writes_one_record_per_prompt_with_design_fields(tmp_path, tiny_model):
+    out = tmp_path / "responses.jsonl"
+    result = run_script("01_generate.py", "--prompts", prompts_file(tmp_path), "--model", tiny_model, "--output", out,
+                        "--num-samples", 2, "--temperature", 0.8, "--max-new-tokens", 6, check=True)
+    records = read_records(out)
+    assert [(r["id"], r["lang"]) for r in records] == [(f"p{i}", lang) for lang in ("en", "es") for i in range(4)]
+    first = records[0]
+    assert first["answer"] == 0 and first["model"] == tiny_model and len(first["responses"]) == 2
+    assert first["truncated"] == [True, True]
+    assert first["sampling"] == {"temperature": 0.8, "top_p": 1.0, "repetition_penalty": 1.1, "max_new_tokens": 6,
+                                 "num_samples": 2, "seed": 0}
+    assert "generated 8" in result.stdout and "samples truncated 16" in result.stdout and "tokens/s" in result.stdout
+    again = run_script("01_generate.py", "--prompts", prompts_file(tmp_path), "--model", tiny_model, "--output", out)
+    assert again.returncode == 0 and "already exists" in again.stdout
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "no such file"),
+    ('{"id": "a", "lang": "en", "prompt": "ok"}\n{"id": "b", "lang"\n', "prompts.jsonl:2: not valid JSON"),
+    ('{"id": "a", "lang": "en"}\n', "prompts.jsonl:1: record has no 'prompt'"),
+    ('{"id": "a", "lang": "klingon", "prompt": "nuqneH"}\n', "prompts.jsonl:1: unknown language code 'klingon'"),
+    ('{"id": "a", "lang": "en", "prompt": ""}\n', "prompts.jsonl:1: empty prompt"),
+])
+def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, tiny_model, content, expected):
+    path = tmp_path / "prompts.jsonl"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    out = tmp_path / "responses.jsonl"
+    result = run_script("01_generate.py", "--prompts", path, "--model", tiny_model, "--output", out)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and expected in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(out)
+
+
+def test_killed_run_resumes_with_every_record_exactly_once(tmp_path, tiny_model):
+    prompts = prompts_file(tmp_path, n=12)
+    out = tmp_path / "responses.jsonl"
+    arguments = ["--prompts", prompts, "--model", tiny_model, "--output", out, "--max-new-tokens", 24, "--batch-size", 1]
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "01_generate.py"), *map(str, arguments)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    part = str(out) + ".part0"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(part) and open(part).read().count("\n") >= 3):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written_before_kill = open(part).read().count("\n")
+    assert 3 <= written_before_kill < 24 and not out.exists()
+    result = run_script("01_generate.py", *arguments, check=True)
+    assert f"resumed from {written_before_kill}" in result.stdout
+    keys = [(r["id"], r["lang"]) for r in read_records(out)]
+    assert sorted(keys) == sorted((f"p{i}", lang) for lang in ("en", "es") for i in range(12))
+    assert len(keys) == len(set(keys)) == 24
+    uninterrupted = tmp_path / "fresh.jsonl"
+    run_script("01_generate.py", *arguments[:5], uninterrupted, *arguments[6:], check=True)
+    assert read_records(out) == read_records(uninterrupted)  # greedy: same text whether killed or not
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_gives_the_same_records_as_one_process(tmp_path, tiny_model):
+    prompts = prompts_file(tmp_path, n=5)
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    settings = ["--prompts", prompts, "--model", tiny_model, "--max-new-tokens", 8]
+    run_script("01_generate.py", *settings, "--output", one, check=True)
+    result = run_torchrun("01_generate.py", 2, *settings, "--output", two)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "generate[rank 1]" in result.stdout + result.stderr  # both ranks really worked
+    assert read_records(one) == read_records(two)
+
+
+@pytest.mark.slow
+def test_real_embedded_model_answers_two_prompts(tmp_path):
+    path = write(tmp_path / "p.jsonl", '{"id": "a", "lang": "en", "prompt": "What is 2 + 3? Answer with a number."}\n'
+                                       '{"id": "a", "lang": "es", "prompt": "¿Cuánto es 2 + 3? Responde con un número."}\n')
+    out = tmp_path / "responses.jsonl"
+    run_script("01_generate.py", "--prompts", path, "--output", out, "--max-new-tokens", 24, check=True)
+    english, spanish = read_records(out)
+    assert english["model"] == common.EMBEDDED_MODEL
+    assert common.extract_last_number(english["responses"][0]) == 5.0  # the real model can add
+    assert spanish["responses"][0].strip() and "<|im_end|>" not in spanish["responses"][0]
