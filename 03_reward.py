@@ -312,7 +312,8 @@ def score_all(records, keys, args, rank, world_size):
         progress = tqdm(total=len(mine), desc=f"score[rank {rank}]" if world_size > 1 else "score", unit="record")
         for start in range(0, len(mine), args.batch_size):
             batch = mine[start:start + args.batch_size]
-            prompts = [scoring_prompt(records, key, args.dominant) for key in batch for _ in records[key][1]["responses"]]
+            prompts = [scoring_prompt(records, key, args.dominant)
+                       for key in batch for _ in records[key][1]["responses"]]
             responses = [text for key in batch for text in records[key][1]["responses"]]
             dpo_logps, tokens = common.score(dpo_model, tokenizer, prompts, responses, args.token_budget,
                                              show_progress=False)

@@ -229,22 +229,23 @@ def sequence_logps(model, sequences, args):
     """Summed log-probs of each sequence's response tokens, from ONE forward of the (wrapped) model.
 
     sequences: n (ids, prompt_length). Returns [n] float64, differentiable.
-    Goes through model(...) itself, so DDP/FSDP hooks run; logits_to_keep skips the output layer for
-    positions before the shortest prompt, and token_logps never builds a float32 log-softmax.
+    Goes through model(...) itself, so DDP/FSDP hooks run. logits_to_keep skips the output layer for
+    positions before the shortest prompt; token_logps reads the logits as one [rows, vocab] view
+    (no copy) and never builds a float32 log-softmax; prompt and padding positions are masked out.
     """
     device = args.device
     input_ids, attention_mask = common.pad_right([ids for ids, _ in sequences], args.pad_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     first = min(prompt_length for _, prompt_length in sequences) - 1  # first position predicting a response token
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   logits_to_keep=input_ids.shape[1] - first).logits  # [n, length - first, vocab]
-    response_mask = torch.zeros(input_ids.shape, dtype=torch.bool)
+                   logits_to_keep=input_ids.shape[1] - first).logits  # [n, kept, vocab], kept = length - first
+    # Position t predicts token t + 1; the last position predicts nothing (label 0, masked).
+    labels = torch.cat([input_ids[:, first + 1:], torch.zeros_like(input_ids[:, :1])], dim=1)  # [n, kept]
+    response_mask = torch.zeros(labels.shape, dtype=torch.bool)
     for row, (ids, prompt_length) in enumerate(sequences):
-        response_mask[row, prompt_length - 1:len(ids) - 1] = True  # position t predicts token t + 1
-    rows, positions = response_mask.nonzero(as_tuple=True)
-    rows, positions = rows.to(device), positions.to(device)
-    logps = common.token_logps(logits[rows, positions - first], input_ids[rows, positions + 1])
-    return torch.zeros(len(sequences), dtype=torch.float64, device=device).index_add(0, rows, logps.double())
+        response_mask[row, prompt_length - 1 - first:len(ids) - 1 - first] = True
+    logps = common.token_logps(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).view(labels.shape)
+    return torch.where(response_mask.to(device), logps.double(), 0.0).sum(dim=1)
 
 
 def micro_batch_loss(model, batch, args, pairs_in_batch, tokens_in_batch, reference_model=None):

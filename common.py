@@ -410,7 +410,7 @@ def load_tokenizer(name, trust_remote_code=False):
     path = resolve_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a directory without tokenizer files
         raise InputError(f"--model {name}: cannot load a tokenizer ({str(error).splitlines()[0][:200]})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -521,19 +521,26 @@ def generate_batches(model, tokenizer, prompt_ids, num_samples=1, temperature=0.
                 max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
                 repetition_penalty=repetition_penalty, eos_token_id=stop_ids,
                 pad_token_id=tokenizer.pad_token_id, **sampling)
-        new_tokens = output[:, longest:].tolist()
-        batch = []
-        for row, index in enumerate(batch_indices):
-            samples = []
-            for sample_tokens in new_tokens[row * num_samples:(row + 1) * num_samples]:
-                end = next((k for k, t in enumerate(sample_tokens) if t in stop_ids), None)
-                kept = sample_tokens if end is None else sample_tokens[:end]
-                samples.append({"text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                                "truncated": end is None, "new_tokens": len(kept) + (end is not None)})
-            batch.append((index, samples))
         progress.update(len(batch_indices))
-        yield batch
+        yield decode_samples(tokenizer, output[:, longest:].tolist(), batch_indices, num_samples, stop_ids)
     progress.close()
+
+
+def decode_samples(tokenizer, new_tokens, batch_indices, num_samples, stop_ids):
+    """Generated token rows -> [(index, samples)]; row r*N..r*N+N-1 are prompt r's N samples.
+
+    A sample ends at its first end-of-turn token; with none it hit the length limit (truncated).
+    """
+    batch = []
+    for row, index in enumerate(batch_indices):
+        samples = []
+        for sample_tokens in new_tokens[row * num_samples:(row + 1) * num_samples]:
+            end = next((k for k, t in enumerate(sample_tokens) if t in stop_ids), None)
+            kept = sample_tokens if end is None else sample_tokens[:end]
+            samples.append({"text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                            "truncated": end is None, "new_tokens": len(kept) + (end is not None)})
+        batch.append((index, samples))
+    return batch
 
 
 # Proxy-tuning (Liu et al. 2024; QAlign uses it too): steer a large model with the
@@ -613,19 +620,9 @@ def generate_proxy_batches(model, expert, antiexpert, tokenizer, prompt_ids, alp
                 step_ids = next_token[:, None]
                 attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=1)
                 position_ids = position_ids[:, -1:] + 1
-        new_tokens = torch.stack(new_tokens, dim=1).tolist()
-        stop_list = stop_ids.tolist()
-        batch = []
-        for row, index in enumerate(batch_indices):
-            samples = []
-            for sample_tokens in new_tokens[row * num_samples:(row + 1) * num_samples]:
-                end = next((k for k, t in enumerate(sample_tokens) if t in stop_list), None)
-                kept = sample_tokens if end is None else sample_tokens[:end]
-                samples.append({"text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                                "truncated": end is None, "new_tokens": len(kept) + (end is not None)})
-            batch.append((index, samples))
         progress.update(len(batch_indices))
-        yield batch
+        yield decode_samples(tokenizer, torch.stack(new_tokens, dim=1).tolist(), batch_indices, num_samples,
+                             stop_ids.tolist())
     progress.close()
 
 

@@ -26,11 +26,13 @@ MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-96}    # answer length while generating trainin
 REWARD=${REWARD:-implicit}              # method from iteration 2 on: implicit | imbalance
 SAMPLES=${SAMPLES:-4}                   # samples per prompt for implicit rewarding (paper: 10)
 EPOCHS=${EPOCHS:-2}                     # DPO epochs per iteration
+LR=${LR:-5e-6}                          # DPO learning rate (a 135M model needs more than an 8B one's 5e-7)
 EVAL_TASKS=${EVAL_TASKS:-math,winrate}  # 05's tasks (add mgsm for the real benchmark)
 EVAL_LIMIT=${EVAL_LIMIT:-12}            # problems / prompts per language in the evaluation
 EVAL_MAX_NEW_TOKENS=${EVAL_MAX_NEW_TOKENS:-160}
 PYTHON=${PYTHON:-python}
 TRAIN=${TRAIN:-$PYTHON}                 # e.g. TRAIN="torchrun --nproc_per_node=8" on a multi-GPU machine
+TRAIN_ARGS=${TRAIN_ARGS:-}              # extra flags for 04_dpo.py, e.g. "--batch-size 2 --grad-accum 4"
 
 stage() { echo; echo "== $(date +%H:%M:%S) iteration $1: $2"; }
 
@@ -59,7 +61,7 @@ for iteration in $(seq 1 "$ITERS"); do
   fi
   stage "$iteration" "04 DPO (+NLL) training"
   $TRAIN 04_dpo.py --model "$policy" --input "$dir/pairs.jsonl" --eval-pairs "$dir/pairs.eval.jsonl" \
-    --output "$dir/model" --epochs "$EPOCHS"
+    --output "$dir/model" --epochs "$EPOCHS" --lr "$LR" $TRAIN_ARGS
   reference=$policy
   policy=$dir/model
   models+=("$policy")

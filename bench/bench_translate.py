@@ -72,18 +72,21 @@ def measure(variant, num_texts, batch_size):
                       "seconds": seconds, "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def run_variant(variant, num_texts, batch_size):
+def run_variant(variant, num_texts, batch_size, threads=None):
     command = [sys.executable, __file__, "--child", variant, "--num-texts", str(num_texts),
                "--batch-size", str(batch_size)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"# {variant}: {row}", file=sys.stderr)
+    return row
 
 
-def run(quick=False):
+def run(quick=False, threads=None):
     """Both variants, one after the other; returns the table rows."""
     num_texts, batch_size = (16, 8) if quick else (48, 16)
-    ours = run_variant("ours", num_texts, batch_size)
-    shared = run_variant("shared-cap", num_texts, batch_size)
+    ours = run_variant("ours", num_texts, batch_size, threads)
+    shared = run_variant("shared-cap", num_texts, batch_size, threads)
     ours_rate, shared_rate = (r["texts"] / r["seconds"] for r in (ours, shared))
     metric = (f"texts/s, cap-sorted vs one shared cap ({num_texts} texts, batch {batch_size}; "
               f"closed tag {ours['closed_tag']} vs {shared['closed_tag']})")
@@ -95,6 +98,8 @@ def run(quick=False):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="16 texts, batch 8")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per variant (OMP_NUM_THREADS); 1 on a machine shared with other jobs")
     parser.add_argument("--child", choices=["ours", "shared-cap"], help=argparse.SUPPRESS)
     parser.add_argument("--num-texts", type=int, default=48, help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=16, help=argparse.SUPPRESS)
@@ -102,9 +107,10 @@ if __name__ == "__main__":
     if args.child:
         measure(args.child, args.num_texts, args.batch_size)
     else:
-        command = "python bench/bench_translate.py" + (" --quick" if args.quick else "")
+        command = "python bench/bench_translate.py" + (" --quick" if args.quick else "") + (
+            f" --threads {args.threads}" if args.threads else "")
         print(f"# {command}")
         print(f"{'stage':<14}{'metric':<80}{'ours':>8}{'baseline':>10}{'ratio':>8}  peak MB (ours vs baseline)")
-        for row in run(args.quick):
+        for row in run(args.quick, args.threads):
             print(f"{row['stage']:<14}{row['metric']:<80}{row['ours']:>8.2f}{row['baseline']:>10.2f}"
                   f"{row['ratio']:>7.2f}x  {row['peak_memory_mb']}")

@@ -14,7 +14,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = ["bench_generate", "bench_scorer", "bench_dpo"]
+BENCHMARKS = ["bench_generate", "bench_translate", "bench_scorer", "bench_dpo", "bench_eval"]
 
 
 def load(name):
