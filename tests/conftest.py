@@ -53,8 +53,8 @@ def run_script(script, *args, env=None, timeout=600, check=False):
     """Run one of the numbered scripts as a user would; returns CompletedProcess."""
     # One thread: tiny models gain nothing from more, and on a busy 2-core machine spinning
     # OpenMP threads make each step many times slower.
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-                    **(env or {}))
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                **(env or {})}
     result = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)],
                             capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
     if check and result.returncode != 0:

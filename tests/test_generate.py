@@ -211,10 +211,11 @@ def test_torchrun_two_ranks_gives_the_same_records_as_one_process(tmp_path, tiny
 
 @pytest.mark.slow
 def test_real_embedded_model_answers_two_prompts(tmp_path):
-    path = write(tmp_path / "p.jsonl", '{"id": "a", "lang": "en", "prompt": "What is 2 + 3? Answer with a number."}\n'
-                                       '{"id": "a", "lang": "es", "prompt": "¿Cuánto es 2 + 3? Responde con un número."}\n')
+    path = write(tmp_path / "p.jsonl", '{"id": "a", "lang": "en", "prompt": "What is 2+3?"}\n'
+                                       '{"id": "a", "lang": "es", "prompt": "¿Cuánto es 2+3?"}\n')
     out = tmp_path / "responses.jsonl"
-    run_script("01_generate.py", "--prompts", path, "--output", out, "--max-new-tokens", 24, check=True)
+    run_script("01_generate.py", "--prompts", path, "--output", out, "--max-new-tokens", 24,
+               "--repetition-penalty", 1.0, check=True)
     english, spanish = read_records(out)
     assert english["model"] == common.EMBEDDED_MODEL
     assert common.extract_last_number(english["responses"][0]) == 5.0  # the real model can add
