@@ -689,15 +689,21 @@ def pad_right(sequences, pad_id):
     return input_ids, attention_mask
 
 
-def length_batches(lengths, token_budget):
-    """Group indices, longest first, so each batch's rows x longest row <= token_budget."""
+def length_batches(lengths, token_budget, max_padding=0.2):
+    """Group indices, longest first, so each batch's rows x longest row <= token_budget.
+
+    A batch also closes before pad tokens would pass `max_padding` of its tokens: with
+    few sequences of very different lengths, filling the budget would mostly compute pads.
+    """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, current = [], []
+    batches, current, real_tokens = [], [], 0
     for index in order:
-        if current and (len(current) + 1) * lengths[current[0]] > token_budget:
+        padded = (len(current) + 1) * lengths[current[0]] if current else 0
+        if current and (padded > token_budget or padded - real_tokens - lengths[index] > max_padding * padded):
             batches.append(current)
-            current = []
+            current, real_tokens = [], 0
         current.append(index)
+        real_tokens += lengths[index]
     return batches + ([current] if current else [])
 
 
