@@ -204,8 +204,8 @@ def load_generator(column, args):
             raise common.InputError(f"{flag} {name}: its tokenizer differs from {column['model']}'s; "
                                     "proxy-tuning needs one shared vocabulary")
         small.append(small_model)
-    return (lambda ids, desc: common.generate_proxy_batches(model, small[0], small[1], tokenizer, ids,
-                                                            alpha=args.proxy_alpha, desc=desc, **options)), tokenizer
+    proxy = (small[0], small[1], args.proxy_alpha)
+    return (lambda ids, desc: common.generate_batches(model, tokenizer, ids, desc=desc, proxy=proxy, **options)), tokenizer
 
 
 def in_language(text, lang):

@@ -7,7 +7,7 @@ Read top to bottom, this file is the vocabulary the scripts speak:
   3. prompts                    load_prompts (JSONL, directory, TSV, hub dataset)
   4. models                     load_model (hub id, local dir, the embedded default)
   5. chat formatting            chat_prompt_ids, end_of_turn_ids
-  6. batched generation         generate_batches, generate_proxy_batches (proxy-tuned decoding)
+  6. batched generation         generate_batches (plain or proxy-tuned decoding)
   7. the batched logit scorer   tokenize_prompt_response, token_logps, score
   8. small helpers              extract_last_number, distributed setup, summaries
 """
@@ -485,45 +485,119 @@ def end_of_turn_token(tokenizer):
 
 # ----------------------------------------------------------------------------
 # 6. Batched generation
+#
+# A plain decode loop rather than model.generate(), for two reasons. A row that has
+# finished (end-of-turn) is dropped from the batch, so it costs nothing more; with
+# generate() every row runs to the batch's longest answer, which at 256 new tokens
+# wasted ~40% of the work on the demo prompts. And the same loop serves proxy-tuned
+# decoding, which mixes three models' logits at every step (generate() takes one).
+# Proxy-tuning (Liu et al. 2024; QAlign uses it too) steers a large model with the
+# difference a small model learned in tuning: logits = large + alpha * (expert - antiexpert).
 
 
 def generate_batches(model, tokenizer, prompt_ids, num_samples=1, temperature=0.0, top_p=1.0,
                      repetition_penalty=1.0, max_new_tokens=256, batch_size=16, desc="generate",
-                     show_progress=True):
-    """Generate answers for many prompts; yields (index, samples) batch by batch.
+                     show_progress=True, proxy=None):
+    """Generate answers for many prompts; yields [(index, samples)] batch by batch.
 
     prompt_ids: list of token-id lists (from chat_prompt_ids).
     Each sample is {"text", "truncated", "new_tokens"}; truncated means the answer
     hit max_new_tokens before the end-of-turn token, so it is probably cut off.
     Prompts are sorted by length so a batch wastes little padding, padded on the
     LEFT (new tokens are appended on the right, so every row must end at the same
-    column), and N samples share one prefill through num_return_sequences.
-    The caller gets batches as they finish, so it can write them to disk at once.
+    column), and N samples share one prefill. The caller gets batches as they
+    finish, so it can write them to disk at once.
+    proxy: (expert, antiexpert, alpha) for proxy-tuned decoding; the three models must
+    share the tokenizer (with padded vocabularies only the common first ids are used).
     """
-    device = next(model.parameters()).device
+    models = [model] if proxy is None else [model, proxy[0], proxy[1]]
     stop_ids = end_of_turn_ids(tokenizer)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    do_sample = temperature > 0
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     progress = tqdm(total=len(order), desc=desc, unit="prompt", disable=not show_progress, dynamic_ncols=True)
     for start in range(0, len(order), batch_size):
         batch_indices = order[start:start + batch_size]
-        longest = max(len(prompt_ids[i]) for i in batch_indices)
-        input_ids = torch.full((len(batch_indices), longest), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, index in enumerate(batch_indices):
-            ids = prompt_ids[index]
-            input_ids[row, longest - len(ids):] = torch.tensor(ids)
-            attention_mask[row, longest - len(ids):] = 1
-        with torch.inference_mode():
-            output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                repetition_penalty=repetition_penalty, eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id, **sampling)
+        new_tokens = decode_rows(models, [prompt_ids[i] for i in batch_indices], num_samples, tokenizer.pad_token_id,
+                                 stop_ids, temperature, top_p, repetition_penalty, max_new_tokens,
+                                 alpha=proxy[2] if proxy else 0.0)
         progress.update(len(batch_indices))
-        yield decode_samples(tokenizer, output[:, longest:].tolist(), batch_indices, num_samples, stop_ids)
+        yield decode_samples(tokenizer, new_tokens, batch_indices, num_samples, stop_ids)
     progress.close()
+
+
+def decode_rows(models, prompts, num_samples, pad_id, stop_ids, temperature, top_p, repetition_penalty,
+                max_new_tokens, alpha=0.0):
+    """Decode N samples per prompt, one token per step for all rows; returns the new token lists.
+
+    Row r * N + s is sample s of prompt r. A row's list ends with its end-of-turn token,
+    or has max_new_tokens tokens. models: [model] or [model, expert, antiexpert].
+    """
+    device = next(models[0].parameters()).device
+    longest = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompts):
+        input_ids[row, longest - len(ids):] = torch.tensor(ids)
+        attention_mask[row, longest - len(ids):] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # real tokens only: padding changes nothing
+    stop_ids = torch.tensor(stop_ids, device=device)
+    with torch.inference_mode():
+        caches, logits = [], []
+        for one_model in models:  # one prefill per prompt, then its N samples share the cache rows
+            output = one_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                               use_cache=True, logits_to_keep=1)
+            if num_samples > 1:
+                output.past_key_values.batch_repeat_interleave(num_samples)
+            caches.append(output.past_key_values)
+            logits.append(output.logits[:, -1].float().repeat_interleave(num_samples, dim=0))  # [rows, vocab]
+        attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
+        positions = positions[:, -1:].repeat_interleave(num_samples, dim=0)
+        vocab = min(step_logits.shape[-1] for step_logits in logits)
+        seen = torch.zeros(len(attention_mask), vocab, dtype=torch.bool, device=device)  # for the repetition penalty
+        row_index, column = attention_mask.nonzero(as_tuple=True)
+        seen[row_index, input_ids.repeat_interleave(num_samples, dim=0)[row_index, column].clamp(max=vocab - 1)] = True
+        rows = torch.arange(len(attention_mask), device=device)  # which output row each batch row is
+        new_tokens = [[] for _ in range(len(attention_mask))]
+        for step in range(max_new_tokens):
+            scores = logits[0][:, :vocab]
+            if len(models) == 3:
+                scores = scores + alpha * (logits[1][:, :vocab] - logits[2][:, :vocab])
+            if repetition_penalty != 1.0:  # as in CTRL and HF: shrink the logit of every token already seen
+                penalised = torch.where(scores < 0, scores * repetition_penalty, scores / repetition_penalty)
+                scores = torch.where(seen, penalised, scores)
+            next_token = _sample_next(scores, temperature, top_p)  # [rows]
+            for row, token in zip(rows.tolist(), next_token.tolist()):
+                new_tokens[row].append(token)
+            done = torch.isin(next_token, stop_ids)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            seen[torch.arange(len(rows), device=device), next_token] = True
+            if bool(done.any()):  # drop finished rows from the batch and from every KV cache
+                keep = (~done).nonzero().squeeze(-1)
+                for cache in caches:
+                    cache.batch_select_indices(keep)
+                rows, next_token, attention_mask, positions, seen = (
+                    tensor[keep] for tensor in (rows, next_token, attention_mask, positions, seen))
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            positions = positions + 1
+            logits = []
+            for one_model, cache in zip(models, caches):
+                output = one_model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=positions,
+                                   past_key_values=cache, use_cache=True)
+                logits.append(output.logits[:, -1].float())
+    return new_tokens
+
+
+def _sample_next(logits, temperature, top_p):
+    """Greedy argmax (temperature 0) or a top-p sample from logits [rows, vocab] -> [rows]."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the top token always stays
+        probs = torch.zeros_like(probs).scatter(-1, sorted_ids, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1).squeeze(-1)
 
 
 def decode_samples(tokenizer, new_tokens, batch_indices, num_samples, stop_ids):
@@ -541,89 +615,6 @@ def decode_samples(tokenizer, new_tokens, batch_indices, num_samples, stop_ids):
                             "truncated": end is None, "new_tokens": len(kept) + (end is not None)})
         batch.append((index, samples))
     return batch
-
-
-# Proxy-tuning (Liu et al. 2024; QAlign uses it too): steer a large model with the
-# difference a small model learned in tuning, logits = large + alpha * (expert - antiexpert),
-# without touching the large model's weights. generate() cannot mix three models, so
-# this is a plain decode loop: one KV cache per model, every step one token for all rows.
-
-
-def _last_logits(model, input_ids, attention_mask, position_ids, cache):
-    """One forward pass; returns (fp32 logits of the last position [batch, vocab], the updated KV cache)."""
-    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return output.logits[:, -1].float(), output.past_key_values
-
-
-def _sample_next(logits, temperature, top_p):
-    """Greedy argmax (temperature 0) or a top-p sample from logits [rows, vocab] -> [rows]."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the top token always stays
-        probs = torch.zeros_like(probs).scatter(-1, sorted_ids, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1).squeeze(-1)
-
-
-def generate_proxy_batches(model, expert, antiexpert, tokenizer, prompt_ids, alpha=1.0, num_samples=1,
-                           temperature=0.0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=256,
-                           batch_size=16, desc="generate (proxy)", show_progress=True):
-    """generate_batches for a proxy-tuned model: same arguments (plus the two small models and alpha), same yields.
-
-    The three models must share the tokenizer; if their output layers differ in size
-    (padded vocabularies) only the common first ids are used. Prompts are padded on the
-    LEFT and positions count real tokens only, so padding changes nothing.
-    """
-    device = next(model.parameters()).device
-    stop_ids = torch.tensor(end_of_turn_ids(tokenizer), device=device)
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    progress = tqdm(total=len(order), desc=desc, unit="prompt", disable=not show_progress, dynamic_ncols=True)
-    for start in range(0, len(order), batch_size):
-        batch_indices = order[start:start + batch_size]
-        rows = [prompt_ids[i] for i in batch_indices for _ in range(num_samples)]  # samples of a prompt are adjacent
-        longest = max(len(ids) for ids in rows)
-        input_ids = torch.full((len(rows), longest), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(rows):
-            input_ids[row, longest - len(ids):] = torch.tensor(ids)
-            attention_mask[row, longest - len(ids):] = 1
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [rows, longest]
-        caches, step_ids, seen, new_tokens = [None, None, None], input_ids, None, []
-        finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
-        with torch.inference_mode():
-            for _ in range(max_new_tokens):
-                logits = []
-                for k, one_model in enumerate((model, expert, antiexpert)):
-                    step_logits, caches[k] = _last_logits(one_model, step_ids, attention_mask, position_ids, caches[k])
-                    logits.append(step_logits)
-                vocab = min(step_logits.shape[-1] for step_logits in logits)
-                large, tuned, untuned = (step_logits[:, :vocab] for step_logits in logits)
-                combined = large + alpha * (tuned - untuned)  # [rows, vocab]
-                if seen is None:  # tokens of the prompt, padding excluded (for the repetition penalty)
-                    seen = torch.zeros_like(combined, dtype=torch.bool)
-                    row_index, column = attention_mask.nonzero(as_tuple=True)
-                    seen[row_index, input_ids[row_index, column]] = True
-                if repetition_penalty != 1.0:  # as in CTRL and HF: shrink the logit of every token already seen
-                    penalised = torch.where(combined < 0, combined * repetition_penalty, combined / repetition_penalty)
-                    combined = torch.where(seen, penalised, combined)
-                next_token = _sample_next(combined, temperature, top_p)
-                next_token = next_token.masked_fill(finished, tokenizer.pad_token_id)
-                new_tokens.append(next_token)
-                finished |= torch.isin(next_token, stop_ids)
-                if finished.all():
-                    break
-                seen[torch.arange(len(rows), device=device), next_token] = True
-                step_ids = next_token[:, None]
-                attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=1)
-                position_ids = position_ids[:, -1:] + 1
-        progress.update(len(batch_indices))
-        yield decode_samples(tokenizer, torch.stack(new_tokens, dim=1).tolist(), batch_indices, num_samples,
-                             stop_ids.tolist())
-    progress.close()
 
 
 # ----------------------------------------------------------------------------

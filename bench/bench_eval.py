@@ -1,8 +1,8 @@
 """Benchmark 05's proxy-tuned decoding (our three-model decode loop) against plain generation.
 
 Proxy-tuning runs three models per generated token (large + alpha * (expert - antiexpert)),
-so the ideal is one third of the plain speed. The baseline is common.generate_batches (HF
-generate) with the large model alone; same prompts, greedy, same max new tokens, same batch.
+so the ideal is one third of the plain speed. The baseline is common.generate_batches with the
+large model alone (the same decode loop, one model); same prompts, greedy, same max new tokens, same batch.
 Here all three models are the embedded one (what matters is the cost, not the answer).
 Each variant runs in its own subprocess so its peak resident memory is its own.
 
@@ -34,8 +34,8 @@ def measure(variant, num_prompts, max_new_tokens):
         expert, _ = common.load_model(common.EMBEDDED_MODEL)
         antiexpert, _ = common.load_model(common.EMBEDDED_MODEL)
         start = time.perf_counter()
-        batches = list(common.generate_proxy_batches(model, expert, antiexpert, tokenizer, prompt_ids, alpha=1.0,
-                                                     **settings))
+        batches = list(common.generate_batches(model, tokenizer, prompt_ids, proxy=(expert, antiexpert, 1.0),
+                                               **settings))
     else:
         batches = list(common.generate_batches(model, tokenizer, prompt_ids, **settings))
     seconds = time.perf_counter() - start

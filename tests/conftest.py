@@ -19,15 +19,19 @@ sys.path.insert(0, REPO)
 import common  # noqa: E402
 
 
-def make_tiny_model(directory, seed=0, layers=2, hidden=64, vocab_size=None):
-    """Save a random tiny Llama plus the embedded tokenizer to `directory`; return it."""
+def make_tiny_model(directory, seed=0, layers=2, hidden=64, vocab_size=None, init_std=0.02):
+    """Save a random tiny Llama plus the embedded tokenizer to `directory`; return it.
+
+    With the usual init_std 0.02 its greedy answers are one token repeated; a larger one
+    gives answers that vary with the prompt (what the generation tests need).
+    """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     tokenizer = AutoTokenizer.from_pretrained(common.embedded_model_dir())
     config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=2048, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=tokenizer.pad_token_id, initializer_range=init_std)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -41,6 +45,12 @@ def make_tiny_model(directory, seed=0, layers=2, hidden=64, vocab_size=None):
 def tiny_model(tmp_path_factory):
     """Path of a tiny random model directory (shared by the whole test session)."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def lively_model(tmp_path_factory):
+    """A tiny random model whose greedy answers differ from prompt to prompt and token to token."""
+    return make_tiny_model(tmp_path_factory.mktemp("lively-model"), init_std=0.2)
 
 
 @pytest.fixture(scope="session")

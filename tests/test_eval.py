@@ -252,13 +252,13 @@ def test_proxy_decoding_reduces_to_plain_decoding(untied_models, one_thread):
     plain_small = decode_all(common.generate_batches(small, tokenizer, ids, batch_size=4, **options), len(ids))
     assert all(a[0]["text"] and a != b for a, b in zip(plain_large, plain_small))  # the comparison means something
     # alpha 0: the large model alone, whatever the small ones say (batch 3 pads differently than batch 4)
-    alpha_zero = common.generate_proxy_batches(large, small, large, tokenizer, ids, alpha=0.0, batch_size=3, **options)
+    alpha_zero = common.generate_batches(large, tokenizer, ids, proxy=(small, large, 0.0), batch_size=3, **options)
     assert decode_all(alpha_zero, len(ids)) == plain_large
     # expert == antiexpert: the difference is zero
-    same_small = common.generate_proxy_batches(large, small, small, tokenizer, ids, alpha=1.0, batch_size=4, **options)
+    same_small = common.generate_batches(large, tokenizer, ids, proxy=(small, small, 1.0), batch_size=4, **options)
     assert decode_all(same_small, len(ids)) == plain_large
     # antiexpert == large, alpha 1: large + (small - large) is the small model: the arithmetic is really applied
-    swapped = common.generate_proxy_batches(large, small, large, tokenizer, ids, alpha=1.0, batch_size=4, **options)
+    swapped = common.generate_batches(large, tokenizer, ids, proxy=(small, large, 1.0), batch_size=4, **options)
     assert decode_all(swapped, len(ids)) == plain_small
 
 
@@ -266,23 +266,28 @@ def test_proxy_repetition_penalty_and_sampling(untied_models, one_thread):
     large, tokenizer = common.load_model(untied_models[0])
     small, _ = common.load_model(untied_models[1])
     ids = [common.chat_prompt_ids(tokenizer, p) for p in PROMPTS[:2]]
-    options = dict(max_new_tokens=10, show_progress=False, batch_size=1)  # no padding: HF penalises pad tokens too
-    hf = decode_all(common.generate_batches(large, tokenizer, ids, repetition_penalty=1.5, **options), len(ids))
-    ours = decode_all(common.generate_proxy_batches(large, small, small, tokenizer, ids, repetition_penalty=1.5,
-                                                    **options), len(ids))
+    options = dict(max_new_tokens=10, show_progress=False, batch_size=1)
+    # HF generate is the independent reference for the penalty (one prompt at a time: HF penalises pad tokens too)
+    stop_ids = common.end_of_turn_ids(tokenizer)
+    hf = [common.decode_samples(tokenizer, large.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+                                                          repetition_penalty=1.5, eos_token_id=stop_ids,
+                                                          pad_token_id=tokenizer.pad_token_id)[:, len(prompt):].tolist(),
+                                [0], 1, stop_ids)[0][1] for prompt in ids]
+    ours = decode_all(common.generate_batches(large, tokenizer, ids, proxy=(small, small, 1.0), repetition_penalty=1.5,
+                                              **options), len(ids))
     assert ours == hf
     # top_p so small only the top token survives: sampling becomes greedy
-    greedy = decode_all(common.generate_proxy_batches(large, small, large, tokenizer, ids, alpha=0.5, **options), 2)
-    nucleus = decode_all(common.generate_proxy_batches(large, small, large, tokenizer, ids, alpha=0.5, temperature=0.8,
-                                                       top_p=1e-6, **options), 2)
+    greedy = decode_all(common.generate_batches(large, tokenizer, ids, proxy=(small, large, 0.5), **options), 2)
+    nucleus = decode_all(common.generate_batches(large, tokenizer, ids, proxy=(small, large, 0.5), temperature=0.8,
+                                                top_p=1e-6, **options), 2)
     assert nucleus == greedy
     torch.manual_seed(0)
-    sampled = decode_all(common.generate_proxy_batches(large, small, large, tokenizer, ids, alpha=0.5, temperature=1.0,
-                                                       num_samples=3, **options), 2)
+    sampled = decode_all(common.generate_batches(large, tokenizer, ids, proxy=(small, large, 0.5), temperature=1.0,
+                                                num_samples=3, **options), 2)
     assert [len(s) for s in sampled] == [3, 3] and all(x["new_tokens"] <= 10 for s in sampled for x in s)
     torch.manual_seed(0)
-    again = decode_all(common.generate_proxy_batches(large, small, large, tokenizer, ids, alpha=0.5, temperature=1.0,
-                                                     num_samples=3, **options), 2)
+    again = decode_all(common.generate_batches(large, tokenizer, ids, proxy=(small, large, 0.5), temperature=1.0,
+                                              num_samples=3, **options), 2)
     assert again == sampled and len({x["text"] for x in sampled[0]}) > 1
 
 

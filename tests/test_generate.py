@@ -108,8 +108,8 @@ def test_chat_prompt_has_exactly_one_bos(tiny_model):
     assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
 
 
-def test_batched_greedy_equals_one_prompt_at_a_time(tiny_model):
-    model, tokenizer = common.load_model(tiny_model)
+def test_batched_greedy_equals_one_prompt_at_a_time(lively_model):
+    model, tokenizer = common.load_model(lively_model)
     texts = ["Hi", "Give three tips for staying healthy and explain each one briefly.", "Wie spät ist es?",
              "Name a colour.", "¿Cómo podemos reducir la contaminación del aire en las ciudades grandes?"]
     prompt_ids = [common.chat_prompt_ids(tokenizer, t) for t in texts]
@@ -120,6 +120,27 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tiny_model):
         [[(_, alone)]] = list(common.generate_batches(model, tokenizer, [ids], batch_size=1, **settings))
         assert batched[index] == alone, texts[index]
     assert all(s[0]["truncated"] and s[0]["new_tokens"] == 12 for s in batched.values())  # random weights never stop
+    assert len({s[0]["text"] for s in batched.values()}) == len(texts)  # five different answers: a real comparison
+
+
+def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(lively_model, monkeypatch):
+    """Random weights never say end-of-turn, so let two tokens of its free answers stop a row: rows then finish at
+    different steps, are dropped from the batch (and the KV cache), and the others go on unchanged."""
+    model, tokenizer = common.load_model(lively_model)
+    texts = ["Hi", "Give three tips for staying healthy.", "Wie spät ist es?", "Name a colour.", "¿Qué hora es?"]
+    prompt_ids = [common.chat_prompt_ids(tokenizer, t) for t in texts]
+    settings = dict(max_new_tokens=16, show_progress=False)
+    free = common.decode_rows([model], prompt_ids, 1, tokenizer.pad_token_id, [-1], 0.0, 1.0, 1.0, 16)
+    stops = {free[0][3], free[2][6]}
+    monkeypatch.setattr(common, "end_of_turn_ids", lambda _: sorted(stops))
+    batched = {i: s for batch in common.generate_batches(model, tokenizer, prompt_ids, batch_size=5, **settings)
+               for i, s in batch}
+    for index, ids in enumerate(prompt_ids):
+        [[(_, alone)]] = list(common.generate_batches(model, tokenizer, [ids], batch_size=1, **settings))
+        assert batched[index] == alone, texts[index]
+    lengths = {s[0]["new_tokens"] for s in batched.values()}
+    assert len(lengths) >= 2 and min(lengths) < 16  # some rows stopped early, at different steps
+    assert any(not s[0]["truncated"] for s in batched.values())
 
 
 def test_sampling_gives_n_samples_per_prompt(tiny_model):
