@@ -152,6 +152,7 @@ def run_resumable(items, key, out_path, process, rank=0, world_size=1):
     each batch is appended to this rank's part file as soon as it arrives.
     Returns (already_done, done_now) counts for this rank.
     """
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     finished = {key(record) for record in read_finished(out_path)}
     barrier()  # every rank must see the same `finished` before anyone appends
     pending = [item for item in items if key(item) not in finished]

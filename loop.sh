@@ -20,13 +20,15 @@ RUN=${RUN:-runs/loop}                   # where everything goes
 ITERS=${ITERS:-2}                       # self-improvement iterations
 MODEL=${MODEL:-smollm2-135m}            # the starting policy (hub id, directory, or the embedded default)
 PROMPTS=${PROMPTS:-data/prompts}        # training prompts (parallel, same ids in every language)
-LANGS=${LANGS:-en,es,de,fr,ru,zh}       # English first: it is the teacher
-LIMIT=${LIMIT:-16}                      # prompt ids per language used for training pairs
-MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-96}    # answer length while generating training data
+LANGS=${LANGS:-en,es,de,fr}             # English first: it is the teacher (+ru,zh: ~4x the tokens each)
+LIMIT=${LIMIT:-24}                      # prompt ids per language used for training pairs
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}   # answer length while generating training data
+KEEP_TRUNCATED=${KEEP_TRUNCATED:-1}     # 1: also pair answers cut at MAX_NEW_TOKENS (the CPU demo cuts many)
 REWARD=${REWARD:-implicit}              # method from iteration 2 on: implicit | imbalance
 SAMPLES=${SAMPLES:-4}                   # samples per prompt for implicit rewarding (paper: 10)
 EPOCHS=${EPOCHS:-2}                     # DPO epochs per iteration
 LR=${LR:-5e-6}                          # DPO learning rate (a 135M model needs more than an 8B one's 5e-7)
+NLL_WEIGHT=${NLL_WEIGHT:-1}             # DPO+NLL, as the papers train (0: plain DPO)
 EVAL_TASKS=${EVAL_TASKS:-math,winrate}  # 05's tasks (add mgsm for the real benchmark)
 EVAL_LIMIT=${EVAL_LIMIT:-12}            # problems / prompts per language in the evaluation
 EVAL_MAX_NEW_TOKENS=${EVAL_MAX_NEW_TOKENS:-160}
@@ -35,6 +37,7 @@ TRAIN=${TRAIN:-$PYTHON}                 # e.g. TRAIN="torchrun --nproc_per_node=
 TRAIN_ARGS=${TRAIN_ARGS:-}              # extra flags for 04_dpo.py, e.g. "--batch-size 2 --grad-accum 4"
 
 stage() { echo; echo "== $(date +%H:%M:%S) iteration $1: $2"; }
+keep=(); [ "$KEEP_TRUNCATED" = 1 ] && keep=(--keep-truncated)
 
 policy=$MODEL
 reference=""
@@ -50,18 +53,18 @@ for iteration in $(seq 1 "$ITERS"); do
     $PYTHON 02_translate.py --model "$policy" --input "$dir/responses.jsonl" --output "$dir/translated.jsonl"
     stage "$iteration" "03 reward (language-imbalance pairs)"
     $PYTHON 03_reward.py --method imbalance --input "$dir/translated.jsonl" --output "$dir/pairs.jsonl" \
-      --eval-frac 0.15
+      --eval-frac 0.15 "${keep[@]}"
   else
     stage "$iteration" "01 generate ($SAMPLES samples per prompt, temperature 0.9)"
     $PYTHON 01_generate.py --model "$policy" --prompts "$PROMPTS" --langs "$LANGS" --limit "$LIMIT" \
       --max-new-tokens "$MAX_NEW_TOKENS" --num-samples "$SAMPLES" --temperature 0.9 --output "$dir/responses.jsonl"
     stage "$iteration" "03 reward (implicit: $policy against $reference)"
     $PYTHON 03_reward.py --method implicit --input "$dir/responses.jsonl" --output "$dir/pairs.jsonl" \
-      --dpo-model "$policy" --ref-model "$reference" --eval-frac 0.15
+      --dpo-model "$policy" --ref-model "$reference" --eval-frac 0.15 "${keep[@]}"
   fi
   stage "$iteration" "04 DPO (+NLL) training"
   $TRAIN 04_dpo.py --model "$policy" --input "$dir/pairs.jsonl" --eval-pairs "$dir/pairs.eval.jsonl" \
-    --output "$dir/model" --epochs "$EPOCHS" --lr "$LR" $TRAIN_ARGS
+    --output "$dir/model" --epochs "$EPOCHS" --lr "$LR" --nll-weight "$NLL_WEIGHT" $TRAIN_ARGS
   reference=$policy
   policy=$dir/model
   models+=("$policy")

@@ -161,7 +161,7 @@ def prompts_file(tmp_path, n=4, langs=("en", "es")):
 
 
 def test_generate_writes_one_record_per_prompt_with_design_fields(tmp_path, tiny_model):
-    out = tmp_path / "responses.jsonl"
+    out = tmp_path / "new" / "folder" / "responses.jsonl"  # made when missing
     result = run_script("01_generate.py", "--prompts", prompts_file(tmp_path), "--model", tiny_model, "--output", out,
                         "--num-samples", 2, "--temperature", 0.8, "--max-new-tokens", 6, check=True)
     records = read_records(out)
