@@ -25,12 +25,12 @@ LIMIT=${LIMIT:-24}                      # prompt ids per language used for train
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}   # answer length while generating training data
 KEEP_TRUNCATED=${KEEP_TRUNCATED:-1}     # 1: also pair answers cut at MAX_NEW_TOKENS (the CPU demo cuts many)
 REWARD=${REWARD:-implicit}              # method from iteration 2 on: implicit | imbalance
-SAMPLES=${SAMPLES:-4}                   # samples per prompt for implicit rewarding (paper: 10)
-EPOCHS=${EPOCHS:-2}                     # DPO epochs per iteration
+SAMPLES=${SAMPLES:-3}                   # samples per prompt for implicit rewarding (paper: 10)
+EPOCHS=${EPOCHS:-1}                     # DPO epochs per iteration
 LR=${LR:-5e-6}                          # DPO learning rate (a 135M model needs more than an 8B one's 5e-7)
 NLL_WEIGHT=${NLL_WEIGHT:-1}             # DPO+NLL, as the papers train (0: plain DPO)
 EVAL_TASKS=${EVAL_TASKS:-math,winrate}  # 05's tasks (add mgsm for the real benchmark)
-EVAL_LIMIT=${EVAL_LIMIT:-12}            # problems / prompts per language in the evaluation
+EVAL_LIMIT=${EVAL_LIMIT:-10}            # problems / prompts per language in the evaluation
 EVAL_MAX_NEW_TOKENS=${EVAL_MAX_NEW_TOKENS:-160}
 PYTHON=${PYTHON:-python}
 TRAIN=${TRAIN:-$PYTHON}                 # e.g. TRAIN="torchrun --nproc_per_node=8" on a multi-GPU machine
