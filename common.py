@@ -873,10 +873,6 @@ class Timer:
         return time.perf_counter() - self.start
 
 
-def format_ci(low, high, scale=100.0):
-    return f"[{low * scale:.1f}, {high * scale:.1f}]"
-
-
 def bootstrap_interval(values, samples=1000, seed=0):
     """95% bootstrap interval of the mean of `values` (0/1 or fractions)."""
     values = np.asarray(values, dtype=float)
