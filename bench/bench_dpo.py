@@ -1,4 +1,5 @@
-"""Benchmark 04's DPO training: precomputed vs in-loop reference, and against TRL's DPOTrainer.
+"""Benchmark 04's DPO training: precomputed vs in-loop reference, with and without gradient
+checkpointing, and against TRL's DPOTrainer (which runs without it, its default).
 
 Same model (the embedded SmolLM2-135M-Instruct, fp32, CPU or one GPU), same pairs (alpagasus prompts
 with short made-up chosen/rejected answers, ~80 tokens per sequence), 4 pairs per step, max length
@@ -61,12 +62,12 @@ def measured(command, env=None):
     return result.stdout, int(peak_line.split()[1]) / 1024
 
 
-def run_ours(pairs_path, scratch, in_loop):
-    output = os.path.join(scratch, "in-loop" if in_loop else "precomputed")
+def run_ours(pairs_path, scratch, name, extra_flags=()):
+    output = os.path.join(scratch, name)
     command = [sys.executable, os.path.join(REPO, "04_dpo.py"), "--input", pairs_path, "--output", output,
                "--batch-size", str(BATCH), "--grad-accum", "1", "--epochs", "1", "--eval-frac", "0",
                "--save-every", "0", "--max-length", str(MAX_LENGTH), "--lr", str(LR), "--beta", str(BETA)]
-    _, peak_mb = measured(command + (["--reference-in-loop"] if in_loop else []))
+    _, peak_mb = measured(command + list(extra_flags))
     with open(os.path.join(output, "train_summary.json"), encoding="utf-8") as handle:
         summary = json.load(handle)
     return {"tokens_per_second": summary["tokens_per_second"], "train_tokens": summary["train_tokens"],
@@ -142,8 +143,9 @@ def run(quick=False, trl_python=DEFAULT_TRL_PYTHON):
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as scratch:
         pairs_path = os.path.join(scratch, "pairs.jsonl")
         write_pairs(pairs_path, count)
-        precomputed = run_ours(pairs_path, scratch, in_loop=False)
-        in_loop = run_ours(pairs_path, scratch, in_loop=True)
+        precomputed = run_ours(pairs_path, scratch, "precomputed")
+        in_loop = run_ours(pairs_path, scratch, "in-loop", ["--reference-in-loop"])
+        checkpointed = run_ours(pairs_path, scratch, "checkpointed", ["--gradient-checkpointing"])
         trl = run_trl(trl_python, pairs_path, scratch)
     steps = precomputed["steps"]
     rows = [{"stage": "04 dpo", "metric": f"train tokens/s, precomputed vs in-loop reference ({count} pairs, "
@@ -155,14 +157,19 @@ def run(quick=False, trl_python=DEFAULT_TRL_PYTHON):
              "ours": precomputed["tokens_per_second"], "baseline": precomputed["forward_tokens_per_second"],
              "ratio": precomputed["tokens_per_second"] / precomputed["forward_tokens_per_second"],
              "peak_memory_mb": f"{precomputed['peak_memory_mb']:.0f}"}]
+    rows.append({"stage": "04 dpo", "metric": "train tokens/s, --gradient-checkpointing vs without (both precomputed)",
+                 "ours": checkpointed["tokens_per_second"], "baseline": precomputed["tokens_per_second"],
+                 "ratio": checkpointed["tokens_per_second"] / precomputed["tokens_per_second"],
+                 "peak_memory_mb": f"{checkpointed['peak_memory_mb']:.0f} vs {precomputed['peak_memory_mb']:.0f}"})
     if trl:
-        rows.append({"stage": "04 dpo", "metric": f"train tokens/s vs TRL DPOTrainer, precomputed ref ({steps} vs "
-                                                  f"{trl['steps']} steps, {precomputed['train_tokens']} vs "
-                                                  f"{trl['train_tokens']} tokens)",
-                     "ours": precomputed["tokens_per_second"], "baseline": trl["tokens_per_second"],
-                     "ratio": precomputed["tokens_per_second"] / trl["tokens_per_second"],
-                     "peak_memory_mb": f"{precomputed['peak_memory_mb']:.0f} vs {trl['peak_memory_mb']:.0f} "
-                                       f"({precomputed['peak_memory_mb'] / trl['peak_memory_mb']:.2f}x)"})
+        for label, ours in (("", precomputed), (", ours with --gradient-checkpointing", checkpointed)):
+            rows.append({"stage": "04 dpo", "metric": f"train tokens/s vs TRL DPOTrainer, precomputed ref{label} "
+                                                      f"({steps} vs {trl['steps']} steps, {ours['train_tokens']} vs "
+                                                      f"{trl['train_tokens']} tokens)",
+                         "ours": ours["tokens_per_second"], "baseline": trl["tokens_per_second"],
+                         "ratio": ours["tokens_per_second"] / trl["tokens_per_second"],
+                         "peak_memory_mb": f"{ours['peak_memory_mb']:.0f} vs {trl['peak_memory_mb']:.0f} "
+                                           f"({ours['peak_memory_mb'] / trl['peak_memory_mb']:.2f}x)"})
     return rows
 
 

@@ -1,7 +1,10 @@
 """Benchmark 01's batched generation against a one-prompt-at-a-time loop.
 
 Same model, same prompts, same settings (01's defaults: greedy, repetition penalty 1.1,
-256 new tokens), measured in one run:
+256 new tokens), measured in one run. The prompts are what loop.sh's demo gives 01: the first
+24 bundled prompts of en, es, de and fr (96 prompts, 3 batches of 32). With a single batch
+(--num-prompts 32, every 7th prompt) the ratio is lower: a batch shrinks as its rows finish,
+and with one batch that tail is a larger share of the run.
   ours         common.generate_batches at batch 32 (what 01 runs)
   single       model.generate() one prompt at a time: the loop a newcomer writes first
   hf-batch     model.generate() at batch 32, left padded: shows what dropping finished
@@ -10,8 +13,9 @@ Each variant runs in its own subprocess so its peak resident memory (ru_maxrss) 
 own. Tokens/s counts answer tokens only (end-of-turn included; padding and the steps of
 rows that already stopped do not count).
 
-    python bench/bench_generate.py            # 32 prompts, 256 new tokens
-    python bench/bench_generate.py --quick    # 8 prompts, 64 new tokens
+    python bench/bench_generate.py                     # 96 prompts, 256 new tokens (~20 min on 2 cores)
+    python bench/bench_generate.py --num-prompts 32    # one batch of 32 (~7 min)
+    python bench/bench_generate.py --quick             # 8 prompts, 64 new tokens
 """
 import argparse
 import json
@@ -32,8 +36,12 @@ def measure(variant, num_prompts, batch_size, max_new_tokens):
     import common
     torch.manual_seed(0)
     model, tokenizer = common.load_model(common.EMBEDDED_MODEL)
-    prompts = common.load_prompts(os.path.join(REPO, "data", "prompts"), langs=["en", "es", "de", "fr"])
-    prompts = prompts[::max(1, len(prompts) // num_prompts)][:num_prompts]
+    languages = ["en", "es", "de", "fr"]
+    if num_prompts == 96:  # the demo's input to 01
+        prompts = common.load_prompts(os.path.join(REPO, "data", "prompts"), langs=languages, limit=24)
+    else:  # spread over all bundled prompts of the four languages
+        prompts = common.load_prompts(os.path.join(REPO, "data", "prompts"), langs=languages)
+        prompts = prompts[::max(1, len(prompts) // num_prompts)][:num_prompts]
     prompt_ids = [common.chat_prompt_ids(tokenizer, p["prompt"]) for p in prompts]
     settings = dict(max_new_tokens=max_new_tokens, repetition_penalty=1.1, show_progress=False)
     stop_ids = common.end_of_turn_ids(tokenizer)
@@ -70,9 +78,9 @@ def run_variant(variant, num_prompts, batch_size, max_new_tokens):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run(quick=False):
+def run(quick=False, num_prompts=96):
     """The three variants, one after the other; returns the table rows."""
-    num_prompts, max_new_tokens = (8, 64) if quick else (32, 256)
+    num_prompts, max_new_tokens = (8, 64) if quick else (num_prompts, 256)
     results = {variant: run_variant(variant, num_prompts, 32, max_new_tokens)
                for variant in ("ours", "single", "hf-batch")}
     rate = {variant: r["tokens"] / r["seconds"] for variant, r in results.items()}
@@ -89,13 +97,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer prompts and tokens")
     parser.add_argument("--child", choices=["ours", "single", "hf-batch"], help=argparse.SUPPRESS)
-    parser.add_argument("--num-prompts", type=int, default=32, help=argparse.SUPPRESS)
+    parser.add_argument("--num-prompts", type=int, default=96,
+                        help="96: the demo's prompts (24 per language); other counts: spread over all bundled prompts")
     parser.add_argument("--batch-size", type=int, default=32, help=argparse.SUPPRESS)
     parser.add_argument("--max-new-tokens", type=int, default=256, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         measure(args.child, args.num_prompts, args.batch_size, args.max_new_tokens)
     else:
-        for row in run(args.quick):
+        for row in run(args.quick, args.num_prompts):
             print(f"{row['stage']}: {row['metric']}: ours {row['ours']:.1f}, baseline {row['baseline']:.1f}, "
                   f"ratio {row['ratio']:.2f}x, peak MB {row['peak_memory_mb']}")

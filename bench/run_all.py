@@ -1,6 +1,6 @@
 """Run every stage's benchmark and print one table.
 
-    python bench/run_all.py            # the full benchmarks (CPU: several minutes)
+    python bench/run_all.py            # the full benchmarks (2-core CPU: over half an hour)
     python bench/run_all.py --quick    # smaller inputs, for a first look
 
 Each row: stage, what was measured, our figure, the baseline's, their ratio, peak memory.
