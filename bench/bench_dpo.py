@@ -1,5 +1,6 @@
 """Benchmark 04's DPO training: precomputed vs in-loop reference, with and without gradient
-checkpointing, and against TRL's DPOTrainer (which runs without it, its default).
+checkpointing, and against TRL's DPOTrainer (also with and without it: TRL 1.x's DPOConfig turns
+gradient checkpointing ON by default, so it is set explicitly here to compare like with like).
 
 Same model (the embedded SmolLM2-135M-Instruct, fp32, CPU or one GPU), same pairs (alpagasus prompts
 with short made-up chosen/rejected answers, ~80 tokens per sequence), 4 pairs per step, max length
@@ -75,7 +76,7 @@ def run_ours(pairs_path, scratch, name, extra_flags=()):
             "peak_memory_mb": peak_mb}
 
 
-def run_trl(trl_python, pairs_path, scratch):
+def run_trl(trl_python, pairs_path, scratch, checkpointing=False):
     """TRL's DPOTrainer in its own venv; None and a printed reason when that python or trl is missing."""
     if not os.path.exists(trl_python):
         print(f"TRL row skipped: {trl_python} not found (python3 -m venv /tmp/trlvenv && "
@@ -87,7 +88,7 @@ def run_trl(trl_python, pairs_path, scratch):
     sys.path.insert(0, REPO)
     import common
     command = [trl_python, os.path.abspath(__file__), "--child-trl", pairs_path, common.embedded_model_dir(),
-               os.path.join(scratch, "trl")]
+               os.path.join(scratch, "trl"), str(int(checkpointing))]
     try:
         stdout, peak_mb = measured(command, env={"HF_DATASETS_CACHE": os.path.join(scratch, "datasets-cache")})
     except RuntimeError as error:  # a newer trl may have renamed a setting: say so, keep the other rows
@@ -98,7 +99,7 @@ def run_trl(trl_python, pairs_path, scratch):
     return result
 
 
-def trl_child(pairs_path, model_dir, output):
+def trl_child(pairs_path, model_dir, output, checkpointing):
     """Runs inside the TRL venv: DPOTrainer with the same pairs, batch, length and precomputed reference."""
     import time
 
@@ -127,7 +128,8 @@ def trl_child(pairs_path, model_dir, output):
                        num_train_epochs=1, learning_rate=LR, beta=BETA, max_length=MAX_LENGTH,
                        precompute_ref_log_probs=True, lr_scheduler_type="cosine", warmup_steps=0.1, max_grad_norm=1.0,
                        logging_steps=1, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
-                       bf16=torch.cuda.is_available(), seed=0, dataloader_num_workers=0, disable_tqdm=True)
+                       bf16=torch.cuda.is_available(), seed=0, dataloader_num_workers=0, disable_tqdm=True,
+                       gradient_checkpointing=checkpointing == "1")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset,
                          processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer])
@@ -147,6 +149,7 @@ def run(quick=False, trl_python=DEFAULT_TRL_PYTHON):
         in_loop = run_ours(pairs_path, scratch, "in-loop", ["--reference-in-loop"])
         checkpointed = run_ours(pairs_path, scratch, "checkpointed", ["--gradient-checkpointing"])
         trl = run_trl(trl_python, pairs_path, scratch)
+        trl_checkpointed = run_trl(trl_python, pairs_path, scratch, checkpointing=True) if trl else None
     steps = precomputed["steps"]
     rows = [{"stage": "04 dpo", "metric": f"train tokens/s, precomputed vs in-loop reference ({count} pairs, "
                                           f"{steps} steps of {BATCH})",
@@ -162,14 +165,17 @@ def run(quick=False, trl_python=DEFAULT_TRL_PYTHON):
                  "ratio": checkpointed["tokens_per_second"] / precomputed["tokens_per_second"],
                  "peak_memory_mb": f"{checkpointed['peak_memory_mb']:.0f} vs {precomputed['peak_memory_mb']:.0f}"})
     if trl:
-        for label, ours in (("", precomputed), (", ours with --gradient-checkpointing", checkpointed)):
+        pairings = [("", precomputed, trl), (", ours with --gradient-checkpointing, TRL without", checkpointed, trl)]
+        if trl_checkpointed:
+            pairings.append((", both with gradient checkpointing", checkpointed, trl_checkpointed))
+        for label, ours, theirs in pairings:
             rows.append({"stage": "04 dpo", "metric": f"train tokens/s vs TRL DPOTrainer, precomputed ref{label} "
-                                                      f"({steps} vs {trl['steps']} steps, {ours['train_tokens']} vs "
-                                                      f"{trl['train_tokens']} tokens)",
-                         "ours": ours["tokens_per_second"], "baseline": trl["tokens_per_second"],
-                         "ratio": ours["tokens_per_second"] / trl["tokens_per_second"],
-                         "peak_memory_mb": f"{ours['peak_memory_mb']:.0f} vs {trl['peak_memory_mb']:.0f} "
-                                           f"({ours['peak_memory_mb'] / trl['peak_memory_mb']:.2f}x)"})
+                                                      f"({steps} vs {theirs['steps']} steps, {ours['train_tokens']} vs "
+                                                      f"{theirs['train_tokens']} tokens)",
+                         "ours": ours["tokens_per_second"], "baseline": theirs["tokens_per_second"],
+                         "ratio": ours["tokens_per_second"] / theirs["tokens_per_second"],
+                         "peak_memory_mb": f"{ours['peak_memory_mb']:.0f} vs {theirs['peak_memory_mb']:.0f} "
+                                           f"({ours['peak_memory_mb'] / theirs['peak_memory_mb']:.2f}x)"})
     return rows
 
 
@@ -178,7 +184,8 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="8 pairs (2 steps) instead of 32 (8 steps)")
     parser.add_argument("--trl-python", default=DEFAULT_TRL_PYTHON,
                         help="python of a separate venv with trl installed; its row is skipped when absent")
-    parser.add_argument("--child-trl", nargs=3, metavar=("PAIRS", "MODEL_DIR", "OUTPUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-trl", nargs=4, metavar=("PAIRS", "MODEL_DIR", "OUTPUT", "CHECKPOINTING"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_trl:
         trl_child(*args.child_trl)
