@@ -40,6 +40,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
@@ -225,26 +226,35 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def sequence_logps(model, sequences, args):
+def sequence_logps(model, sequences, args, chunk_positions=256):
     """Summed log-probs of each sequence's response tokens, from ONE forward of the (wrapped) model.
 
     sequences: n (ids, prompt_length). Returns [n] float64, differentiable.
-    Goes through model(...) itself, so DDP/FSDP hooks run. logits_to_keep skips the output layer for
-    positions before the shortest prompt; token_logps reads the logits as one [rows, vocab] view
-    (no copy) and never builds a float32 log-softmax; prompt and padding positions are masked out.
+    Goes through model(...) itself, so DDP/FSDP hooks run, but takes its last hidden states (logits
+    for one position only) and applies the output layer here, chunk_positions at a time under
+    activation checkpointing: [positions, vocab] logits then exist for one chunk at a time, in the
+    forward and again in the backward. All at once they would be n x length x vocab floats, kept for
+    the backward, plus as much again for their gradient: 8 x 1024 x a 128k vocabulary is 4 GB each.
+    Positions before the shortest prompt are skipped; prompt and padding positions are masked out.
     """
     device = args.device
     input_ids, attention_mask = common.pad_right([ids for ids, _ in sequences], args.pad_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     first = min(prompt_length for _, prompt_length in sequences) - 1  # first position predicting a response token
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   logits_to_keep=input_ids.shape[1] - first).logits  # [n, kept, vocab], kept = length - first
+    output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1,
+                   output_hidden_states=True)
+    hidden = output.hidden_states[-1][:, first:]  # [n, kept, hidden] after the final norm; kept = length - first
     # Position t predicts token t + 1; the last position predicts nothing (label 0, masked).
     labels = torch.cat([input_ids[:, first + 1:], torch.zeros_like(input_ids[:, :1])], dim=1)  # [n, kept]
+    output_layer = unwrap(model).get_output_embeddings()
+    positions, position_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    logps = torch.cat([checkpoint(lambda h, y: common.token_logps(output_layer(h), y),
+                                  positions[start:start + chunk_positions],
+                                  position_labels[start:start + chunk_positions], use_reentrant=False)
+                       for start in range(0, len(positions), chunk_positions)]).view(labels.shape)
     response_mask = torch.zeros(labels.shape, dtype=torch.bool)
     for row, (ids, prompt_length) in enumerate(sequences):
         response_mask[row, prompt_length - 1 - first:len(ids) - 1 - first] = True
-    logps = common.token_logps(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).view(labels.shape)
     return torch.where(response_mask.to(device), logps.double(), 0.0).sum(dim=1)
 
 

@@ -93,6 +93,36 @@ def test_dpo_loss_matches_hand_computation():
     assert scaled.item() == pytest.approx(loss.item() * 2 / 8 + 0.5 * 30 / 36, abs=1e-12)
 
 
+def test_chunked_output_layer_matches_whole_logits(lively_model):
+    """sequence_logps applies the output layer a few positions at a time, recomputed in backward;
+    values and gradients must equal a plain full-logits log_softmax written here."""
+    import types
+
+    import common
+    model, tokenizer = common.load_model(lively_model)
+    sequences = [common.tokenize_prompt_response(tokenizer, prompt, response)
+                 for _, prompt, chosen, rejected in PAIRS[:3] for response in (chosen, rejected)]
+    args = types.SimpleNamespace(device=torch.device("cpu"), pad_id=tokenizer.pad_token_id)
+
+    def logps_and_gradient(compute):
+        model.zero_grad()
+        logps = compute()
+        (logps * torch.arange(1.0, len(logps) + 1, dtype=logps.dtype)).sum().backward()  # rows weigh differently
+        return logps.detach(), model.get_output_embeddings().weight.grad.clone()
+
+    def whole_logits():  # the textbook way: full [n, length, vocab] log-softmax
+        input_ids, attention_mask = common.pad_right([ids for ids, _ in sequences], tokenizer.pad_token_id)
+        log_probs = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention_mask).logits.double(), -1)
+        return torch.stack([log_probs[row, torch.arange(start - 1, len(ids) - 1), torch.tensor(ids[start:])].sum()
+                            for row, (ids, start) in enumerate(sequences)])
+    expected, expected_gradient = logps_and_gradient(whole_logits)
+    for chunk in (5, 10_000):  # many chunks; one
+        logps, gradient = logps_and_gradient(lambda: dpo.sequence_logps(model, sequences, args, chunk_positions=chunk))
+        assert torch.allclose(logps, expected, atol=1e-4), chunk
+        assert (gradient - expected_gradient).abs().max() < 1e-5 * expected_gradient.abs().max(), chunk
+    assert expected.std() > 1  # the rows differ: a mix-up between them would show
+
+
 def test_step_one_loss_is_ln2_and_outputs_load(tmp_path, tiny_model):
     pairs_file = write_pairs(tmp_path / "pairs.jsonl")
     # Reference scored one row per batch (budget 32 tokens), training in batches of 4 pairs = 8 rows.
