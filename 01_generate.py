@@ -33,7 +33,8 @@ def parse_args(argv=None):
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     parser.add_argument("--repetition-penalty", type=float, default=1.1, help="1.0 turns it off")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
-    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="prompts decoded at once; as answers finish, waiting prompts take their places")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     parser.add_argument("--split", default="train", help="split to use when --prompts is a hub dataset")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")

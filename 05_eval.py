@@ -99,7 +99,7 @@ def parse_args(argv=None):
     add("--output", default="runs/demo/eval", help="output directory (default: %(default)s)")
     add("--limit", type=int, default=None, help="first N problems/prompts per task (the same ids in every language)")
     add("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default: %(default)s)")
-    add("--batch-size", type=int, default=16, help="prompts per generation batch (default: %(default)s)")
+    add("--batch-size", type=int, default=16, help="prompts decoded at once (default: %(default)s)")
     add("--token-budget", type=int, default=8192,
         help="local judge: rows x longest row per batch (default: %(default)s)")
     add("--seed", type=int, default=0, help="seed of the bootstrap intervals (default: %(default)s)")

@@ -2,18 +2,18 @@
 
 Same model, same prompts, same settings (01's defaults: greedy, repetition penalty 1.1,
 256 new tokens), measured in one run. The prompts are what loop.sh's demo gives 01: the first
-24 bundled prompts of en, es, de and fr (96 prompts, 3 batches of 32). With a single batch
-(--num-prompts 32, every 7th prompt) the ratio is lower: a batch shrinks as its rows finish,
-and with one batch that tail is a larger share of the run.
+24 bundled prompts of en, es, de and fr (96 prompts; 32 decode at once, and waiting prompts
+take the places of finished ones). With --num-prompts 32 (every 7th prompt) the ratio is
+lower: no prompt is waiting, so the batch shrinks as its rows finish.
   ours         common.generate_batches at batch 32 (what 01 runs)
   single       model.generate() one prompt at a time: the loop a newcomer writes first
-  hf-batch     model.generate() at batch 32, left padded: shows what dropping finished
-               rows from the batch (our decode loop) is worth
+  hf-batch     model.generate() at batch 32, left padded: shows what our decode loop's
+               dropping finished rows and refilling their places is worth
 Each variant runs in its own subprocess so its peak resident memory (ru_maxrss) is its
 own. Tokens/s counts answer tokens only (end-of-turn included; padding and the steps of
 rows that already stopped do not count).
 
-    python bench/bench_generate.py                     # 96 prompts, 256 new tokens (~20 min on 2 cores)
+    python bench/bench_generate.py                     # 96 prompts, 256 new tokens (~16 min on 2 cores)
     python bench/bench_generate.py --num-prompts 32    # one batch of 32 (~7 min)
     python bench/bench_generate.py --quick             # 8 prompts, 64 new tokens
 """
@@ -54,8 +54,7 @@ def measure(variant, num_prompts, batch_size, max_new_tokens):
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                                     max_new_tokens=max_new_tokens, repetition_penalty=1.1, eos_token_id=stop_ids,
                                     pad_token_id=tokenizer.pad_token_id)
-        return [s for _, s in common.decode_samples(tokenizer, output[:, longest:].tolist(), range(len(batch)), 1,
-                                                    stop_ids)]
+        return [common.decode_samples(tokenizer, [row], stop_ids) for row in output[:, longest:].tolist()]
     start = time.perf_counter()
     if variant == "ours":
         outputs = [s for batch in common.generate_batches(model, tokenizer, prompt_ids, batch_size=batch_size,

@@ -272,7 +272,7 @@ def test_proxy_repetition_penalty_and_sampling(untied_models, one_thread):
     hf = [common.decode_samples(tokenizer, large.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
                                                           repetition_penalty=1.5, eos_token_id=stop_ids,
                                                           pad_token_id=tokenizer.pad_token_id)[:, len(prompt):].tolist(),
-                                [0], 1, stop_ids)[0][1] for prompt in ids]
+                                stop_ids) for prompt in ids]
     ours = decode_all(common.generate_batches(large, tokenizer, ids, proxy=(small, small, 1.0), repetition_penalty=1.5,
                                               **options), len(ids))
     assert ours == hf

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import common
-from conftest import REPO, SHARED_DATA, read_records, run_script, run_torchrun
+from conftest import REPO, SHARED_DATA, make_tiny_model, read_records, run_script, run_torchrun
 
 
 def write(path, text):
@@ -130,7 +130,9 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(lively
     texts = ["Hi", "Give three tips for staying healthy.", "Wie spät ist es?", "Name a colour.", "¿Qué hora es?"]
     prompt_ids = [common.chat_prompt_ids(tokenizer, t) for t in texts]
     settings = dict(max_new_tokens=16, show_progress=False)
-    free = common.decode_rows([model], prompt_ids, 1, tokenizer.pad_token_id, [-1], 0.0, 1.0, 1.0, 16)
+    free = {number: rows[0] for finished in common.decode_rows([model], prompt_ids, 1, tokenizer.pad_token_id, [-1],
+                                                               0.0, 1.0, 1.0, 16, batch_size=5)
+            for number, rows in finished}
     stops = {free[0][3], free[2][6]}
     monkeypatch.setattr(common, "end_of_turn_ids", lambda _: sorted(stops))
     batched = {i: s for batch in common.generate_batches(model, tokenizer, prompt_ids, batch_size=5, **settings)
@@ -141,6 +143,40 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(lively
     lengths = {s[0]["new_tokens"] for s in batched.values()}
     assert len(lengths) >= 2 and min(lengths) < 16  # some rows stopped early, at different steps
     assert any(not s[0]["truncated"] for s in batched.values())
+
+
+def test_waiting_prompts_join_the_running_batch_without_changing_any_answer(lively_model, tmp_path, monkeypatch):
+    """Nine prompts, three places: as rows stop, waiting prompts are prefilled and join the running batch,
+    left-padded into its KV cache. Every answer (greedy, repetition penalty, 2 samples, proxy-tuned) must equal
+    the prompt's answer alone, and the cache must not keep the padding columns nobody attends to any more."""
+    model, tokenizer = common.load_model(lively_model)
+    other, _ = common.load_model(make_tiny_model(tmp_path / "other", seed=3, init_std=0.2))
+    texts = ["Hi", "Give three tips for staying healthy.", "Wie spät ist es?", "Name a colour.", "¿Qué hora es?",
+             "Describe a cat in one sentence.", "Bonjour", "What is 2 + 2?", "Write a haiku about rain."]
+    prompt_ids = [common.chat_prompt_ids(tokenizer, t) for t in texts]
+    joins, cache_lengths, join = [], [], common._join
+    monkeypatch.setattr(common, "_join", lambda *batches: joins.append(1) or join(*batches))
+    model.register_forward_hook(lambda module, args, kwargs, output: cache_lengths.append(
+        kwargs["attention_mask"].shape[1]), with_kwargs=True)
+    settings = dict(max_new_tokens=16, repetition_penalty=0.6, show_progress=False)  # < 1 favours seen tokens
+    for options in ({}, {"num_samples": 2}, {"proxy": (other, model, 0.7)}):
+        # Random weights never say end-of-turn: let one token of every other prompt's free answer stop it,
+        # so rows stop at different steps while prompts are still waiting.
+        models, alpha = ([model], 0.0) if "proxy" not in options else ([model, other, model], 0.7)
+        free = {number: rows[0] for finished in common.decode_rows(
+            models, prompt_ids, 1, tokenizer.pad_token_id, [-1], 0.0, 1.0, 0.6, 16, batch_size=9, alpha=alpha)
+            for number, rows in finished}
+        monkeypatch.setattr(common, "end_of_turn_ids", lambda _: sorted({free[n][n + 2] for n in range(0, 9, 2)}))
+        joins.clear(), cache_lengths.clear()
+        together = {i: s for batch in common.generate_batches(model, tokenizer, prompt_ids, batch_size=3,
+                                                              **settings, **options) for i, s in batch}
+        lengths = {s["new_tokens"] for samples in together.values() for s in samples}
+        assert len(lengths) >= 3 and min(lengths) < 16, options  # rows stopped at different steps
+        assert len(joins) >= 3 and max(cache_lengths) <= max(map(len, prompt_ids)) + 16, options
+        for index, ids in enumerate(prompt_ids):
+            [[(_, alone)]] = list(common.generate_batches(model, tokenizer, [ids], batch_size=1, **settings,
+                                                          **options))
+            assert together[index] == alone, (options, texts[index])
 
 
 def test_sampling_gives_n_samples_per_prompt(tiny_model):
