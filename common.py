@@ -493,7 +493,8 @@ def end_of_turn_token(tokenizer):
 # wasted ~40% of the work on the demo prompts. Waiting prompts then take the free
 # places, so the batch stays full: a step costs nearly as much at 16 rows as at 32
 # (SmolLM2-135M on 2 CPU cores: 105 vs 131 ms), so a half-empty batch wastes time.
-# On the demo's 96 prompts that is 12% more tokens/s. And the same loop serves
+# On the demo's 96 prompts that is 12% more tokens/s (with 3 samples per prompt, 96
+# rows, it measured 8-12% less: see the README's benchmarks). And the same loop serves
 # proxy-tuned decoding, which mixes three models' logits at every step (generate()
 # takes one). Proxy-tuning (Liu et al. 2024; QAlign uses it too) steers a large model
 # with the difference a small model learned in tuning:
