@@ -34,7 +34,7 @@ def parse_args(argv=None):
     parser.add_argument("--repetition-penalty", type=float, default=1.1, help="1.0 turns it off")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     parser.add_argument("--batch-size", type=int, default=32,
-                        help="prompts decoded at once; as answers finish, waiting prompts take their places")
+                        help="prompts decoded at once (times --num-samples rows); finished answers leave the batch")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     parser.add_argument("--split", default="train", help="split to use when --prompts is a hub dataset")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
@@ -57,29 +57,28 @@ def main(argv=None):
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
                 "max_new_tokens": args.max_new_tokens, "num_samples": args.num_samples, "seed": args.seed}
     counts = {"new_tokens": 0, "truncated": 0}
-
-    def process(my_prompts):
-        prompt_ids = [common.chat_prompt_ids(tokenizer, p["prompt"]) for p in my_prompts]
-        for batch in common.generate_batches(
-                model, tokenizer, prompt_ids, num_samples=args.num_samples, temperature=args.temperature,
-                top_p=args.top_p, repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size, desc=f"generate[rank {rank}]" if world_size > 1 else "generate"):
-            records = []
-            for index, samples in batch:
-                counts["new_tokens"] += sum(s["new_tokens"] for s in samples)
-                counts["truncated"] += sum(s["truncated"] for s in samples)
-                records.append({**my_prompts[index], "responses": [s["text"] for s in samples],
-                                "truncated": [s["truncated"] for s in samples],
-                                "model": args.model, "sampling": sampling})
-            yield records
-
     timer = common.Timer()
-    already_done, done_now = common.run_resumable(prompts, lambda r: (r["id"], r["lang"]), args.output, process,
-                                                  rank, world_size)
+
+    key = lambda record: (record["id"], record["lang"])  # noqa: E731
+    already_done, mine = common.resume(args.output, prompts, key, rank, world_size)
+    prompt_ids = [common.chat_prompt_ids(tokenizer, p["prompt"]) for p in mine]
+    batches = common.generate_batches(
+        model, tokenizer, prompt_ids, num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        desc=f"generate[rank {rank}]" if world_size > 1 else "generate")
+    for batch in batches:  # each batch goes to disk as soon as it is done
+        records = []
+        for index, samples in batch:
+            counts["new_tokens"] += sum(s["new_tokens"] for s in samples)
+            counts["truncated"] += sum(s["truncated"] for s in samples)
+            records.append({**mine[index], "responses": [s["text"] for s in samples],
+                            "truncated": [s["truncated"] for s in samples], "model": args.model, "sampling": sampling})
+        common.save_batch(args.output, records, rank)
+    common.finish(args.output, prompts, key, rank)
     languages = sorted({p["lang"] for p in prompts})
     print(common.summary_line(
         f"01_generate[rank {rank}]" if world_size > 1 else "01_generate", timer.seconds(), counts["new_tokens"],
-        prompts=len(prompts), languages=",".join(languages), resumed_from=already_done, generated=done_now,
+        prompts=len(prompts), languages=",".join(languages), resumed_from=already_done, generated=len(mine),
         samples_truncated=counts["truncated"]) + (f" -> {args.output}" if rank == 0 else ""))
     common.cleanup_distributed()
 

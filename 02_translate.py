@@ -20,7 +20,6 @@ comes, when nothing is inside the tags, or when the text is not in the target la
 """
 import argparse
 import math
-import os
 from collections import Counter, defaultdict
 
 import torch
@@ -139,10 +138,7 @@ def read_responses(path, limit, need_prompt):
         if key in seen:
             raise common.InputError(f"{where}: id '{key[0]}' in language '{key[1]}' already on line {seen[key]}")
         seen[key] = line_number
-    if limit is not None:
-        kept = set(list(dict.fromkeys(str(r["id"]) for _, r in rows))[:limit])
-        rows = [(n, r) for n, r in rows if str(r["id"]) in kept]
-    return rows
+    return common.first_ids(rows, limit, id_of=lambda row: str(row[1]["id"]))
 
 
 def pick_translator(rows, path, translator):
@@ -421,18 +417,16 @@ def main():
     common.seed_everything(args.seed + rank)
     model, tokenizer = common.load_model(args.translator, trust_remote_code=args.trust_remote_code)
     ratios = token_ratios(records, tokenizer)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-
     tokens_generated = [0]
     progress = tqdm(desc="translate", unit="text", disable=rank != 0, dynamic_ncols=True)
     key = lambda record: (str(record["id"]), record["lang"])  # noqa: E731
-    already_done, done_now = common.run_resumable(
-        records, key, args.output,
-        lambda mine: translate_records(mine, plan, model, tokenizer, args, ratios, progress, tokens_generated),
-        rank, world_size)
+    already_done, mine = common.resume(args.output, records, key, rank, world_size)
+    for finished in translate_records(mine, plan, model, tokenizer, args, ratios, progress, tokens_generated):
+        common.save_batch(args.output, finished, rank)
+    common.finish(args.output, records, key, rank)
     progress.close()
 
-    counts = torch.tensor([done_now, tokens_generated[0]], device=next(model.parameters()).device)
+    counts = torch.tensor([len(mine), tokens_generated[0]], device=next(model.parameters()).device)
     if dist.is_initialized():
         dist.all_reduce(counts)
     if rank == 0:

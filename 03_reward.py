@@ -31,10 +31,6 @@ Methods (English, the dominant language, is the teacher; X is any other language
 Rerunning a finished run does nothing; the outputs appear only when complete.
 """
 import argparse
-import glob
-import hashlib
-import json
-import os
 import random
 from collections import Counter, defaultdict
 
@@ -45,8 +41,6 @@ import common
 
 ANSWER_IN = "Please answer in {language}."
 TRANSLATE_INSTRUCTION = "Translate the following {language} instruction into English."
-TRANSLATE_QUESTION = "Translate the following question from {language} into English."
-ANSWER_TOLERANCE = 1e-3  # MGSM convention: a final number within 1e-3 of gold is right
 TIE = 1e-4  # rewards closer than this are equal: the scorer is exact to about 1e-5
 
 
@@ -129,9 +123,7 @@ def read_input(path, method, dominant, limit):
         if not isinstance(record["prompt"], str):
             raise common.InputError(f"{where}: 'prompt' must be a string")
         records[key] = (where, record)
-    if limit is not None:
-        kept = set(list(dict.fromkeys(key[0] for key in records))[:limit])
-        records = {key: value for key, value in records.items() if key[0] in kept}
+    records = dict(common.first_ids(list(records.items()), limit, id_of=lambda item: item[0][0]))
     if not any(lang == dominant for _, lang in records) and not (method == "qalign"):
         raise common.InputError(f"{path}: no '{dominant}' records; {method} needs the dominant language's answers")
     return records
@@ -164,9 +156,8 @@ def check_parallel(records, path, dominant, needs_translations):
 
 
 def answer_is_right(text, answer):
-    value = common.parse_number(answer) if isinstance(answer, str) else answer
-    found = common.extract_last_number(text)
-    return value is not None and found is not None and abs(found - float(value)) <= ANSWER_TOLERANCE
+    return common.same_number(common.extract_last_number(text),
+                              common.parse_number(answer) if isinstance(answer, str) else answer)
 
 
 # ----------------------------------------------------------------------------
@@ -260,7 +251,7 @@ def qalign_rows(records, dominant, source, path):
         if reason:
             skipped.append((lang, reason))
             continue
-        header = TRANSLATE_QUESTION.format(language=common.language_name(lang))
+        header = common.QUESTION_TRANSLATION.format(language=common.language_name(lang))
         rows.append({"id": record_id, "lang": lang, "prompt": f"{header}\n\n{record['prompt']}",
                      "completion": english, "method": "qalign", "source": origin})
     return rows, skipped
@@ -277,34 +268,19 @@ def scoring_prompt(records, key, dominant):
     return english if lang == dominant else f"{english}\n\n{ANSWER_IN.format(language=common.language_name(lang))}"
 
 
-def fingerprint(prompt, responses):
-    """Changes when what is scored changes, so a cached score of other texts is never reused."""
-    return hashlib.sha1(json.dumps([prompt, responses], ensure_ascii=False).encode()).hexdigest()[:16]
-
-
 def score_all(records, keys, args, rank, world_size):
     """{(id, lang): {"dpo_logps": [...], "ref_logps": [...], "tokens": [...]}} for every key.
 
-    Finished records go to part files (one per rank) as each batch ends; a rerun reads
-    the parts and the merged <output>.scores.jsonl and scores only what is missing.
-    Returns (scores, tokens scored now).
+    Every record's scores go to <output>.scores.jsonl as its batch ends, named by what was
+    scored (both models, the prompt, the answers): a killed or repeated run scores only what
+    is missing or has changed. Returns (scores on rank 0, tokens scored now).
     """
     path = sidecar(args.output, "scores")
-    wanted = {key: fingerprint(scoring_prompt(records, key, args.dominant), records[key][1]["responses"])
-              for key in keys}
-
-    def still_valid(saved):  # same models, same texts, and a record this run wants
-        return ((saved.get("dpo_model"), saved.get("ref_model")) == (args.dpo_model, args.ref_model)
-                and wanted.get((saved.get("id"), saved.get("lang"))) == saved.get("fingerprint"))
-
-    previous = [record for _, record in common.read_jsonl(path)] if os.path.exists(path) else []
-    previous += common.read_finished(path)
-    cached = {(saved["id"], saved["lang"]): saved for saved in previous if still_valid(saved)}
-    stale = sum(not still_valid(saved) for saved in previous)
-    if stale and rank == 0:
-        print(f"{path}: ignoring {stale} cached scores made with other models or texts")
-    common.barrier()  # every rank sees the same cache before anyone appends to it
-    mine = [key for key in keys if key not in cached][rank::world_size]
+    items = [{"id": key[0], "lang": key[1], "fingerprint": common.content_key(
+        args.dpo_model, args.ref_model, scoring_prompt(records, key, args.dominant), records[key][1]["responses"])}
+        for key in keys]
+    key_of = lambda item: (item["id"], item["lang"], item["fingerprint"])  # noqa: E731
+    _, mine = common.resume(path, items, key_of, rank, world_size)
     tokens_scored = 0
     if mine:
         dpo_model, tokenizer = common.load_model(args.dpo_model, trust_remote_code=args.trust_remote_code)
@@ -312,9 +288,10 @@ def score_all(records, keys, args, rank, world_size):
         progress = tqdm(total=len(mine), desc=f"score[rank {rank}]" if world_size > 1 else "score", unit="record")
         for start in range(0, len(mine), args.batch_size):
             batch = mine[start:start + args.batch_size]
-            prompts = [scoring_prompt(records, key, args.dominant)
-                       for key in batch for _ in records[key][1]["responses"]]
-            responses = [text for key in batch for text in records[key][1]["responses"]]
+            answers = [records[(item["id"], item["lang"])][1]["responses"] for item in batch]
+            prompts = [scoring_prompt(records, (item["id"], item["lang"]), args.dominant)
+                       for item, texts in zip(batch, answers) for _ in texts]
+            responses = [text for texts in answers for text in texts]
             dpo_logps, tokens = common.score(dpo_model, tokenizer, prompts, responses, args.token_budget,
                                              show_progress=False)
             ref_logps, ref_tokens = common.score(ref_model, ref_tokenizer, prompts, responses, args.token_budget,
@@ -325,27 +302,20 @@ def score_all(records, keys, args, rank, world_size):
                 raise common.InputError("--dpo-model and --ref-model tokenise the answers differently; "
                                         "the implicit reward needs one tokenizer")
             finished, offset = [], 0
-            for key in batch:
-                n = len(records[key][1]["responses"])
-                finished.append({"id": key[0], "lang": key[1], "dpo_model": args.dpo_model,
-                                 "ref_model": args.ref_model, "fingerprint": wanted[key],
-                                 "dpo_logps": dpo_logps[offset:offset + n].tolist(),
-                                 "ref_logps": ref_logps[offset:offset + n].tolist(),
-                                 "tokens": tokens[offset:offset + n].tolist()})
-                offset += n
-            common.append_jsonl(common.part_path(path, rank), finished)
+            for item, texts in zip(batch, answers):
+                mine_only = slice(offset, offset + len(texts))
+                finished.append({**item, "dpo_model": args.dpo_model, "ref_model": args.ref_model,
+                                 "dpo_logps": dpo_logps[mine_only].tolist(), "ref_logps": ref_logps[mine_only].tolist(),
+                                 "tokens": tokens[mine_only].tolist()})
+                offset += len(texts)
+            common.save_batch(path, finished, rank)
             tokens_scored += 2 * int(tokens.sum())
             progress.update(len(batch))
         progress.close()
-    common.barrier()
-    if rank != 0:  # rank 0 alone merges and makes the rows
+    common.finish(path, items, key_of, rank)  # one merged cache, kept for reruns
+    if rank != 0:  # rank 0 alone makes the rows
         return {}, tokens_scored
-    scores = dict(cached)
-    scores.update({(s["id"], s["lang"]): s for s in common.read_finished(path) if still_valid(s)})
-    common.write_jsonl(path, [scores[key] for key in keys])  # one merged cache, kept for reruns
-    for part in glob.glob(glob.escape(path) + ".part*"):
-        os.remove(part)
-    return scores, tokens_scored
+    return {(record["id"], record["lang"]): record for record in common.read_finished(path)}, tokens_scored
 
 
 def alpha_grid(rewards, lengths, valid):
@@ -457,16 +427,6 @@ def implicit_rows(records, keys, scores, args):
 # ----------------------------------------------------------------------------
 
 
-def split_by_id(rows, fraction, seed):
-    """(train, eval): whole prompt ids held out, so a prompt never lands on both sides."""
-    if fraction <= 0:
-        return rows, []
-    ids = sorted({row["id"] for row in rows})
-    random.Random(seed).shuffle(ids)
-    held_out = set(ids[:min(max(1, round(fraction * len(ids))), len(ids) - 1)])
-    return [r for r in rows if r["id"] not in held_out], [r for r in rows if r["id"] in held_out]
-
-
 def summarise(rows, skipped):
     """{lang: {"made": n, "skipped": {reason: n}}} and the table printed at the end."""
     made, reasons = Counter(row["lang"] for row in rows), defaultdict(Counter)
@@ -522,13 +482,11 @@ def main(argv=None):
     if rank != 0:  # rank 0 alone writes
         common.cleanup_distributed()
         return
-    train, held_out = split_by_id(rows, args.eval_frac, args.seed)
+    train, held_out = common.split_by_id(rows, args.eval_frac, args.seed)
     summary, table = summarise(rows, skipped)
     info = {"method": args.method, "input": args.input, "rows": len(train), "eval_rows": len(held_out),
             "per_language": summary, **({"length_control": alphas} if alphas is not None else {})}
-    with open(sidecar(args.output, "summary") + ".partial", "w", encoding="utf-8") as handle:
-        json.dump(info, handle, ensure_ascii=False, indent=1)
-    os.replace(sidecar(args.output, "summary") + ".partial", sidecar(args.output, "summary"))
+    common.write_json(sidecar(args.output, "summary"), info)
     if args.eval_frac > 0:
         common.write_jsonl(sidecar(args.output, "eval"), held_out)
     common.write_jsonl(args.output, train)  # last: its existence means the stage is complete

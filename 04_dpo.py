@@ -4,11 +4,11 @@ In:  --input pairs.jsonl from 03_reward.py: one {"prompt", "chosen", "rejected",
      (with --loss sft: {"prompt", "completion"} rows). prompt is the raw user message.
 Out: --output directory (default runs/demo/model/), loadable by any Hugging Face tool:
        config.json, model.safetensors, tokenizer files   the trained policy (save_pretrained, fp32)
-       metrics.jsonl         one line per optimizer step, with TRL's metric names
-       train_summary.json    settings, counts, speed, eval_before / eval_after; written LAST, so
-                             its presence means the directory is complete
-       reference_logps.json  cache of the reference log-probs, one entry per pair (keyed by content)
-       checkpoint-N/         latest checkpoint while training (weights + optimizer), removed at the end
+       metrics.jsonl          one line per optimizer step, with TRL's metric names
+       train_summary.json     settings, counts, speed, eval_before / eval_after; written LAST, so
+                              its presence means the directory is complete
+       reference_logps.jsonl  the reference log-probs, one record per pair (keyed by its content)
+       checkpoint-N/          latest checkpoint while training (weights + optimizer), removed at the end
 
     python 04_dpo.py --input runs/demo/pairs.jsonl --output runs/demo/model
     torchrun --nproc_per_node=8 04_dpo.py --model meta-llama/Llama-3.1-8B-Instruct --fsdp --gradient-checkpointing
@@ -16,14 +16,16 @@ Out: --output directory (default runs/demo/model/), loadable by any Hugging Face
 One optimizer step (train_step):
   1. The step's global batch of pairs depends only on (--seed, epoch), never on how it is split,
      and is cut into micro-batches: --batch-size pairs each, --grad-accum per process.
-  2. A micro-batch is ONE forward of its chosen and rejected rows stacked together.
+  2. A micro-batch is ONE forward of its chosen and rejected rows stacked together, through
+     common.response_logps: the same scorer 03 uses, the model's final logit transform included.
   3. Its loss is its pairs' summed loss divided by the pairs in the WHOLE step (the NLL term by the
      chosen tokens in the whole step), so the micro-batch gradients add up to the gradient of the
      whole batch: batch 1 x accumulation 8 makes the same update as batch 8 x accumulation 1.
   4. Gradients are averaged over processes (DDP or FSDP), clipped, and AdamW steps.
-The reference log-probs are computed once, before training, by the scorer 03 uses (common.score),
-and cached, so the reference model is not in memory while the policy trains.
-A killed run continues from its latest checkpoint when rerun (same data order, same final weights).
+The reference log-probs are computed before training by the same function, in the same micro-batches
+as the first epoch's (so step 1 is exactly ln 2), and cached, so no reference model is held while the
+policy trains. A killed run continues from its latest checkpoint when rerun (same data order, same
+final weights).
 """
 import argparse
 import contextlib
@@ -40,34 +42,25 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
 
-DPO_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-               "logps/chosen", "logps/rejected", "nll_loss"]
-SFT_METRICS = ["loss"]
 
-
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--input", default="runs/demo/pairs.jsonl", help="pairs (or SFT rows) JSONL from 03_reward.py")
     add("--output", default="runs/demo/model", help="output directory (model, metrics, summary, checkpoints)")
     add("--model", default=common.EMBEDDED_MODEL, help="policy to train: hub id, local dir, or the embedded default")
     add("--reference", default=None, help="reference model for DPO (default: --model as it was before training)")
-    add("--loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge", "sft"],
-        help="sigmoid = DPO, ipo = IPO, hinge = SLiC hinge, sft = plain NLL on {prompt, completion} rows")
+    add("--loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge", "sft"], help="DPO, IPO, SLiC hinge, or NLL")
     add("--beta", type=float, default=0.1, help="DPO temperature: how far the policy may move from the reference")
     add("--label-smoothing", type=float, default=0.0, help="sigmoid loss only: assumed share of flipped labels (cDPO)")
-    add("--nll-weight", type=float, default=0.0,
-        help="add this times the per-token NLL of the chosen response (DPO+NLL; Pang et al. 2024 use 1.0)")
+    add("--nll-weight", type=float, default=0.0, help="+ this x per-token NLL of the chosen response (DPO+NLL: 1.0)")
     add("--eval-pairs", default=None, help="held-out pairs file for reward accuracy before/after training")
-    add("--eval-frac", type=float, default=0.05,
-        help="without --eval-pairs, hold out this share of prompt ids (at least one) for evaluation; 0 = none")
-    add("--max-length", type=int, default=1024,
-        help="longest prompt+response in tokens; longer pairs are skipped and counted (never truncated)")
+    add("--eval-frac", type=float, default=0.05, help="without --eval-pairs, hold out this share of prompt ids")
+    add("--max-length", type=int, default=1024, help="longest prompt+response in tokens; longer pairs are skipped")
     add("--batch-size", type=int, default=4, help="pairs per micro-batch per process")
     add("--grad-accum", type=int, default=2, help="micro-batches per optimizer step per process")
     add("--epochs", type=int, default=1, help="passes over the training pairs")
@@ -78,31 +71,31 @@ def parse_args():
     add("--warmup-ratio", type=float, default=0.1, help="share of the steps spent warming up linearly from 0")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices only, not norms/biases)")
     add("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this (0 = no clipping)")
-    add("--gradient-checkpointing", action="store_true",
-        help="recompute activations in backward: less memory (~750 MB for the 135M model), 5-30%% slower")
-    add("--reference-in-loop", action="store_true",
-        help="keep the reference model in memory and run it every micro-batch (the old way, for comparison)")
-    add("--score-token-budget", type=int, default=8192, help="rows x longest row per batch when scoring the reference")
-    add("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over processes "
-        "(torch FSDP2 fully_shard), for models whose training state does not fit one GPU; needs torchrun")
-    add("--save-every", type=int, default=100,
-        help="write a checkpoint (with optimizer state) every N steps; 0 = never")
-    add("--resume", action="store_true",
-        help="require a checkpoint to continue from (a rerun continues from one anyway when it exists)")
-    add("--limit", type=int, default=None, help="use only the first N rows of --input")
+    add("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory")
+    add("--fsdp", action="store_true", help="shard weights, gradients, optimizer state over processes (FSDP2)")
+    add("--save-every", type=int, default=100, help="checkpoint (with optimizer state) every N steps; 0 = never")
+    add("--resume", action="store_true", help="require a checkpoint (a rerun continues from one anyway)")
     add("--seed", type=int, default=0, help="seed for the eval split and the data order")
     add("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
-    args = parser.parse_args()
-    if args.lr is None:
-        args.lr = 1e-5 if args.loss == "sft" else 5e-7
+    args = parser.parse_args(argv)
+    args.lr = args.lr if args.lr is not None else 1e-5 if args.loss == "sft" else 5e-7
+    # Refuse what cannot train before anything is loaded or written.
+    ranges = {"lr": args.lr > 0, "beta": args.beta > 0, "min_lr": 0 <= args.min_lr <= args.lr,
+              "label_smoothing": 0 <= args.label_smoothing < 0.5, "nll_weight": args.nll_weight >= 0,
+              "warmup_ratio": 0 <= args.warmup_ratio <= 1, "weight_decay": args.weight_decay >= 0,
+              "max_grad_norm": args.max_grad_norm >= 0, "eval_frac": 0 <= args.eval_frac < 1,
+              **{name: getattr(args, name) >= 1 for name in ("batch_size", "grad_accum", "epochs", "max_length")}}
+    for name, ok in ranges.items():
+        if not (ok and math.isfinite(getattr(args, name))):
+            raise common.InputError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range")
     if args.label_smoothing and args.loss != "sigmoid":
         raise common.InputError("--label-smoothing applies to --loss sigmoid only")
-    if args.loss == "sft" and (args.reference or args.reference_in_loop or args.nll_weight):
-        raise common.InputError("--loss sft trains plain NLL: --reference, --reference-in-loop and --nll-weight "
-                                "do not apply")
-    for name in ("batch_size", "grad_accum", "epochs", "max_length"):
-        if getattr(args, name) < 1:
-            raise common.InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.loss == "sft" and (args.reference or args.nll_weight):
+        raise common.InputError("--loss sft trains plain NLL: --reference and --nll-weight do not apply")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise common.InputError(f"--output {args.output} is a file; 04 writes a directory")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        raise common.InputError("--fsdp shards over processes: run under torchrun --nproc_per_node=2 or more")
     return args
 
 
@@ -147,56 +140,49 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
 
 # ----------------------------------------------------------------------------
-# Data: read, check, tokenise, split, batch
+# Data: read, check, tokenise, batch
 
 
-def read_examples(path, args, tokenizer, limit=None):
-    """Rows of a pairs (or SFT) file as tokenised examples, plus counts of the rows skipped.
+def read_examples(path, args, tokenizer, report=True):
+    """Rows of a pairs (or SFT) file as tokenised examples, and how many were skipped for each reason.
 
     An example: {"where": "file:line", "id", "key", "sequences": [(ids, prompt_length), ...] (chosen,
     rejected; or the completion), "response_tokens": [...], "length": longest sequence}.
-    A missing or empty field stops with `file:line: ...`; too long and chosen == rejected are skipped.
+    A missing or empty field stops with `file:line: ...`; too long and chosen == rejected are skipped,
+    and (report=True) each reason is printed once with its first file:line.
     """
     fields = ("prompt", "completion") if args.loss == "sft" else ("prompt", "chosen", "rejected")
-    rows = common.read_jsonl(path, required=fields)[:limit]
+    rows = common.read_jsonl(path, required=fields)
     examples, skipped = [], {"too_long": [], "identical": []}
     for line_number, record in rows:
         where = f"{path}:{line_number}"
         for field in fields:
             if not isinstance(record[field], str) or not record[field].strip():
                 raise common.InputError(f"{where}: field '{field}' must be a non-empty string")
-        if args.loss != "sft" and record["chosen"] == record["rejected"]:
-            skipped["identical"].append(where)  # teaches nothing: both gradients cancel
-            continue
         sequences = [common.tokenize_prompt_response(tokenizer, record["prompt"], record[f]) for f in fields[1:]]
-        if max(len(ids) for ids, _ in sequences) > args.max_length:
-            skipped["too_long"].append(where)
+        length = max(len(ids) for ids, _ in sequences)
+        reason = ("identical" if args.loss != "sft" and record["chosen"] == record["rejected"] else  # teaches nothing
+                  "too_long" if length > args.max_length else None)
+        if reason:
+            skipped[reason].append(where)
             continue
-        key = hashlib.sha256(json.dumps([record[f] for f in fields], ensure_ascii=False).encode()).hexdigest()[:20]
-        examples.append({"where": where, "id": str(record.get("id", where)), "key": key,
-                         "texts": [record[f] for f in fields], "sequences": sequences,
-                         "response_tokens": [len(ids) - prompt_length for ids, prompt_length in sequences],
-                         "length": max(len(ids) for ids, _ in sequences)})
-    return examples, len(rows), skipped
+        examples.append({"where": where, "id": str(record.get("id", where)), "length": length,
+                         "key": common.content_key(*[record[f] for f in fields]), "sequences": sequences,
+                         "response_tokens": [len(ids) - prompt_length for ids, prompt_length in sequences]})
+    why = {"too_long": f"longer than --max-length {args.max_length} tokens", "identical": "chosen == rejected"}
+    for reason, wheres in skipped.items():
+        if wheres and report:
+            print(f"{path}: skipped {len(wheres)} of {len(rows)} rows, {why[reason]} (first: {wheres[0]})")
+    return examples, {reason: len(wheres) for reason, wheres in skipped.items()}
 
 
-def report_skips(path, total, skipped, args):
-    if args.rank == 0:
-        reasons = {"too_long": f"longer than --max-length {args.max_length} tokens", "identical": "chosen == rejected"}
-        for reason, wheres in skipped.items():
-            if wheres:
-                print(f"{path}: skipped {len(wheres)} of {total} rows, {reasons[reason]} (first: {wheres[0]})")
-    return {reason: len(wheres) for reason, wheres in skipped.items()}
-
-
-def split_eval(examples, fraction, seed):
-    """Hold out whole prompt ids (a parallel prompt in every language goes to one side) -> (train, eval)."""
-    if fraction <= 0:
-        return examples, []
-    ids = sorted({example["id"] for example in examples})
-    random.Random(seed).shuffle(ids)
-    held_out = set(ids[:max(1, round(fraction * len(ids)))])
-    return ([e for e in examples if e["id"] not in held_out], [e for e in examples if e["id"] in held_out])
+def load_data(args, tokenizer, rank):
+    """(train examples, eval examples, skip counts): --eval-pairs, or whole prompt ids held out of --input."""
+    train, skip_counts = read_examples(args.input, args, tokenizer, report=rank == 0)
+    if not args.eval_pairs:
+        return (*common.split_by_id(train, args.eval_frac, args.seed), {"train": skip_counts})
+    eval_set, eval_skips = read_examples(args.eval_pairs, args, tokenizer, report=rank == 0)
+    return train, eval_set, {"train": skip_counts, "eval": eval_skips}
 
 
 def epoch_batches(lengths, global_batch, seed, epoch):
@@ -217,211 +203,185 @@ def epoch_batches(lengths, global_batch, seed, epoch):
     return batches
 
 
+def my_micro_batches(step_examples, batch_size, grad_accum, rank):
+    """This process's share of a global batch: grad_accum micro-batches of batch_size examples."""
+    first = rank * grad_accum * batch_size
+    return [step_examples[first + k * batch_size:first + (k + 1) * batch_size] for k in range(grad_accum)]
+
+
+def eval_batches(examples, batch_size, rank, world):
+    """Held-out examples in batches, longest first; every process gets as many batches (some may be empty)."""
+    examples = sorted(examples, key=lambda e: -e["length"])
+    mine, per_rank = examples[rank::world], math.ceil(len(examples) / world)
+    return [mine[start:start + batch_size] for start in range(0, per_rank, batch_size)]
+
+
 # ----------------------------------------------------------------------------
 # Log-probs and the loss of one micro-batch
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (weights and optimizer stay fp32); plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def batch_logps(model, batch):
+    """[rows] float64 summed response log-probs of a micro-batch: every example's first sequence (chosen,
+    or the SFT completion), then every example's second (rejected). One forward, differentiable.
+    On CUDA under bf16 autocast (the weights and the optimizer stay fp32); on CPU in fp32."""
+    sequences = [sequence for column in zip(*(example["sequences"] for example in batch)) for sequence in column]
+    device = next(model.parameters()).device
+    with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext():
+        return common.response_logps(model, sequences)
 
 
-def sequence_logps(model, sequences, args, chunk_positions=256):
-    """Summed log-probs of each sequence's response tokens, from ONE forward of the (wrapped) model.
-
-    sequences: n (ids, prompt_length). Returns [n] float64, differentiable.
-    Goes through model(...) itself, so DDP/FSDP hooks run, but takes its last hidden states (logits
-    for one position only) and applies the output layer here, chunk_positions at a time under
-    activation checkpointing: [positions, vocab] logits then exist for one chunk at a time, in the
-    forward and again in the backward. All at once they would be n x length x vocab floats, kept for
-    the backward, plus as much again for their gradient: 8 x 1024 x a 128k vocabulary is 4 GB each.
-    Positions before the shortest prompt are skipped; prompt and padding positions are masked out.
-    """
-    device = args.device
-    input_ids, attention_mask = common.pad_right([ids for ids, _ in sequences], args.pad_id)
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    first = min(prompt_length for _, prompt_length in sequences) - 1  # first position predicting a response token
-    output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1,
-                   output_hidden_states=True)
-    hidden = output.hidden_states[-1][:, first:]  # [n, kept, hidden] after the final norm; kept = length - first
-    # Position t predicts token t + 1; the last position predicts nothing (label 0, masked).
-    labels = torch.cat([input_ids[:, first + 1:], torch.zeros_like(input_ids[:, :1])], dim=1)  # [n, kept]
-    output_layer = unwrap(model).get_output_embeddings()
-    positions, position_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    logps = torch.cat([checkpoint(lambda h, y: common.token_logps(output_layer(h), y),
-                                  positions[start:start + chunk_positions],
-                                  position_labels[start:start + chunk_positions], use_reentrant=False)
-                       for start in range(0, len(positions), chunk_positions)]).view(labels.shape)
-    response_mask = torch.zeros(labels.shape, dtype=torch.bool)
-    for row, (ids, prompt_length) in enumerate(sequences):
-        response_mask[row, prompt_length - 1 - first:len(ids) - 1 - first] = True
-    return torch.where(response_mask.to(device), logps.double(), 0.0).sum(dim=1)
-
-
-def micro_batch_loss(model, batch, args, pairs_in_batch, tokens_in_batch, reference_model=None):
-    """Loss of one micro-batch (already divided by the whole step's counts) and its metric sums.
-
-    batch: examples. Returns (loss scalar, sums [len(args.metrics)] float64 detached, tokens in the forward).
-    """
-    device = args.device
+def micro_batch_loss(model, batch, args, pairs_in_batch, tokens_in_batch):
+    """Loss of one micro-batch (already divided by the whole step's counts) and its metric sums by name."""
+    logps = batch_logps(model, batch)
     if args.loss == "sft":
-        sequences = [example["sequences"][0] for example in batch]
-        with autocast(device):
-            logps = sequence_logps(model, sequences, args)
         loss = -logps.sum() / tokens_in_batch
-        return loss, loss.detach().reshape(1), sum(len(ids) for ids, _ in sequences)
-    n = len(batch)
-    sequences = [e["sequences"][0] for e in batch] + [e["sequences"][1] for e in batch]  # chosen rows, then rejected
-    with autocast(device):
-        logps = sequence_logps(model, sequences, args)
-    if reference_model is not None:
-        with torch.no_grad(), autocast(device):
-            reference = sequence_logps(reference_model, sequences, args)
-    else:
-        reference = torch.tensor([e["reference_logps"] for e in batch], dtype=torch.float64).T.reshape(-1).to(device)
+        return loss, {"loss": loss.detach()}
+    n, device = len(batch), logps.device
+    reference = torch.tensor([e["reference_logps"] for e in batch], dtype=torch.float64).T.reshape(-1).to(device)
     chosen_tokens = torch.tensor([e["response_tokens"][0] for e in batch], device=device)
     loss, chosen_rewards, rejected_rewards = dpo_loss(
         logps[:n], logps[n:], reference[:n], reference[n:], args.beta, args.loss, args.label_smoothing,
         args.nll_weight, chosen_tokens, pairs_in_batch, tokens_in_batch)
     policy = logps.detach()
-    sums = torch.stack([loss.detach(), chosen_rewards.sum(), rejected_rewards.sum(),
-                        (chosen_rewards > rejected_rewards).double().sum(), (chosen_rewards - rejected_rewards).sum(),
-                        policy[:n].sum(), policy[n:].sum(), -policy[:n].sum() / tokens_in_batch])
-    return loss, sums, sum(len(ids) for ids, _ in sequences)
+    return loss, {"loss": loss.detach(), "rewards/chosen": chosen_rewards.sum(),
+                  "rewards/rejected": rejected_rewards.sum(),
+                  "rewards/accuracies": (chosen_rewards > rejected_rewards).double().sum(),  # a tie is not a win
+                  "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+                  "logps/chosen": policy[:n].sum(), "logps/rejected": policy[n:].sum(),
+                  "nll_loss": -policy[:n].sum() / tokens_in_batch}
 
 
-def metrics_from_sums(sums, pairs, args):
-    """Loss and NLL are already normalised; the rest are sums over pairs -> means."""
-    return {name: float(value) / (1 if name in ("loss", "nll_loss") else pairs)
-            for name, value in zip(args.metrics, sums.tolist())}
-
-
-def all_reduce_sum(tensor):
+def reduce_metrics(sums, pairs):
+    """Sum every process's metric sums by name, then make the per-pair sums means (loss and NLL come normalised)."""
+    names = list(sums)
+    total = torch.stack([torch.as_tensor(sums[name], dtype=torch.float64) for name in names])
     if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
+        dist.all_reduce(total)
+    return {name: value / pairs if name.startswith(("rewards/", "logps/")) else value
+            for name, value in zip(names, total.tolist())}
 
 
-def evaluate(model, examples, args, reference_model=None):
+def train_step(model, optimizer, step_examples, args, rank, world):
+    """One optimizer step on one global batch; returns its metrics by name (the same on every process).
+
+    A non-finite loss or gradient norm returns before the optimizer steps, so the weights stay good.
+    """
+    pairs, tokens_in_batch = len(step_examples), sum(e["response_tokens"][0] for e in step_examples)
+    mine = my_micro_batches(step_examples, args.batch_size, args.grad_accum, rank)
+    sums, tokens = {}, 0
+    for index, batch in enumerate(mine):
+        with gradient_sync(model, enabled=index == len(mine) - 1):
+            loss, batch_sums = micro_batch_loss(model, batch, args, pairs, tokens_in_batch)
+            (loss * world).backward()  # DDP and FSDP AVERAGE gradients over processes; this makes it the sum
+        sums = {name: sums.get(name, 0) + value for name, value in batch_sums.items()}
+        tokens += sum(len(ids) for example in batch for ids, _ in example["sequences"])
+    metrics = reduce_metrics({**sums, "tokens": torch.tensor(float(tokens), device=sums["loss"].device)}, pairs)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+    metrics["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model, examples, args, rank, world):
     """Reward accuracy and margins (or SFT loss) of the policy on held-out examples, over all processes."""
     if not examples:
         return {}
-    examples = sorted(examples, key=lambda e: -e["length"])
-    mine, per_rank = examples[args.rank::args.world], math.ceil(len(examples) / args.world)
     pairs, tokens = len(examples), sum(e["response_tokens"][0] for e in examples)
-    sums = torch.zeros(len(args.metrics), dtype=torch.float64, device=args.device)
+    sums = {}
     model.eval()
-    with torch.no_grad():
-        for start in range(0, per_rank, args.batch_size):
-            batch = mine[start:start + args.batch_size]
-            # Every process joins every forward (FSDP gathers weights inside it), so one that ran out of
-            # examples runs a throwaway batch and discards the result.
-            _, batch_sums, _ = micro_batch_loss(model, batch or examples[:1], args, pairs, tokens, reference_model)
-            sums += batch_sums if batch else 0
+    for batch in eval_batches(examples, args.batch_size, rank, world):
+        # Every process joins every forward (FSDP gathers weights inside it), so one that ran out of
+        # examples runs a throwaway batch and discards the result.
+        _, batch_sums = micro_batch_loss(model, batch or examples[:1], args, pairs, tokens)
+        sums = {name: sums.get(name, 0) + (value if batch else 0 * value) for name, value in batch_sums.items()}
+    back_to_training(model)
+    return reduce_metrics(sums, pairs)
+
+
+def back_to_training(model):
+    """Train mode after forwards without gradients. FSDP2 keeps the root's weights gathered after such a
+    forward; reshard them, or the next training step's gradients for them go wrong (embeddings, output layer)."""
     model.train()
-    return metrics_from_sums(all_reduce_sum(sums).cpu(), pairs, args)
+    if hasattr(model, "reshard"):
+        model.reshard()
 
 
 # ----------------------------------------------------------------------------
-# Reference log-probs, precomputed and cached
+# Reference log-probs, computed before training
 
 
-def model_fingerprint(name):
-    """The reference's name plus its weight files' sizes and times, so a retrained directory is noticed."""
-    path = common.resolve_model(name)
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else []
-    return [name] + [f"{os.path.basename(f)}:{os.path.getsize(f)}:{int(os.path.getmtime(f))}" for f in files]
+@torch.no_grad()
+def attach_reference_logps(model, name, train, eval_set, first_epoch, args, rank, world):
+    """Give every example its [reference chosen, reference rejected] summed log-probs; returns how many were scored.
 
-
-def attach_reference_logps(examples, reference_name, load_reference, tokenizer, args):
-    """Give every example its [reference chosen, reference rejected] summed log-probs.
-
-    Cached in <output>/reference_logps.json keyed by each pair's content (and the reference's
-    identity): a changed or added pair is scored, the rest read back. Missing pairs are scored with
-    common.score, split over processes. load_reference() returns the model, called only when needed.
-    Returns the number of pairs scored now.
+    model: the reference `name`, loaded and wrapped like the policy (default: the policy before its first step).
+    Scored in the micro-batches the policy first sees them in (first_epoch: the first epoch's global
+    batches), so policy and reference are computed alike, padding and kernel shapes included: step 1 is
+    exactly ln 2 in any dtype. Written batch by batch to <output>/reference_logps.jsonl (resumable like
+    every stage), keyed by the pair, the reference's weight files, the device and the global batch: a pair
+    already scored alike is not scored again.
     """
-    cache_path = os.path.join(args.output, "reference_logps.json")
-    identity = {"reference": model_fingerprint(reference_name), "device": args.device.type}
-    cache = {}
-    if os.path.exists(cache_path):
-        with open(cache_path, encoding="utf-8") as handle:
-            saved = json.load(handle)
-        cache = saved["logps"] if saved.get("identity") == identity else {}
-    missing = sorted({e["key"]: e for e in examples if e["key"] not in cache}.values(), key=lambda e: e["key"])
-    if missing:
-        model = load_reference()
-        mine = missing[args.rank::args.world]
-        was_training = model.training
-        model.eval()
-        with autocast(args.device):
-            summed, counts = common.score(model, tokenizer, [e["texts"][0] for e in mine] * 2,
-                                          [e["texts"][1] for e in mine] + [e["texts"][2] for e in mine],
-                                          token_budget=args.score_token_budget, desc="reference log-probs",
-                                          show_progress=args.rank == 0)
-        model.train(was_training)
-        expected = [e["response_tokens"][0] for e in mine] + [e["response_tokens"][1] for e in mine]
-        if counts.tolist() != expected:  # the scorer and the trainer must see the same tokens
-            raise RuntimeError("reference scorer and trainer disagree on response token counts")
-        scored = {e["key"]: [summed[i].item(), summed[len(mine) + i].item()] for i, e in enumerate(mine)}
-        gathered = [None] * args.world
-        if dist.is_initialized():
-            dist.all_gather_object(gathered, scored)
-        else:
-            gathered = [scored]
-        for part in gathered:
-            cache.update(part)
-        if args.rank == 0:
-            keep = {e["key"]: cache[e["key"]] for e in examples}
-            write_json(cache_path, {"identity": identity, "logps": keep})
+    path, weights = os.path.join(args.output, "reference_logps.jsonl"), common.resolve_model(name)
+    identity = [name, next(model.parameters()).device.type, args.batch_size * args.grad_accum * world] + [
+        f"{os.path.basename(f)}:{os.path.getsize(f)}:{os.path.getmtime(f)}"  # a retrained directory is noticed
+        for f in sorted(glob.glob(os.path.join(weights, "*.safetensors")))]
+    examples = train + eval_set
     for example in examples:
-        example["reference_logps"] = cache[example["key"]]
-    return len(missing)
-
-
-def write_json(path, value):
-    with open(path + ".partial", "w", encoding="utf-8") as handle:
-        json.dump(value, handle, ensure_ascii=False, indent=1)
-    os.replace(path + ".partial", path)
+        example["reference_key"] = common.content_key(identity, example["key"])
+    key = lambda item: item["reference_key"]  # noqa: E731  (an example, or its record in the file)
+    pending = {key(example) for example in common.resume(path, examples, key)[1]}
+    batches = [batch for step in first_epoch for batch in
+               my_micro_batches([train[i] for i in step], args.batch_size, args.grad_accum, rank)]
+    in_first_epoch = {index for step in first_epoch for index in step}
+    batches += eval_batches([e for i, e in enumerate(train) if i not in in_first_epoch], args.batch_size, rank, world)
+    model.eval()
+    for batch in tqdm(batches + eval_batches(eval_set, args.batch_size, rank, world), desc="reference log-probs",
+                      unit="batch", disable=rank != 0 or not pending, dynamic_ncols=True):
+        new = [example for example in batch if key(example) in pending]
+        if new or (args.fsdp and pending):  # under FSDP every process joins every forward (a throwaway one)
+            logps = batch_logps(model, new or train[:1]).cpu()
+            common.save_batch(path, [{"reference_key": key(e), "logps": [logps[i].item(), logps[len(new) + i].item()]}
+                                     for i, e in enumerate(new)], rank)
+    back_to_training(model)
+    common.finish(path, examples, key, rank)
+    saved = {key(record): record["logps"] for _, record in common.read_jsonl(path)}
+    for example in examples:
+        example["reference_logps"] = saved[key(example)]
+    return len(pending)
 
 
 # ----------------------------------------------------------------------------
 # Model setup, checkpoints
 
 
-def prepare_for_training(model, args):
-    """Train mode with every dropout at zero (the reference scores without dropout, so must the policy)."""
+def load_policy(name, device, args, train=True):
+    """A model to train (or, train=False, a reference scored like it): fp32 master weights, dropout off,
+    sharded under --fsdp (one shard group per decoder layer, then the rest), in DistributedDataParallel when it
+    trains under torchrun. Either way bf16 comes from autocast alone, as on one GPU: one precision path."""
+    model = common.load_model(name, device, torch.float32, args.trust_remote_code)[0]
     model.train()
-    for module in model.modules():
+    for module in model.modules():  # the reference scores without dropout, so must the policy
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        for name, value in vars(module).items():  # attention dropout is often a plain float attribute
-            if "dropout" in name and isinstance(value, float):
-                setattr(module, name, 0.0)
+        for attribute, value in vars(module).items():  # attention dropout is often a plain float attribute
+            if "dropout" in attribute and isinstance(value, float):
+                setattr(module, attribute, 0.0)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-
-
-def wrap_model(model, args):
-    """Plain model (1 process), DistributedDataParallel, or FSDP2 shards (--fsdp)."""
     if args.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                     if args.device.type == "cuda" else MixedPrecisionPolicy())
-        layer_classes = set(getattr(model, "_no_split_modules", None) or [])
-        for module in model.modules():  # one shard group per decoder layer, then the rest
-            if type(module).__name__ in layer_classes:
-                fully_shard(module, mp_policy=precision)
-        return fully_shard(model, mp_policy=precision)
-    if args.world > 1:
+        from torch.distributed.fsdp import fully_shard
+        for module in model.modules():
+            if type(module).__name__ in set(getattr(model, "_no_split_modules", None) or []):
+                fully_shard(module)
+        return fully_shard(model)
+    if train and dist.is_initialized():
         return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.device.index] if args.device.type == "cuda" else None, broadcast_buffers=False)
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     return model
-
-
-def unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def gradient_sync(model, enabled):
@@ -433,36 +393,73 @@ def gradient_sync(model, enabled):
     return contextlib.nullcontext()
 
 
+def make_optimizer(model, args, checkpoint=None):
+    """AdamW; weight decay on matrices only, as usual (not on norms and biases); its moments from `checkpoint`.
+
+    fused=True updates each tensor in one kernel: faster, and without the whole-model temporaries
+    of the default multi-tensor version (one model copy less at peak).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    if checkpoint:  # the weights came with the model
+        saved = torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True)
+        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+    return optimizer
+
+
+def learning_rate(step, total_steps, args):
+    """Linear warmup from 0, then cosine or linear decay to --min-lr (a function of the step: resumes exactly)."""
+    warmup = round(args.warmup_ratio * total_steps)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1}[args.lr_schedule]
+    return args.min_lr + decay * (args.lr - args.min_lr)
+
+
+def all_finite(model, optimizer=None):
+    """Every weight (and optimizer moment) finite, on every process: nothing else may be saved."""
+    tensors = list(model.parameters()) + [value for state in (optimizer.state.values() if optimizer else [])
+                                          for value in state.values() if torch.is_tensor(value) and value.ndim]
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP: this process's shards
+    finite = torch.stack([torch.isfinite(t.detach()).all() for t in local]).all().float()
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def save_model(model, tokenizer, directory, rank):
     """save_pretrained of the full (gathered) weights; a collective call under FSDP."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     seen = set()
-    for name, parameter in unwrap(model).named_parameters(remove_duplicate=False):
+    for name, parameter in common.unwrap(model).named_parameters(remove_duplicate=False):
         if id(parameter) in seen:  # a tied weight (lm_head = embeddings): gathered as a copy, stored once
             state.pop(name, None)
         seen.add(id(parameter))
     if rank == 0:
-        unwrap(model).save_pretrained(directory, state_dict=state, safe_serialization=True)
+        common.unwrap(model).save_pretrained(directory, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(directory)
 
 
-def save_checkpoint(model, optimizer, tokenizer, trainer_state, args):
-    """checkpoint-N/: weights (safetensors), optimizer + RNG (torch.save), trainer_state.json.
+def save_checkpoint(model, optimizer, tokenizer, trainer_state, output, rank):
+    """checkpoint-N/: weights (safetensors), optimizer state (torch.save), trainer_state.json.
 
     Written as checkpoint-N.tmp and renamed when complete; only then is the older one deleted, so a
     kill at any moment leaves at least one whole checkpoint.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    output, step, rank = args.output, trainer_state["step"], args.rank
+    step = trainer_state["step"]
     final, temporary = os.path.join(output, f"checkpoint-{step}"), os.path.join(output, f"checkpoint-{step}.tmp")
     save_model(model, tokenizer, temporary, rank)
     optimizer_state = get_optimizer_state_dict(model, optimizer,
                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        torch.save({"optimizer": optimizer_state, "rng": torch.get_rng_state()},
-                   os.path.join(temporary, "training_state.pt"))
-        write_json(os.path.join(temporary, "trainer_state.json"), trainer_state)
+        torch.save(optimizer_state, os.path.join(temporary, "optimizer.pt"))
+        common.write_json(os.path.join(temporary, "trainer_state.json"), trainer_state)
         os.replace(temporary, final)
         for old in glob.glob(os.path.join(output, "checkpoint-*")):
             if old != final:
@@ -477,195 +474,74 @@ def latest_checkpoint(output):
     return max(done, key=lambda path: int(path.rsplit("-", 1)[1]), default=None)
 
 
-def learning_rate(step, total_steps, args):
-    """Linear warmup from 0, then cosine or linear decay to --min-lr (a function of the step: resumes exactly)."""
-    warmup = round(args.warmup_ratio * total_steps)
-    if step < warmup:
-        return args.lr * (step + 1) / warmup
-    if args.lr_schedule == "constant":
-        return args.lr
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if args.lr_schedule == "cosine" else 1 - progress
-    return args.min_lr + decay * (args.lr - args.min_lr)
+# Flags a resumed run may change: they split the same global batch differently, or only say where things go.
+RESUMABLE_WITH_OTHER = ("output", "resume", "save_every", "batch_size", "grad_accum", "gradient_checkpointing", "fsdp",
+                        "trust_remote_code")
 
 
-def make_optimizer(model, args):
-    """AdamW; weight decay on matrices only, as usual (not on norms and biases).
-
-    fused=True updates each tensor in one kernel: faster, and without the whole-model temporaries
-    of the default multi-tensor version (one model copy less at peak).
-    """
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
-
-
-# ----------------------------------------------------------------------------
-# Training
-
-
-def my_micro_batches(step_examples, args):
-    """This process's share of a global batch: --grad-accum micro-batches of --batch-size examples."""
-    size, first = args.batch_size, args.rank * args.grad_accum * args.batch_size
-    return [step_examples[start:start + size] for start in range(first, first + args.grad_accum * size, size)]
-
-
-def train_step(model, optimizer, step_examples, args, reference_model=None):
-    """One optimizer step on one global batch; returns its metrics (the same on every process).
-
-    A non-finite loss or gradient norm returns before the optimizer steps, so the weights stay good.
-    """
-    pairs, tokens_in_batch = len(step_examples), sum(e["response_tokens"][0] for e in step_examples)
-    mine = my_micro_batches(step_examples, args)
-    sums = torch.zeros(len(args.metrics) + 1, dtype=torch.float64, device=args.device)  # + tokens
-    for index, batch in enumerate(mine):
-        with gradient_sync(model, enabled=index == len(mine) - 1):
-            loss, batch_sums, tokens = micro_batch_loss(model, batch, args, pairs, tokens_in_batch, reference_model)
-            (loss * args.world).backward()  # DDP and FSDP AVERAGE gradients over processes; this makes it the sum
-        sums += torch.cat([batch_sums, batch_sums.new_tensor([tokens])])
-    sums = all_reduce_sum(sums).cpu()
-    metrics = metrics_from_sums(sums[:-1], pairs, args)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-    metrics.update(grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                   tokens=int(sums[-1]))
-    if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return metrics
-
-
-def measure_forward_rate(model, batches, args):
-    """Tokens/s of the forward pass alone on real training micro-batches: the yardstick for training speed."""
-    def forward(batch):
-        sequences = [sequence for example in batch for sequence in example["sequences"]]
-        sequence_logps(model, sequences, args)
-        return sum(len(ids) for ids, _ in sequences)
-    synchronize = torch.cuda.synchronize if args.device.type == "cuda" else lambda: None
-    with torch.no_grad(), autocast(args.device):
-        forward(batches[0])  # warm-up
-        synchronize()
-        start, tokens = time.perf_counter(), sum(forward(batch) for batch in batches)
-        synchronize()
-    return tokens / (time.perf_counter() - start) * args.world
-
-
-def load_data(args, tokenizer):
-    """(train examples, eval examples, skip counts); skips are printed with their first file:line."""
-    train, rows, skipped = read_examples(args.input, args, tokenizer, args.limit)
-    skip_counts = {"train": report_skips(args.input, rows, skipped, args)}
-    if args.eval_pairs:
-        eval_set, eval_rows, eval_skipped = read_examples(args.eval_pairs, args, tokenizer)
-        skip_counts["eval"] = report_skips(args.eval_pairs, eval_rows, eval_skipped, args)
-    else:
-        train, eval_set = split_eval(train, args.eval_frac, args.seed)
-    return train, eval_set, skip_counts
-
-
-def resume_point(args, settings, total_steps):
-    """(latest checkpoint or None, trainer state); a checkpoint made with other settings is refused."""
-    checkpoint = latest_checkpoint(args.output)
-    if checkpoint is None:
-        if args.resume:
-            raise common.InputError(f"--resume: no checkpoint in {args.output}")
-        return None, {"step": 0, "settings": settings}
-    with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as handle:
-        state = json.load(handle)
-    for name, value in settings.items():
-        if state["settings"].get(name) != value:
-            raise common.InputError(f"{checkpoint}: trained with {name}={state['settings'].get(name)!r}, now "
-                                    f"{value!r}; rerun with the same settings or delete {args.output}")
-    if args.rank == 0:
-        print(f"resuming from {checkpoint} (step {state['step']} of {total_steps})")
+def resume_point(output, settings, require, rank):
+    """(latest checkpoint or None, trainer state); a checkpoint made with other settings is refused.
+    metrics.jsonl is cut back to the checkpoint's step."""
+    checkpoint, state = latest_checkpoint(output), {"step": 0, "settings": settings}
+    if checkpoint is None and require:
+        raise common.InputError(f"--resume: no checkpoint in {output}")
+    if checkpoint:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as handle:
+            state = json.load(handle)
+        common.same_settings(state["settings"], settings, f"{checkpoint}: trained", f"delete {output} to start over")
+    metrics_path = os.path.join(output, "metrics.jsonl")
+    if rank == 0:  # the metrics of the steps after the checkpoint go: those steps run again
+        kept = [json.dumps(r) + "\n" for _, r in common.read_jsonl(metrics_path) if r["step"] <= state["step"]] \
+            if os.path.exists(metrics_path) else []
+        common.write_atomic(metrics_path, lambda handle: handle.writelines(kept))
+        print(f"resuming from {checkpoint} (step {state['step']})" if checkpoint else f"training into {output}")
     return checkpoint, state
 
 
-def load_models(args, checkpoint, examples, tokenizer):
-    """(policy ready to train, reference model or None, pairs scored now).
-
-    The reference log-probs come first, so at most one model is in memory at a time: when the
-    reference is the starting policy, the policy scores them before it trains; another reference is
-    loaded, used and dropped. --reference-in-loop keeps the reference model instead.
-    """
-    def load(name, dtype=None):
-        return common.load_model(name, args.device, dtype, args.trust_remote_code)[0]
-    policy, reference_model, scored_now = None, None, 0
-    reference_name = args.reference or args.model
-    if args.loss != "sft" and args.reference_in_loop:
-        reference_model = load(reference_name)
-    elif args.loss != "sft":
-        if reference_name == args.model and checkpoint is None:
-            policy = load(args.model, torch.float32)
-        scored_now = attach_reference_logps(examples, reference_name, lambda: policy or load(reference_name),
-                                            tokenizer, args)
-        gc.collect()
-        torch.cuda.empty_cache() if args.device.type == "cuda" else None
-    policy = policy or load(checkpoint or args.model, torch.float32)  # fp32 master weights; bf16 autocast on CUDA
-    prepare_for_training(policy, args)
-    return policy, reference_model, scored_now
+# ----------------------------------------------------------------------------
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    # 1. Setup: processes, data, the settings a resumed run must share, the model, the reference.
+    args = parse_args(argv)
     timer = common.Timer()
-    args.rank, args.world = common.setup_distributed()
-    if args.fsdp and args.world < 2:
-        raise common.InputError("--fsdp shards over processes: run under torchrun --nproc_per_node=2 or more")
-    args.device, _ = common.pick_device()
-    args.metrics = SFT_METRICS if args.loss == "sft" else DPO_METRICS
+    rank, world = common.setup_distributed()
+    device, _ = common.pick_device()
     common.seed_everything(args.seed)
     summary_path = os.path.join(args.output, "train_summary.json")
-    if os.path.exists(summary_path):
-        if args.rank == 0:
-            print(f"{args.output} is complete ({summary_path} exists); delete it to train again.")
-        return
+    common.check_not_done(summary_path)  # written last: it marks the directory complete
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-    args.pad_id = tokenizer.pad_token_id
-
-    train, eval_set, skip_counts = load_data(args, tokenizer)
-    global_batch = args.batch_size * args.grad_accum * args.world
+    train, eval_set, skip_counts = load_data(args, tokenizer, rank)
+    global_batch = args.batch_size * args.grad_accum * world
     steps_per_epoch = len(train) // global_batch
     if steps_per_epoch == 0:
         raise common.InputError(f"{args.input}: {len(train)} training rows, fewer than one global batch of "
                                 f"{global_batch} (--batch-size x --grad-accum x processes)")
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
-    with open(args.input, "rb") as handle:
-        input_sha256 = hashlib.sha256(handle.read()).hexdigest()
-    settings = {name: getattr(args, name) for name in (
-        "model", "reference", "loss", "beta", "label_smoothing", "nll_weight", "eval_pairs", "eval_frac", "max_length",
-        "epochs", "max_steps", "lr", "min_lr", "lr_schedule", "warmup_ratio", "weight_decay", "max_grad_norm",
-        "limit", "seed")}
-    settings.update(global_batch=global_batch, input_sha256=input_sha256)
-    checkpoint, state = resume_point(args, settings, total_steps)
-    os.makedirs(args.output, exist_ok=True)
-
-    policy, reference_model, scored_now = load_models(args, checkpoint, train + eval_set, tokenizer)
-    model = wrap_model(policy, args)
-    optimizer = make_optimizer(model, args)
-    if checkpoint:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        saved = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=True)
-        set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
-        torch.set_rng_state(saved["rng"])
-    state["eval_before"] = state.get("eval_before") or evaluate(model, eval_set, args, reference_model)
     lengths = [example["length"] for example in train]
     batches_of_epoch = lambda epoch: epoch_batches(lengths, global_batch, args.seed, epoch)  # noqa: E731
-    forward_rate = measure_forward_rate(model, my_micro_batches([train[i] for i in batches_of_epoch(0)[0]], args),
-                                        args)
-
+    with open(args.input, "rb") as handle:  # what a resumed run must share: data, objective, schedule, global batch
+        settings = {**{name: value for name, value in vars(args).items() if name not in RESUMABLE_WITH_OTHER},
+                    "global_batch": global_batch, "input_sha256": hashlib.sha256(handle.read()).hexdigest()}
+    checkpoint, state = resume_point(args.output, settings, args.resume, rank)
+    model = load_policy(checkpoint or args.model, device, args)
+    scored_now = 0
+    if args.loss != "sft":
+        reference = model if (args.reference or args.model) == args.model and checkpoint is None else None
+        reference = reference or load_policy(args.reference or args.model, device, args, train=False)
+        scored_now = attach_reference_logps(reference, args.reference or args.model, train, eval_set,
+                                            batches_of_epoch(0), args, rank, world)
+        del reference  # no reference model while the policy trains
+        gc.collect()
+    optimizer = make_optimizer(model, args, checkpoint)
+    state["eval_before"] = state.get("eval_before") or evaluate(model, eval_set, args, rank, world)
     metrics_path = os.path.join(args.output, "metrics.jsonl")
-    if args.rank == 0:
-        dropped = len(train) - steps_per_epoch * global_batch
-        print(f"training on {len(train)} rows ({steps_per_epoch} steps per epoch of {global_batch}"
-              + (f"; {dropped} rows sit out each epoch to keep batches full" if dropped else "")
-              + f"), {len(eval_set)} held out, {total_steps} steps, {args.world} process(es)")
-        kept = []
-        if os.path.exists(metrics_path):  # drop lines past the checkpoint: those steps run again
-            with open(metrics_path, encoding="utf-8") as handle:
-                kept = [line for line in handle if json.loads(line)["step"] <= state["step"]]
-        with open(metrics_path, "w", encoding="utf-8") as handle:
-            handle.writelines(kept)
-    progress = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", disable=args.rank != 0,
+    if rank == 0:
+        print(f"training on {len(train)} rows ({steps_per_epoch} steps per epoch of {global_batch}, "
+              f"{len(train) % global_batch} sitting each epoch out), {len(eval_set)} held out, {total_steps} steps")
+
+    # 2. The training loop: learning rate, one step, log, checkpoint.
+    progress = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", disable=rank != 0,
                     dynamic_ncols=True)
     for step in range(state["step"], total_steps):
         epoch, index = divmod(step, steps_per_epoch)
@@ -673,56 +549,48 @@ def main():
         for group in optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
-        metrics = train_step(model, optimizer, [train[i] for i in batches_of_epoch(epoch)[index]], args,
-                             reference_model)
-        torch.cuda.synchronize() if args.device.type == "cuda" else None
+        metrics = train_step(model, optimizer, [train[i] for i in batches_of_epoch(epoch)[index]], args, rank, world)
+        torch.cuda.synchronize() if device.type == "cuda" else None
         seconds = time.perf_counter() - started
-        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+        saving = args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+                and all_finite(model, optimizer if saving else None)):  # nothing non-finite is ever saved
             progress.close()
             raise common.InputError(
-                f"step {step + 1}: loss {metrics['loss']}, grad_norm {metrics['grad_norm']}: training stopped before "
-                f"this update; last good checkpoint: {latest_checkpoint(args.output) or 'none (see --save-every)'}. "
-                "Try a lower --lr or --beta.")
-        record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), **metrics, "lr": lr,
-                  "tokens/s": round(metrics["tokens"] / seconds, 1)}
-        if args.rank == 0:
-            with open(metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-            shown = {"loss": "loss", "rewards/accuracies": "acc", "rewards/margins": "margin", "tokens/s": "tok/s"}
-            progress.set_postfix({short: f"{record[name]:.4g}" for name, short in shown.items() if name in record},
-                                 lr=f"{lr:.2e}")
-        progress.update(1)
+                f"step {step + 1}: loss {metrics['loss']}, grad_norm {metrics['grad_norm']}, or the weights after the "
+                f"update, are not finite: training stopped; last good checkpoint: "
+                f"{latest_checkpoint(args.output) or 'none (see --save-every)'}. Try a lower --lr or --beta.")
         state.update(step=step + 1, final_step=metrics, train_seconds=state.get("train_seconds", 0) + seconds,
                      train_tokens=state.get("train_tokens", 0) + metrics["tokens"])
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(model, optimizer, tokenizer, state, args)
+        record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), **metrics, "lr": lr,
+                  "tokens/s": round(metrics["tokens"] / seconds, 1)}
+        if rank == 0:
+            with open(metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            progress.set_postfix(loss=f"{metrics['loss']:.4g}", acc=metrics.get("rewards/accuracies"), lr=f"{lr:.1e}")
+        progress.update(1)
+        if saving:
+            save_checkpoint(model, optimizer, tokenizer, state, args.output, rank)
     progress.close()
-    eval_after = evaluate(model, eval_set, args, reference_model)
 
-    # Model files first, train_summary.json last: its presence marks the directory complete.
-    temporary = os.path.join(args.output, "final.tmp")
-    save_model(model, tokenizer, temporary, args.rank)
-    if args.rank == 0:
-        for name in os.listdir(temporary):
-            os.replace(os.path.join(temporary, name), os.path.join(args.output, name))
-        os.rmdir(temporary)
+    # 3. Finish: held-out metrics, the model, then train_summary.json (its presence marks the directory complete).
+    eval_after = evaluate(model, eval_set, args, rank, world)
+    save_model(model, tokenizer, args.output, rank)
+    if rank == 0:
         tokens_per_second = state["train_tokens"] / max(state["train_seconds"], 1e-9)
-        write_json(summary_path, {
-            "settings": settings, "world_size": args.world, "steps": total_steps, "train_pairs": len(train),
+        common.write_json(summary_path, {
+            "settings": settings, "world_size": world, "steps": total_steps, "train_pairs": len(train),
             "eval_pairs": len(eval_set), "skipped": skip_counts, "reference_scored_now": scored_now,
             "eval_before": state["eval_before"], "eval_after": eval_after, "final_step": state["final_step"],
             "train_seconds": round(state["train_seconds"], 2), "seconds": round(timer.seconds(), 2),
-            "train_tokens": state["train_tokens"], "tokens_per_second": round(tokens_per_second, 1),
-            "forward_tokens_per_second": round(forward_rate, 1),
-            "utilisation": round(tokens_per_second / forward_rate, 3)})
+            "train_tokens": state["train_tokens"], "tokens_per_second": round(tokens_per_second, 1)})
         for old in glob.glob(os.path.join(args.output, "checkpoint-*")):
             shutil.rmtree(old)
         for name, before in state["eval_before"].items():
             print(f"eval {name}: {before:.4f} -> {eval_after[name]:.4f} ({len(eval_set)} held-out rows)")
         print(common.summary_line("04_dpo", timer.seconds(), steps=total_steps, pairs=len(train),
                                   skipped=sum(sum(counts.values()) for counts in skip_counts.values()))
-              + f", training {tokens_per_second:.1f} tokens/s = {tokens_per_second / forward_rate:.2f}x the "
-              f"forward-only rate {forward_rate:.1f} tokens/s (forward+backward costs ~3 forwards: ~0.33 is full use)")
+              + f", training {tokens_per_second:.1f} tokens/s")
     common.barrier()
     common.cleanup_distributed()
 

@@ -65,8 +65,6 @@ MATH_INSTRUCTIONS = {
     "ko": "이 문제를 단계별로 풀고, 마지막에 최종 답을 숫자로 쓰세요.",
     "ar": "حل المسألة خطوة بخطوة، ثم اكتب الإجابة النهائية كرقم.",
 }
-TRANSLATE_QUESTION = ("Translate this {language} question into English. "
-                      "Reply with the English question only.\n\n{question}")
 JUDGE_PROMPT = """Two assistants answered the same instruction. Decide which answer is better: more helpful, \
 correct and complete, and written in the language of the instruction.
 
@@ -226,51 +224,49 @@ def math_message(question, lang):
     return f"{question}\n\n{MATH_INSTRUCTIONS.get(lang, MATH_INSTRUCTIONS['en'])}"
 
 
-def math_process(generate, tokenizer, translate_test, batch_size, counts):
-    """process() for run_resumable: items are math problems, out come scored predictions."""
+def math_records(generate, tokenizer, items, translate_test, batch_size, counts):
+    """Yields lists of scored predictions for math problems, a batch at a time.
 
+    translate_test: a batch of questions is first translated into English (with the question-translation
+    prompt QAlign trains in 03), then the English question is answered.
+    """
     def scored(item, sample, prompt, extra):
         prediction = common.extract_last_number(sample["text"])
         counts["no_number"] += prediction is None
         return {**{k: item[k] for k in ("model", "task", "id", "lang")}, "prompt": prompt, **extra,
                 "response": sample["text"], "truncated": sample["truncated"], "answer": item["answer"],
-                "prediction": prediction,
-                "correct": prediction is not None and abs(prediction - item["answer"]) <= 1e-3,
+                "prediction": prediction, "correct": common.same_number(prediction, item["answer"]),
                 "detected_language": common.detect_language(sample["text"]),
                 "in_language": in_language(sample["text"], item["lang"])}
 
-    def process(items):
-        if not translate_test:
-            messages = [math_message(item["prompt"], item["lang"]) for item in items]
-            for batch in answer_records(generate, tokenizer, items, messages, "answer", counts):
-                yield [scored(item, sample, math_message(item["prompt"], item["lang"]), {}) for item, sample in batch]
-            return
-        for start in range(0, len(items), batch_size):  # translate a batch, then answer it
-            chunk = items[start:start + batch_size]
-            english = {id(item): item["prompt"] for item in chunk if item["lang"] == "en"}
-            to_translate = [item for item in chunk if item["lang"] != "en"]
-            messages = [TRANSLATE_QUESTION.format(language=common.language_name(item["lang"]), question=item["prompt"])
-                        for item in to_translate]
-            for batch in answer_records(generate, tokenizer, to_translate, messages, "translate", counts):
-                english.update({id(item): sample["text"] for item, sample in batch})
-            messages = [math_message(english[id(item)], "en") for item in chunk]
-            records = []
-            for batch in answer_records(generate, tokenizer, chunk, messages, "answer", counts):
-                records += [scored(item, sample, math_message(english[id(item)], "en"),
-                                   {"question": item["prompt"], "question_en": english[id(item)]})
-                            for item, sample in batch]
-            yield records
-
-    return process
+    if not translate_test:
+        messages = [math_message(item["prompt"], item["lang"]) for item in items]
+        for batch in answer_records(generate, tokenizer, items, messages, "answer", counts):
+            yield [scored(item, sample, math_message(item["prompt"], item["lang"]), {}) for item, sample in batch]
+        return
+    for start in range(0, len(items), batch_size):  # translate a batch, then answer it
+        chunk = items[start:start + batch_size]
+        english = {id(item): item["prompt"] for item in chunk if item["lang"] == "en"}
+        to_translate = [item for item in chunk if item["lang"] != "en"]
+        messages = [f"{common.QUESTION_TRANSLATION.format(language=common.language_name(item['lang']))}\n\n"
+                    f"{item['prompt']}" for item in to_translate]
+        for batch in answer_records(generate, tokenizer, to_translate, messages, "translate", counts):
+            english.update({id(item): sample["text"] for item, sample in batch})
+        messages = [math_message(english[id(item)], "en") for item in chunk]
+        records = []
+        for batch in answer_records(generate, tokenizer, chunk, messages, "answer", counts):
+            records += [scored(item, sample, math_message(english[id(item)], "en"),
+                               {"question": item["prompt"], "question_en": english[id(item)]})
+                        for item, sample in batch]
+        yield records
 
 
-def winrate_process(generate, tokenizer, counts):
-    def process(items):
-        for batch in answer_records(generate, tokenizer, items, [item["prompt"] for item in items], "answer", counts):
-            yield [{**{k: item[k] for k in ("model", "task", "id", "lang", "prompt")}, "response": sample["text"],
-                    "truncated": sample["truncated"], "detected_language": common.detect_language(sample["text"]),
-                    "in_language": in_language(sample["text"], item["lang"])} for item, sample in batch]
-    return process
+def winrate_records(generate, tokenizer, items, counts):
+    """Yields lists of answers to instruction prompts (judged later), a batch at a time."""
+    for batch in answer_records(generate, tokenizer, items, [item["prompt"] for item in items], "answer", counts):
+        yield [{**{k: item[k] for k in ("model", "task", "id", "lang", "prompt")}, "response": sample["text"],
+                "truncated": sample["truncated"], "detected_language": common.detect_language(sample["text"]),
+                "in_language": in_language(sample["text"], item["lang"])} for item, sample in batch]
 
 
 def predict(column, task_items, work, args, rank, world_size, counts):
@@ -284,10 +280,14 @@ def predict(column, task_items, work, args, rank, world_size, counts):
         if not os.path.exists(path):  # not finished in an earlier run
             generate, tokenizer = generator = generator or load_generator(column, args)
             items = [{**p, "model": column["label"], "task": task} for p in problems]
-            process = (winrate_process(generate, tokenizer, counts) if task == "winrate" else
-                       math_process(generate, tokenizer, task.endswith("-tt"), args.batch_size, counts))
             key = lambda record: (record["model"], record["task"], record["id"], record["lang"])  # noqa: E731
-            counts["predictions"] += common.run_resumable(items, key, path, process, rank, world_size)[1]
+            _, mine = common.resume(path, items, key, rank, world_size)
+            batches = (winrate_records(generate, tokenizer, mine, counts) if task == "winrate" else
+                       math_records(generate, tokenizer, mine, task.endswith("-tt"), args.batch_size, counts))
+            for records in batches:
+                common.save_batch(path, records, rank)
+            counts["predictions"] += len(mine)
+            common.finish(path, items, key, rank)
         predictions[task] = [record for _, record in common.read_jsonl(path)]
     return predictions
 
@@ -394,24 +394,25 @@ def api_judge(url, model_name, key, max_tokens):
             verdicts.append({"choice": match.group(1) if match else None, "reply": reply})
         return verdicts
 
-    ask("Reply with the letter A.")  # one request now: a wrong URL or key fails before any generation
+    ask("Reply with the letter A.")
     return judge
 
 
-def judge_process(judge, reference, counts, chunk=16):
-    """process() for run_resumable: items are a candidate's win-rate predictions."""
-    def process(items):
-        progress = tqdm(total=len(items), desc="judge", unit="pair", dynamic_ncols=True)
-        for start in range(0, len(items), chunk):
-            part = items[start:start + chunk]
-            results = judge_pairs(judge, [(item["prompt"], reference[(item["id"], item["lang"])]["response"],
-                                           item["response"]) for item in part])
-            counts["unreadable_verdicts"] += sum(v["choice"] is None for _, verdicts in results for v in verdicts)
-            progress.update(len(part))
-            yield [{"model": item["model"], "task": "judge", "id": item["id"], "lang": item["lang"], "score": score,
-                    "verdicts": verdicts} for item, (score, verdicts) in zip(part, results)]
-        progress.close()
-    return process
+def judge_column(judge, reference, answers, path, rank, world_size, counts, chunk=16):
+    """Judge one column's win-rate answers against the reference column's; resumable like the predictions."""
+    key = lambda record: (record["model"], record["id"], record["lang"])  # noqa: E731
+    _, mine = common.resume(path, answers, key, rank, world_size)
+    for start in tqdm(range(0, len(mine), chunk), desc="judge", unit="batch", disable=not mine, dynamic_ncols=True):
+        part = mine[start:start + chunk]
+        results = judge_pairs(judge, [(item["prompt"], reference[(item["id"], item["lang"])]["response"],
+                                       item["response"]) for item in part])
+        counts["unreadable_verdicts"] += sum(v["choice"] is None for _, verdicts in results for v in verdicts)
+        common.save_batch(path, [{"model": item["model"], "task": "judge", "id": item["id"], "lang": item["lang"],
+                                  "score": score, "verdicts": verdicts} for item, (score, verdicts) in zip(part, results)],
+                          rank)
+    counts["judged"] += len(mine)
+    common.finish(path, answers, key, rank)
+    return [record for _, record in common.read_jsonl(path)]
 
 
 def judge_caveat(args, judge_model):
@@ -461,7 +462,7 @@ def consistency(rows, langs, seed, samples=1000):
         return {}
     same = np.array([all(group[lang]["prediction"] is not None for lang in langs) and
                      max(group[lang]["prediction"] for lang in langs) - min(group[lang]["prediction"] for lang in langs)
-                     <= 1e-3 for group in parallel], dtype=float)
+                     <= common.ANSWER_TOLERANCE for group in parallel], dtype=float)
     correct = np.array([np.mean([group[lang]["correct"] for lang in langs]) for group in parallel])
 
     def harmonic(cons, acc):
@@ -532,9 +533,7 @@ def write_report(path, columns, results, judge_text, args):
         cells = [cell(results[label].get(metric, {}).get(lang), base if k > 0 else None)
                  for k, label in enumerate(labels)]
         lines.append(f"| {metric} | {lang} | " + " | ".join(cells) + " |")
-    with open(path + ".partial", "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
-    os.replace(path + ".partial", path)
+    common.write_atomic(path, lambda handle: handle.write("\n".join(lines) + "\n"))
 
 
 def plot_report(path, columns, results, langs):
@@ -576,13 +575,75 @@ def plot_report(path, columns, results, langs):
         axis.axis("off")
     axes.flat[0].legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path + ".partial.png", dpi=110)
+    common.write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=110), binary=True)
     plt.close(figure)
-    os.replace(path + ".partial.png", path)
     return True
 
 
 # ----------------------------------------------------------------------------
+
+
+def make_columns(names, args):
+    """One column per model to evaluate (plus the proxy-tuned one), each with a label and a work-file slug."""
+    columns = [{"label": label, "model": name, "description": name, "held_out": held_out_reward_accuracy(name)}
+               for label, name in zip(unique_labels(names), names)]
+    if args.proxy_expert:
+        columns.append({"label": "proxy-tuned", "model": names[0], "proxy": True, "held_out": None,
+                        "description": f"{names[0]} + {args.proxy_alpha} x "
+                                       f"({args.proxy_expert} - {args.proxy_antiexpert})"})
+    for column in columns:  # work files are named after what the column is, so a changed --models never reuses them
+        column["slug"] = f"{slug(column['label'])}-{hashlib.sha1(column['description'].encode()).hexdigest()[:8]}"
+    return columns
+
+
+def load_tasks(tasks, langs, args):
+    """{task: items}, every input read and checked before any model loads, so a bad file fails in a second."""
+    task_items = {}
+    for task in tasks:
+        if task in MATH_TASKS:
+            task_items[task] = load_math_problems(args.mgsm if task == "mgsm" else args.math, langs, args.limit)
+            if args.translate_test:
+                task_items[f"{task}-tt"] = task_items[task]
+        else:
+            task_items[task] = common.load_prompts(args.prompts, langs=langs, limit=args.limit)
+    return task_items
+
+
+def judge_all(columns, predictions, work, args, rank, world_size, counts, api):
+    """({label: judgements} for every column after the first, the judge's description for the report)."""
+    reference = {(r["id"], r["lang"]): r for r in predictions[columns[0]["label"]]["winrate"]}
+    judge, judge_model = api, None
+    if api is None:
+        judge_model, judge_tokenizer = common.load_model(args.judge, trust_remote_code=args.trust_remote_code)
+        judge = local_judge(judge_model, judge_tokenizer, args.token_budget)
+    judge_name = slug(f"{args.judge}@{args.judge_api}" if args.judge_api else args.judge)
+    judgements = {}
+    for column in columns[1:]:
+        path = os.path.join(work, f"{column['slug']}.judge-{judge_name}.jsonl")
+        judgements[column["label"]] = (
+            [record for _, record in common.read_jsonl(path)] if os.path.exists(path) else
+            judge_column(judge, reference, predictions[column["label"]]["winrate"], path, rank, world_size, counts))
+    return judgements, judge_caveat(args, judge_model)
+
+
+def write_outputs(output, columns, predictions, judgements, judge_text, task_items, langs, args):
+    """eval.json, predictions.jsonl, report.md and report.png; eval.json last: its presence means done."""
+    results = compute_results(columns, predictions, judgements, langs, args.seed)
+    verdicts = {(r["model"], r["id"], r["lang"]): r for rows in judgements.values() for r in rows}
+    every = []
+    for label, by_task in predictions.items():
+        for task, rows in by_task.items():
+            for row in rows:
+                judged = verdicts.get((label, row["id"], row["lang"])) if task == "winrate" else None
+                every.append({**row, **({"judge_score": judged["score"], "judge_verdicts": judged["verdicts"]}
+                                        if judged else {})})
+    common.write_jsonl(os.path.join(output, "predictions.jsonl"), every)
+    write_report(os.path.join(output, "report.md"), columns, results, judge_text, args)
+    plotted = plot_report(os.path.join(output, "report.png"), columns, results, langs)
+    common.write_json(os.path.join(output, "eval.json"), {
+        "models": [{k: c[k] for k in ("label", "model", "description")} for c in columns], "tasks": list(task_items),
+        "langs": langs, "judge": judge_text or None, "max_new_tokens": args.max_new_tokens, "results": results})
+    print(f"wrote {os.path.join(output, 'eval.json')}, predictions.jsonl, report.md" + (", report.png" if plotted else ""))
 
 
 def main(argv=None):
@@ -598,82 +659,33 @@ def main(argv=None):
         raise common.InputError("--proxy-expert and --proxy-antiexpert go together")
     if args.max_new_tokens < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise common.InputError("--max-new-tokens, --batch-size and --limit must be at least 1")
-    eval_path = os.path.join(args.output, "eval.json")
-    common.check_not_done(eval_path)
+    common.check_not_done(os.path.join(args.output, "eval.json"))
     names = args.models
     if names is None:
         names = [common.EMBEDDED_MODEL] + (["runs/demo/model"] if os.path.isdir("runs/demo/model") else [])
         if len(names) == 1:
             print("runs/demo/model not found: evaluating the base model only")
-    columns = [{"label": label, "model": name, "description": name, "held_out": held_out_reward_accuracy(name)}
-               for label, name in zip(unique_labels(names), names)]
-    if args.proxy_expert:
-        columns.append({"label": "proxy-tuned", "model": names[0], "proxy": True, "held_out": None,
-                        "description": f"{names[0]} + {args.proxy_alpha} x "
-                                       f"({args.proxy_expert} - {args.proxy_antiexpert})"})
-    for column in columns:  # work files are named after what the column is, so a changed --models never reuses them
-        column["slug"] = f"{slug(column['label'])}-{hashlib.sha1(column['description'].encode()).hexdigest()[:8]}"
-
-    # Read every input before loading any model, so a bad file fails in a second.
-    sources = {"mgsm": args.mgsm, "math": args.math, "winrate": args.prompts}
-    task_items = {}
-    for task in tasks:
-        if task in MATH_TASKS:
-            task_items[task] = load_math_problems(sources[task], langs, args.limit)
-            if args.translate_test:
-                task_items[f"{task}-tt"] = task_items[task]
-        else:
-            task_items[task] = common.load_prompts(sources[task], langs=langs, limit=args.limit)
-    judge = None
-    if args.judge_api and "winrate" in tasks and len(columns) > 1:
-        judge = api_judge(args.judge_api, args.judge, os.environ.get(args.judge_api_key_env), args.judge_max_tokens)
-
+    columns = make_columns(names, args)
+    task_items = load_tasks(tasks, langs, args)
+    judging = "winrate" in tasks and len(columns) > 1
+    api = None
+    if judging and args.judge_api:  # one request now: a wrong URL or key fails before any generation
+        api = api_judge(args.judge_api, args.judge, os.environ.get(args.judge_api_key_env), args.judge_max_tokens)
     rank, world_size = common.setup_distributed()
     common.seed_everything(args.seed)
     work = os.path.join(args.output, "work")
-    os.makedirs(work, exist_ok=True)
     counts = {"new_tokens": 0, "predictions": 0, "judged": 0, "no_number": 0, "unreadable_verdicts": 0}
     timer = common.Timer()
+
+    # 1. Predict: every column's answers to every task (work files, resumable).
     predictions = {column["label"]: predict(column, task_items, work, args, rank, world_size, counts)
                    for column in columns}
-
-    judgements, judge_text = {}, ""
-    if "winrate" in tasks and len(columns) > 1:
-        reference = {(r["id"], r["lang"]): r for r in predictions[columns[0]["label"]]["winrate"]}
-        judge_model = None
-        if not args.judge_api:
-            judge_model, judge_tokenizer = common.load_model(args.judge, trust_remote_code=args.trust_remote_code)
-            judge = local_judge(judge_model, judge_tokenizer, args.token_budget)
-        judge_text = judge_caveat(args, judge_model)
-        judge_name = slug(f"{args.judge}@{args.judge_api}" if args.judge_api else args.judge)
-        for column in columns[1:]:
-            path = os.path.join(work, f"{column['slug']}.judge-{judge_name}.jsonl")
-            if not os.path.exists(path):
-                counts["judged"] += common.run_resumable(
-                    predictions[column["label"]]["winrate"], lambda r: (r["model"], r["id"], r["lang"]), path,
-                    judge_process(judge, reference, counts), rank, world_size)[1]
-            judgements[column["label"]] = [r for _, r in common.read_jsonl(path)]
-
+    # 2. Judge: each later column's win-rate answers against the first column's.
+    judgements, judge_text = judge_all(columns, predictions, work, args, rank, world_size, counts, api) \
+        if judging else ({}, "")
+    # 3. Write eval.json, predictions.jsonl and the report.
     if rank == 0:
-        results = compute_results(columns, predictions, judgements, langs, args.seed)
-        verdicts = {(r["model"], r["id"], r["lang"]): r for rows in judgements.values() for r in rows}
-        every = []
-        for label, by_task in predictions.items():
-            for task, rows in by_task.items():
-                for row in rows:
-                    judged = verdicts.get((label, row["id"], row["lang"])) if task == "winrate" else None
-                    every.append({**row, **({"judge_score": judged["score"], "judge_verdicts": judged["verdicts"]}
-                                            if judged else {})})
-        common.write_jsonl(os.path.join(args.output, "predictions.jsonl"), every)
-        write_report(os.path.join(args.output, "report.md"), columns, results, judge_text, args)
-        plotted = plot_report(os.path.join(args.output, "report.png"), columns, results, langs)
-        summary = {"models": [{k: c[k] for k in ("label", "model", "description")} for c in columns],
-                   "tasks": list(task_items), "langs": langs, "judge": judge_text or None,
-                   "max_new_tokens": args.max_new_tokens, "results": results}
-        with open(eval_path + ".partial", "w", encoding="utf-8") as handle:  # last: its presence means done
-            json.dump(summary, handle, ensure_ascii=False, indent=1)
-        os.replace(eval_path + ".partial", eval_path)
-        print(f"wrote {eval_path}, predictions.jsonl, report.md" + (", report.png" if plotted else ""))
+        write_outputs(args.output, columns, predictions, judgements, judge_text, task_items, langs, args)
     print(common.summary_line("05_eval" + (f"[rank {rank}]" if world_size > 1 else ""), timer.seconds(),
                               counts["new_tokens"], models=len(columns), tasks=len(task_items),
                               predictions_made_now=counts["predictions"], judged_now=counts["judged"],

@@ -2,16 +2,17 @@
 
 Read top to bottom, this file is the vocabulary the scripts speak:
 
-  1. errors and JSONL records   InputError, read_jsonl, resumable part files
-  2. languages                  LANGUAGES, detect_language, is_in_language
-  3. prompts                    load_prompts (JSONL, directory, TSV, hub dataset)
-  4. models                     load_model (hub id, local dir, the embedded default)
-  5. chat formatting            chat_prompt_ids, end_of_turn_ids
-  6. batched generation         generate_batches (plain or proxy-tuned decoding)
-  7. the batched logit scorer   tokenize_prompt_response, token_logps, score
-  8. small helpers              extract_last_number, distributed setup, summaries
+  1. errors and files          InputError, read_jsonl, write_json, resumable stages
+  2. languages                 LANGUAGES, detect_language, is_in_language
+  3. prompts                   load_prompts (JSONL, directory, TSV, hub dataset), first_ids
+  4. models                    load_model (hub id, local dir, the embedded default)
+  5. chat formatting           chat_prompt_ids, end_of_turn_ids
+  6. generation                generate_batches -> decode_batch (plain or proxy-tuned)
+  7. the batched logit scorer  tokenize_prompt_response, response_logps, score
+  8. small helpers             numbers, held-out split, distributed setup, summaries
 """
 import glob
+import hashlib
 import importlib.util
 import json
 import math
@@ -25,10 +26,11 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------
-# 1. Errors and JSONL records
+# 1. Errors and files
 
 
 class InputError(Exception):
@@ -53,8 +55,12 @@ def read_jsonl(path, required=()):
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise InputError(f"{path}:{line_number}: not valid UTF-8 (byte {error.start})") from None
             if not line.strip():
                 continue
             try:
@@ -73,21 +79,37 @@ def read_jsonl(path, required=()):
     return rows
 
 
-def write_jsonl(path, records):
-    """Write all records at once, atomically: a partial file renamed when complete."""
-    partial = path + ".partial"
+def write_atomic(path, write, binary=False):
+    """Call write(handle) on `path.partial`, then rename it to `path`: the file only ever appears whole."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(partial, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    partial = path + ".partial"
+    with open(partial, "wb") if binary else open(partial, "w", encoding="utf-8") as handle:
+        write(handle)
     os.replace(partial, path)
 
 
-# Resumable output. Each rank appends finished records to its own part file
-# (`out.part0`, `out.part1`, ...), flushing after every batch. A killed run leaves
-# the part files behind; the rerun reads every record already there and skips it.
-# When all work is done rank 0 merges the parts, in input order, into the final
-# name and deletes them. The final file therefore only ever appears complete.
+def write_jsonl(path, records):
+    write_atomic(path, lambda handle: handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_json(path, value):
+    write_atomic(path, lambda handle: json.dump(value, handle, ensure_ascii=False, indent=1))
+
+
+def content_key(*parts):
+    """A short hash of some JSON-able values: names a record by what it contains."""
+    return hashlib.sha1(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()[:20]
+
+
+# Resumable stages. Each rank appends finished records to its own part file
+# (`out.part0`, `out.part1`, ...), flushing after every batch. A killed run leaves the
+# part files behind; the rerun reads every record already there and skips it. When
+# all work is done rank 0 merges the parts, in input order, into the final name and
+# deletes them. The final file therefore only ever appears complete. In a stage:
+#
+#     done, mine = common.resume(out, items, key, rank, world_size)
+#     for batch in ...: common.save_batch(out, records, rank)
+#     common.finish(out, items, key, rank)
 
 
 def part_path(out_path, rank):
@@ -95,12 +117,12 @@ def part_path(out_path, rank):
 
 
 def read_finished(out_path):
-    """Records already written to any part file of `out_path` (from an earlier, killed run).
+    """Records already written: the final file's, if there is one, then every part file's.
 
     A kill can tear the last line of a part file in half; that line is dropped
     (and cut from the file) because the record it held will simply be redone.
     """
-    records = []
+    records = [record for _, record in read_jsonl(out_path)] if os.path.isfile(out_path) else []
     for path in sorted(glob.glob(glob.escape(out_path) + ".part*")):
         with open(path, "rb") as handle:
             data = handle.read()
@@ -119,53 +141,43 @@ def read_finished(out_path):
     return records
 
 
-def append_jsonl(path, records):
-    """Append records and force them to disk, so a kill after this call loses none."""
-    with open(path, "a", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def merge_parts(out_path, key, order):
-    """Merge every part file into `out_path`, one record per key, in the order of `order`.
-
-    `key(record)` identifies a record; `order` is the list of keys in input order.
-    Returns the number of records written.
-    """
-    by_key = {key(record): record for record in read_finished(out_path)}
-    missing = [k for k in order if k not in by_key]
-    if missing:
-        raise RuntimeError(f"{out_path}: {len(missing)} records missing after all ranks finished, e.g. {missing[0]}")
-    write_jsonl(out_path, [by_key[k] for k in order])
-    for path in glob.glob(glob.escape(out_path) + ".part*"):
-        os.remove(path)
-    return len(order)
-
-
-def run_resumable(items, key, out_path, process, rank=0, world_size=1):
-    """The skeleton of every long stage: skip what is done, shard the rest, merge.
-
-    items: the stage's input records, in order; key(item) names one (same key as its output).
-    process(my_items) yields lists of finished output records, a batch at a time;
-    each batch is appended to this rank's part file as soon as it arrives.
-    Returns (already_done, done_now) counts for this rank.
-    """
+def resume(out_path, items, key, rank=0, world_size=1):
+    """Start or continue a stage: (number of records already on disk, this rank's share of the rest)."""
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     finished = {key(record) for record in read_finished(out_path)}
     barrier()  # every rank must see the same `finished` before anyone appends
     pending = [item for item in items if key(item) not in finished]
-    mine = pending[rank::world_size]
-    done_now = 0
-    for records in process(mine):
-        append_jsonl(part_path(out_path, rank), records)
-        done_now += len(records)
+    return len(finished), pending[rank::world_size]
+
+
+def save_batch(out_path, records, rank=0):
+    """Append records to this rank's part file and force them to disk: a kill after this loses none."""
+    with open(part_path(out_path, rank), "a", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def finish(out_path, items, key, rank=0):
+    """When every rank is done: rank 0 writes one record per item, in input order, and deletes the parts."""
     barrier()
     if rank == 0:
-        merge_parts(out_path, key, [key(item) for item in items])
+        by_key = {key(record): record for record in read_finished(out_path)}
+        missing = [key(item) for item in items if key(item) not in by_key]
+        if missing:
+            raise RuntimeError(f"{out_path}: {len(missing)} records missing after all ranks finished, e.g. {missing[0]}")
+        write_jsonl(out_path, [by_key[key(item)] for item in items])
+        for path in glob.glob(glob.escape(out_path) + ".part*"):
+            os.remove(path)
     barrier()
-    return len(finished), done_now
+
+
+def same_settings(saved, settings, made, restart):
+    """Stop with one line naming the first setting that differs: a rerun continues only the same run."""
+    for name in sorted(set(saved) | set(settings)):
+        if saved.get(name) != settings.get(name):
+            raise InputError(f"{made} with {name}={saved.get(name)!r}, now {settings.get(name)!r}; rerun with the "
+                             f"same settings, or {restart}")
 
 
 def check_not_done(out_path):
@@ -183,12 +195,14 @@ LANGUAGES = {
     "zh": "Chinese", "ja": "Japanese", "th": "Thai", "sw": "Swahili", "bn": "Bengali",
     "te": "Telugu", "it": "Italian", "pt": "Portuguese", "ko": "Korean", "ar": "Arabic",
 }
+# The question-translation prompt of QAlign's stage one: 03 trains it, 05's translate-test asks it.
+QUESTION_TRANSLATION = "Translate the following question from {language} into English."
 
 
 def language_name(code, where=""):
-    if code not in LANGUAGES:
+    if not isinstance(code, str) or code not in LANGUAGES:
         prefix = f"{where}: " if where else ""
-        raise InputError(f"{prefix}unknown language code '{code}' (known: {', '.join(LANGUAGES)})")
+        raise InputError(f"{prefix}unknown language code {code!r} (known: {', '.join(LANGUAGES)})")
     return LANGUAGES[code]
 
 
@@ -231,6 +245,14 @@ def is_in_language(text, language):
 PROMPT_FIELDS = ("prompt", "instruction", "question")
 
 
+def first_ids(records, limit, id_of=lambda record: str(record["id"])):
+    """The records of the first `limit` distinct ids (all their languages); all records if limit is None."""
+    if limit is None:
+        return records
+    kept = set(list(dict.fromkeys(id_of(record) for record in records))[:limit])
+    return [record for record in records if id_of(record) in kept]
+
+
 def _normalise_prompt(record, lang, default_id, where):
     record = dict(record)
     text_field = next((f for f in PROMPT_FIELDS if f in record), None)
@@ -253,12 +275,16 @@ def _read_tsv(path, lang):
     """MGSM-style TSV: question<TAB>answer, no header. Row i is parallel id `{prefix}-{i}`."""
     prefix = re.sub(rf"[_-]?{lang}$", "", os.path.splitext(os.path.basename(path))[0]) or "row"
     prompts = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise InputError(f"{where}: not valid UTF-8 (byte {error.start})") from None
             if not line.strip():
                 continue
-            columns = line.rstrip("\n").split("\t")
-            where = f"{path}:{line_number}"
+            columns = line.rstrip("\r\n").split("\t")
             if len(columns) < 2 or not columns[1].strip():
                 raise InputError(f"{where}: expected question<TAB>answer, found no answer")
             answer = parse_number(columns[1])
@@ -316,10 +342,7 @@ def load_prompts(source, langs=None, limit=None, split="train"):
             raise InputError(f"{source}: no prompts in language(s) {', '.join(missing)}")
         prompts = [p for p in prompts if p["lang"] in langs]
         prompts.sort(key=lambda p: langs.index(p["lang"]))  # stable: file order within a language
-    if limit is not None:
-        kept_ids = list(dict.fromkeys(p["id"] for p in prompts))[:limit]
-        kept = set(kept_ids)
-        prompts = [p for p in prompts if p["id"] in kept]
+    prompts = first_ids(prompts, limit)
     seen = set()
     for prompt in prompts:
         key = (prompt["id"], prompt["lang"])
@@ -433,6 +456,11 @@ def load_model(name, device=None, dtype=None, trust_remote_code=False):
     return model, tokenizer
 
 
+def unwrap(model):
+    """The model inside a DistributedDataParallel wrapper (FSDP2 shards the model in place)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -485,34 +513,28 @@ def end_of_turn_token(tokenizer):
 
 
 # ----------------------------------------------------------------------------
-# 6. Batched generation
+# 6. Generation
 #
-# A plain decode loop rather than model.generate(), for three reasons. A row that has
-# finished (end-of-turn) is dropped from the batch, so it costs nothing more; with
+# A plain decode loop rather than model.generate(), for two reasons. A row that has
+# finished (end-of-turn) leaves the batch at once, so it costs nothing more; with
 # generate() every row runs to the batch's longest answer, which at 256 new tokens
-# wasted ~40% of the work on the demo prompts. Waiting prompts then take the free
-# places, so the batch stays full: a step costs nearly as much at 16 rows as at 32
-# (SmolLM2-135M on 2 CPU cores: 105 vs 131 ms), so a half-empty batch wastes time.
-# On the demo's 96 prompts that is 12% more tokens/s (with 3 samples per prompt, 96
-# rows, it measured 8-12% less: see the README's benchmarks). And the same loop serves
-# proxy-tuned decoding, which mixes three models' logits at every step (generate()
-# takes one). Proxy-tuning (Liu et al. 2024; QAlign uses it too) steers a large model
-# with the difference a small model learned in tuning:
-# logits = large + alpha * (expert - antiexpert).
+# wasted ~40% of the work on the demo prompts. And the same loop serves proxy-tuned
+# decoding, which mixes three models' logits at every step (generate() takes one).
+# Proxy-tuning (Liu et al. 2024; QAlign uses it too) steers a large model with the
+# difference a small model learned in tuning: logits = large + alpha * (expert - antiexpert).
+# Large-scale generation is a serving engine's job (continuous batching, paged KV cache);
+# this loop is the readable one for a laptop or one GPU.
 
 
 def generate_batches(model, tokenizer, prompt_ids, num_samples=1, temperature=0.0, top_p=1.0,
                      repetition_penalty=1.0, max_new_tokens=256, batch_size=16, desc="generate",
                      show_progress=True, proxy=None):
-    """Generate answers for many prompts; yields [(index, samples)] as prompts finish.
+    """Generate answers for many prompts; yields [(index, samples)] one batch at a time.
 
-    prompt_ids: list of token-id lists (from chat_prompt_ids).
-    Each sample is {"text", "truncated", "new_tokens"}; truncated means the answer
-    hit max_new_tokens before the end-of-turn token, so it is probably cut off.
-    At most batch_size prompts (times N samples) decode together. Prompts are taken
-    longest first, so prompts prefilled together need little padding; N samples share
-    one prefill. The caller gets prompts as they finish, so it can write them to disk
-    at once.
+    prompt_ids: list of token-id lists (from chat_prompt_ids). Prompts are taken longest
+    first, batch_size at a time, so prompts decoded together need little padding.
+    Each sample is {"text", "truncated", "new_tokens"}; truncated means the answer hit
+    max_new_tokens before the end-of-turn token, so it is probably cut off.
     proxy: (expert, antiexpert, alpha) for proxy-tuned decoding; the three models must
     share the tokenizer (with padded vocabularies only the common first ids are used).
     """
@@ -520,164 +542,81 @@ def generate_batches(model, tokenizer, prompt_ids, num_samples=1, temperature=0.
     stop_ids = end_of_turn_ids(tokenizer)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     progress = tqdm(total=len(order), desc=desc, unit="prompt", disable=not show_progress, dynamic_ncols=True)
-    for finished in decode_rows(models, [prompt_ids[i] for i in order], num_samples, tokenizer.pad_token_id,
-                                stop_ids, temperature, top_p, repetition_penalty, max_new_tokens, batch_size,
-                                alpha=proxy[2] if proxy else 0.0):
-        progress.update(len(finished))
-        yield [(order[number], decode_samples(tokenizer, rows, stop_ids)) for number, rows in finished]
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        rows = decode_batch(models, [prompt_ids[i] for i in batch], num_samples, tokenizer.pad_token_id, stop_ids,
+                            temperature, top_p, repetition_penalty, max_new_tokens, proxy[2] if proxy else 0.0)
+        progress.update(len(batch))
+        yield [(index, decode_samples(tokenizer, samples, stop_ids)) for index, samples in zip(batch, rows)]
     progress.close()
 
 
-def decode_rows(models, prompts, num_samples, pad_id, stop_ids, temperature, top_p, repetition_penalty,
-                max_new_tokens, batch_size, alpha=0.0):
-    """Decode N samples per prompt, one token per step for every running row.
+@torch.inference_mode()
+def decode_batch(models, prompts, num_samples, pad_id, stop_ids, temperature, top_p, repetition_penalty,
+                 max_new_tokens, alpha=0.0):
+    """Decode N samples for each prompt of one batch; returns, per prompt, N lists of new token ids.
 
-    Yields [(prompt number, N token lists)] as prompts finish; a token list ends with its
-    end-of-turn token, or has max_new_tokens tokens. models: [model] or [model, expert,
-    antiexpert]. Prompts are prefilled in the order given, as many at a time as there are
-    free places (batch_size prompts in all). The next ones join once an eighth of the places
-    are free: joining copies every KV cache, so waiting for a few places makes fewer copies.
+    A list ends with its end-of-turn token, or has max_new_tokens tokens.
+    models: [model] or [model, expert, antiexpert] (proxy-tuned: model + alpha * (expert - antiexpert)).
+    Row r * N + s of the batch is sample s of prompt r.
     """
     device = next(models[0].parameters()).device
-    stop_ids = torch.tensor(stop_ids, device=device)
-    waiting = list(range(len(prompts)))  # prompt numbers not started yet
-    running = None  # the batch being decoded: a dict made by _prefill (None between batches)
-    new_tokens, samples_left = {}, {}  # sample id (prompt number * N + sample) -> tokens; prompt -> samples running
-    while waiting or running is not None:
-        finished = []
-        with torch.inference_mode():  # entered and left within one step: a caller's code never runs inside it
-            rows = 0 if running is None else len(running["sample_ids"])
-            free = (batch_size * num_samples - rows) // num_samples  # places for whole prompts
-            if waiting and (running is None or (free >= max(1, batch_size // 8) and _can_join(running))):
-                numbers, waiting = waiting[:free], waiting[free:]
-                joining = _prefill(models, [prompts[n] for n in numbers], numbers, num_samples, pad_id)
-                running = joining if running is None else _join(running, joining)
-                new_tokens.update({sample_id: [] for sample_id in joining["sample_ids"].tolist()})
-                samples_left.update({number: num_samples for number in numbers})
-            vocab = min(step_logits.shape[-1] for step_logits in running["logits"])
-            scores = running["logits"][0][:, :vocab]
-            if len(models) == 3:
-                scores = scores + alpha * (running["logits"][1][:, :vocab] - running["logits"][2][:, :vocab])
-            if repetition_penalty != 1.0:  # as in CTRL and HF: shrink the logit of every token already seen
-                penalised = torch.where(scores < 0, scores * repetition_penalty, scores / repetition_penalty)
-                scores = torch.where(running["seen"][:, :vocab], penalised, scores)
-            next_token = _sample_next(scores, temperature, top_p)  # [rows]
-            sample_ids = running["sample_ids"].tolist()
-            for sample_id, token in zip(sample_ids, next_token.tolist()):
-                new_tokens[sample_id].append(token)
-            done = torch.isin(next_token, stop_ids) | torch.tensor(
-                [len(new_tokens[sample_id]) >= max_new_tokens for sample_id in sample_ids], device=device)
-            for sample_id in running["sample_ids"][done].tolist():
-                number = sample_id // num_samples
-                samples_left[number] -= 1
-                if samples_left[number] == 0:
-                    finished.append((number, [new_tokens.pop(number * num_samples + s) for s in range(num_samples)]))
-            if bool(done.all()):
-                running = None
-            else:
-                running["seen"][torch.arange(len(next_token), device=device), next_token] = True
-                if bool(done.any()):  # drop finished rows from the batch and from every KV cache
-                    keep = (~done).nonzero().squeeze(-1)
-                    running = _select_rows(running, keep)
-                    next_token = next_token[keep]
-                _forward_one_token(models, running, next_token)
-        if finished:
-            yield finished
-
-
-def _prefill(models, prompts, numbers, num_samples, pad_id):
-    """Run the prompts through every model, left-padded; returns the batch state for decoding.
-
-    The state holds, row by row (row r*N+s is sample s of prompts[r]): each model's KV
-    cache and next-token logits, the attention mask over the cache (0 = padding), the
-    position of the last token, the tokens seen so far (for the repetition penalty),
-    and the sample id (prompt number * N + s) the row writes to.
-    """
-    device = next(models[0].parameters()).device
+    # 1. Prefill: the prompts left-padded (so every row ends in the same column), once per model.
     longest = max(len(ids) for ids in prompts)
-    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(prompts):
-        input_ids[row, longest - len(ids):] = torch.tensor(ids)
-        attention_mask[row, longest - len(ids):] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    input_ids = torch.tensor([[pad_id] * (longest - len(ids)) + ids for ids in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # real tokens only: padding changes nothing
     caches, logits = [], []
-    for one_model in models:  # one prefill per prompt, then its N samples share the cache rows
-        output = one_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                           use_cache=True, logits_to_keep=1)
-        if num_samples > 1:
-            output.past_key_values.batch_repeat_interleave(num_samples)
-        caches.append(output.past_key_values)
+    for model in models:
+        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=1)
+        if num_samples > 1:  # 2. the N samples of a prompt share its prefill: copy its cache rows
+            output.cache.batch_repeat_interleave(num_samples)
+        caches.append(output.cache)
         logits.append(output.logits[:, -1].float().repeat_interleave(num_samples, dim=0))  # [rows, vocab]
-    seen = torch.zeros(len(prompts), max(step_logits.shape[-1] for step_logits in logits), dtype=torch.bool,
-                       device=device)
-    row_index, column = attention_mask.nonzero(as_tuple=True)
-    seen[row_index, input_ids[row_index, column].clamp(max=seen.shape[1] - 1)] = True
-    sample_ids = torch.tensor([number * num_samples + s for number in numbers for s in range(num_samples)],
-                              device=device)
-    return {"caches": caches, "logits": logits, "attention_mask": attention_mask.repeat_interleave(num_samples, dim=0),
-            "positions": positions[:, -1:].repeat_interleave(num_samples, dim=0),
-            "seen": seen.repeat_interleave(num_samples, dim=0), "sample_ids": sample_ids}
+    vocab = min(step_logits.shape[-1] for step_logits in logits)
+    seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)  # for the repetition penalty
+    real_rows, real_columns = attention_mask.nonzero(as_tuple=True)
+    seen[real_rows, input_ids[real_rows, real_columns].clamp(max=vocab - 1)] = True
+    seen = seen.repeat_interleave(num_samples, dim=0)
+    attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
+    positions = positions[:, -1:].repeat_interleave(num_samples, dim=0)
+    owners = [(prompt, sample) for prompt in range(len(prompts)) for sample in range(num_samples)]  # of each row
+    new_tokens = [[[] for _ in range(num_samples)] for _ in prompts]
+    stops = set(stop_ids)
+    for step in range(max_new_tokens):
+        # 3. Sample: the proxy's logit arithmetic, the repetition penalty, then greedy or top-p.
+        scores = logits[0][:, :vocab]
+        if len(models) == 3:
+            scores = scores + alpha * (logits[1][:, :vocab] - logits[2][:, :vocab])
+        if repetition_penalty != 1.0:  # as in CTRL and HF: shrink the logit of every token already seen
+            scores = torch.where(seen, torch.where(scores < 0, scores * repetition_penalty,
+                                                   scores / repetition_penalty), scores)
+        next_token = sample_next(scores, temperature, top_p)  # [rows]
+        # 4. The step's one host sync: the new tokens come to the CPU, and rows that ended leave the batch.
+        tokens = next_token.tolist()
+        for (prompt, sample), token in zip(owners, tokens):
+            new_tokens[prompt][sample].append(token)
+        keep = [row for row, token in enumerate(tokens) if token not in stops]
+        if not keep or step + 1 == max_new_tokens:
+            break
+        seen[torch.arange(len(tokens), device=device), next_token] = True
+        if len(keep) < len(tokens):
+            rows = torch.tensor(keep, device=device)
+            for cache in caches:
+                cache.batch_select_indices(rows)
+            next_token, seen, attention_mask, positions = (tensor[rows] for tensor in
+                                                            (next_token, seen, attention_mask, positions))
+            owners = [owners[row] for row in keep]
+        # 5. Forward the new tokens through every model, each with its own cache.
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(keep), 1)], dim=1)
+        positions = positions + 1
+        logits = [model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=positions,
+                        cache=cache, use_cache=True).logits[:, -1].float() for model, cache in zip(models, caches)]
+    return new_tokens
 
 
-def _forward_one_token(models, running, next_token):
-    """One decode step: append next_token [rows] to every row, in every model; updates running."""
-    mask = running["attention_mask"]
-    running["attention_mask"] = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    running["positions"] = running["positions"] + 1
-    running["logits"] = [one_model(input_ids=next_token[:, None], attention_mask=running["attention_mask"],
-                                   position_ids=running["positions"], past_key_values=cache,
-                                   use_cache=True).logits[:, -1].float()
-                         for one_model, cache in zip(models, running["caches"])]
-
-
-def _select_rows(running, keep):
-    """The batch with only rows `keep` [rows kept] (KV caches included)."""
-    for cache in running["caches"]:
-        cache.batch_select_indices(keep)
-    return _drop_padding_columns(
-        {**{key: value[keep] for key, value in running.items() if key not in ("caches", "logits")},
-         "caches": running["caches"], "logits": [step_logits[keep] for step_logits in running["logits"]]})
-
-
-def _drop_padding_columns(running):
-    """Cut the leading cache columns that are padding in every row. Without this, a batch
-    that rows keep joining would attend over ever longer histories."""
-    first = int(running["attention_mask"].any(0).nonzero()[0])
-    if first > 0 and _can_join(running):
-        running["attention_mask"] = running["attention_mask"][:, first:]
-        for cache in running["caches"]:
-            for layer in cache.layers:  # [rows, kv heads, length, head dim]
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-    return running
-
-
-def _can_join(running):
-    """New rows can join plain growing KV caches only: a sliding-window or recurrent layer
-    cannot simply be left-padded. Other models decode batch after batch instead."""
-    from transformers.cache_utils import DynamicLayer
-    return all(type(layer) is DynamicLayer for cache in running["caches"] for layer in getattr(cache, "layers", [None]))
-
-
-def _join(running, joining):
-    """One batch from two: rows stacked, the shorter history left-padded with masked-out
-    positions, so that every row still ends in the same column."""
-    length = max(running["attention_mask"].shape[1], joining["attention_mask"].shape[1])
-
-    def stack(old, new, dim):  # left-pad dimension `dim` of both to `length`, then stack the rows
-        return torch.cat([torch.nn.functional.pad(tensor, [0, 0] * (-1 - dim) + [length - tensor.shape[dim], 0])
-                          for tensor in (old, new)])
-    for old_cache, new_cache in zip(running["caches"], joining["caches"]):
-        for old, new in zip(old_cache.layers, new_cache.layers):  # [rows, kv heads, length, head dim]
-            old.keys, old.values = stack(old.keys, new.keys, -2), stack(old.values, new.values, -2)
-    return {"caches": running["caches"],
-            "logits": [torch.cat(pair) for pair in zip(running["logits"], joining["logits"])],
-            "attention_mask": stack(running["attention_mask"], joining["attention_mask"], -1),
-            **{key: torch.cat([running[key], joining[key]]) for key in ("positions", "seen", "sample_ids")}}
-
-
-def _sample_next(logits, temperature, top_p):
+def sample_next(logits, temperature, top_p):
     """Greedy argmax (temperature 0) or a top-p sample from logits [rows, vocab] -> [rows]."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -707,11 +646,13 @@ def decode_samples(tokenizer, rows, stop_ids):
 # 7. The batched logit scorer
 #
 # log pi(response | prompt) = sum over response tokens of log softmax(logits)[token].
-# The pitfalls it avoids: tokenising prompt and response separately (BPE can merge
-# across the boundary), forgetting to score the end-of-turn token, and building a
-# [batch, length, vocab] float32 log-softmax (for a 256k vocabulary that alone is
-# gigabytes). Here the model's hidden states go through the output layer a chunk of
-# response positions at a time, and log-prob = target logit - logsumexp(logits).
+# One function, response_logps, computes it for 03 (scoring), for 04's reference before
+# training and for 04's policy while it trains (differentiable), so all are computed alike.
+# The pitfalls it avoids: tokenising prompt and response separately (BPE can merge across
+# the boundary), forgetting to score the end-of-turn token, forgetting the model's own final
+# logit transform (Gemma 2 soft-caps its logits), and building a [batch, length, vocab]
+# float32 log-softmax (for a 256k vocabulary that alone is gigabytes). Here the output layer
+# runs on response positions only, a chunk at a time, and log-prob = logit - logsumexp(logits).
 
 
 def tokenize_prompt_response(tokenizer, prompt, response, system=None):
@@ -744,8 +685,7 @@ def _append_response(tokenizer, prompt_ids, response, end_id):
 def token_logps(logits, labels, chunk_rows=1024):
     """log softmax(logits)[label] for each row, in fp32, without a full fp32 log-softmax.
 
-    logits: [rows, vocab] in any dtype; labels: [rows]. Returns [rows] float32.
-    Differentiable (04 trains through it).
+    logits: [rows, vocab] in any dtype; labels: [rows]. Returns [rows] float32. Differentiable.
     """
     pieces = []
     for start in range(0, logits.shape[0], chunk_rows):
@@ -784,9 +724,8 @@ def length_batches(lengths, token_budget, max_padding=0.2):
     return batches + ([current] if current else [])
 
 
-def _final_logit_transform(model):
+def final_logit_transform(config):
     """What some models do to the output layer's logits (Gemma 2 soft-caps, Cohere and Granite scale)."""
-    config = model.config
     cap = getattr(config, "final_logit_softcapping", None)
     scale = (getattr(config, "logit_scale", None) or 1.0) / (getattr(config, "logits_scaling", None) or 1.0)
     if cap:
@@ -794,45 +733,100 @@ def _final_logit_transform(model):
     return (lambda logits: logits * scale) if scale != 1.0 else (lambda logits: logits)
 
 
-def _scoring_path(model):
-    """(decoder, output_layer, transform), checked once against the model's own logits.
+def _last_hidden_states(model, input_ids):
+    """One forward of `model` itself (so DDP and FSDP hooks run) -> the decoder's final hidden states.
 
-    The scorer runs the decoder, then the output layer only on response positions;
-    a model that post-processes its logits in a way we do not know would be scored
-    wrongly, without a sign. One 8-token forward pass per model rules that out.
+    The model computes logits for its last position only; a hook on its decoder keeps the
+    [batch, length, hidden] states that the output layer would have turned into logits.
     """
-    decoder, output_layer = model.get_decoder(), model.get_output_embeddings()
-    transform = _final_logit_transform(model)
-    if not getattr(model, "_scoring_path_checked", False):
-        probe = torch.arange(10, 18, device=next(model.parameters()).device)[None]
-        full = model(input_ids=probe).logits.float()
-        ours = transform(output_layer(decoder(input_ids=probe).last_hidden_state)).float()
-        if not torch.allclose(ours, full, rtol=1e-3, atol=1e-3 * full.abs().max().item()):
-            raise RuntimeError(f"{type(model).__name__}: output_layer(decoder(x)) does not reproduce the model's "
-                               "logits; teach common._final_logit_transform what this model does to them")
-        model._scoring_path_checked = True
-    return decoder, output_layer, transform
+    captured = []
+    hook = unwrap(model).get_decoder().register_forward_hook(
+        lambda module, inputs, output: captured.append(output.last_hidden_state))
+    try:
+        # No attention mask: with right padding and causal attention no real token sees a pad,
+        # and without a mask attention takes its fastest kernel.
+        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+def _check_scoring_path(model, transform):
+    """output_layer(decoder(x)), transformed, must reproduce the model's own logits; checked once per model.
+
+    A model that post-processes its logits in a way we do not know would be scored wrongly,
+    without a sign. One 8-token forward pass per model rules that out.
+    """
+    inner = unwrap(model)
+    if getattr(inner, "_scoring_path_checked", False):
+        return
+    with torch.no_grad():
+        probe = torch.arange(10, 18, device=next(inner.parameters()).device)[None]
+        full = inner(input_ids=probe).logits.float()
+        ours = transform(inner.get_output_embeddings()(_last_hidden_states(inner, probe))).float()
+    if not torch.allclose(ours, full, rtol=1e-3, atol=1e-3 * full.abs().max().item()):
+        raise RuntimeError(f"{type(inner).__name__}: output_layer(decoder(x)) does not reproduce the model's "
+                           "logits; teach common.final_logit_transform what this model does to them")
+    inner._scoring_path_checked = True
 
 
 LOGIT_CHUNK_ELEMENTS = 2 ** 24  # fp32 logits per chunk: 64 MiB, whatever the vocabulary
 
 
+def response_logps(model, sequences, per_token=False, chunk_rows=None):
+    """Summed log-probs of each sequence's response tokens, from ONE forward of `model`.
+
+    sequences: n (ids, prompt_length) from tokenize_prompt_response; the response tokens are
+    ids[prompt_length:]. model: a plain, DDP- or FSDP-wrapped causal LM.
+    Returns summed [n] float64 (differentiable when gradients are on), and with per_token=True
+    also a list of n float32 tensors, one log-prob per response token.
+    The output layer (and the model's final logit transform) runs on response positions only,
+    `chunk_rows` at a time (default: LOGIT_CHUNK_ELEMENTS / vocabulary size), under activation
+    checkpointing when gradients are on: [positions, vocab] logits exist for one chunk at a time,
+    in the forward and again in the backward.
+    """
+    inner = unwrap(model)
+    output_layer, transform = inner.get_output_embeddings(), final_logit_transform(inner.config)
+    _check_scoring_path(model, transform)
+    device = next(inner.parameters()).device
+    # Right padding with any id: no real token attends to a later position, and pads are never scored.
+    input_ids = pad_right([ids for ids, _ in sequences], pad_id=0)[0].to(device)
+    hidden = _last_hidden_states(model, input_ids)  # [n, length, hidden]
+    # Position t predicts token t + 1: keep the positions whose next token is a response token.
+    rows = torch.tensor([row for row, (ids, start) in enumerate(sequences) for _ in range(start, len(ids))],
+                        device=device)
+    positions = torch.tensor([t - 1 for ids, start in sequences for t in range(start, len(ids))], device=device)
+    targets = input_ids[rows, positions + 1]
+    chunk_rows = chunk_rows or max(1, LOGIT_CHUNK_ELEMENTS // output_layer.weight.shape[0])
+
+    def chunk_logps(states, labels):
+        return token_logps(transform(output_layer(states)), labels, chunk_rows)
+    pieces = []
+    for start in range(0, len(rows), chunk_rows):
+        states, labels = hidden[rows[start:start + chunk_rows], positions[start:start + chunk_rows]], \
+            targets[start:start + chunk_rows]
+        pieces.append(checkpoint(chunk_logps, states, labels, use_reentrant=False) if torch.is_grad_enabled()
+                      else chunk_logps(states, labels))
+    logps = torch.cat(pieces)
+    summed = torch.zeros(len(sequences), dtype=torch.float64, device=device).index_add(0, rows, logps.double())
+    if not per_token:
+        return summed
+    return summed, list(logps.detach().cpu().split([len(ids) - start for ids, start in sequences]))
+
+
 def score(model, tokenizer, prompts, responses, token_budget=8192, per_token=False, system=None,
           desc="score", show_progress=True, chunk_rows=None):
-    """Summed log-probability of each response given its prompt, batched.
+    """Summed log-probability of each response given its prompt, batched (no gradients).
 
     prompts, responses: lists of str, same length (prompt = raw user message).
     Returns (summed_logps [n] float64 tensor, token_counts [n] long tensor), and a
     list of n per-token float32 tensors as a third value when per_token=True.
     Counts include the end-of-turn token, which is scored.
     Batches are length-sorted under `token_budget` (rows x longest row), padded
-    on the right, and results come back in the order given. The output layer
-    runs `chunk_rows` response positions at a time (default: LOGIT_CHUNK_ELEMENTS
-    / vocabulary size), so memory does not grow with batch, length or vocabulary.
+    on the right, and results come back in the order given.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    device = next(model.parameters()).device
     end_id = end_of_turn_token(tokenizer)
     prompt_ids = {}  # N samples share a prompt: render its template once
     encoded = []
@@ -845,32 +839,14 @@ def score(model, tokenizer, prompts, responses, token_budget=8192, per_token=Fal
     per_token_logps = [None] * len(encoded)
     was_training = model.training
     model.eval()  # dropout would make scores random
+    progress = tqdm(total=len(encoded), desc=desc, unit="pair", disable=not show_progress, dynamic_ncols=True)
     with torch.inference_mode():
-        decoder, output_layer, transform = _scoring_path(model)
-        chunk_rows = chunk_rows or max(1, LOGIT_CHUNK_ELEMENTS // output_layer.weight.shape[0])
-        progress = tqdm(total=len(encoded), desc=desc, unit="pair", disable=not show_progress, dynamic_ncols=True)
         for batch in length_batches([len(ids) for ids, _ in encoded], token_budget):
-            input_ids, _ = pad_right([encoded[i][0] for i in batch], tokenizer.pad_token_id)
-            input_ids = input_ids.to(device)
-            # No attention mask: with right padding and causal attention no real
-            # token can see a pad, and without a mask attention takes its fastest kernel.
-            hidden = decoder(input_ids=input_ids).last_hidden_state
-            # Position t predicts token t+1: keep the positions whose next token is a response token.
-            starts = torch.tensor([encoded[i][1] - 1 for i in batch], device=device)
-            ends = torch.tensor([len(encoded[i][0]) - 1 for i in batch], device=device)
-            columns = torch.arange(input_ids.shape[1], device=device)
-            response_mask = (columns >= starts[:, None]) & (columns < ends[:, None])
-            rows, positions = response_mask.nonzero(as_tuple=True)  # row-major: each row's tokens in order
-            targets = input_ids[rows, positions + 1]
-            logps = torch.cat([
-                token_logps(transform(output_layer(hidden[rows[s:s + chunk_rows], positions[s:s + chunk_rows]])),
-                            targets[s:s + chunk_rows], chunk_rows)
-                for s in range(0, len(rows), chunk_rows)]).cpu()
-            for index, mine in zip(batch, logps.split(counts[batch].tolist())):
-                summed[index] = mine.double().sum()
-                per_token_logps[index] = mine
+            sums, pieces = response_logps(model, [encoded[i] for i in batch], per_token=True, chunk_rows=chunk_rows)
+            for index, total, piece in zip(batch, sums.cpu(), pieces):
+                summed[index], per_token_logps[index] = total, piece
             progress.update(len(batch))
-        progress.close()
+    progress.close()
     model.train(was_training)
     return (summed, counts, per_token_logps) if per_token else (summed, counts)
 
@@ -882,6 +858,7 @@ def score(model, tokenizer, prompts, responses, token_budget=8192, per_token=Fal
 # groups of exactly three digits after one separator ("1,234", "1 234 567", "1.234"), then
 # decimals right after the point; so "13. 13 - 4" or "1, 2, 3" are separate numbers.
 _NUMBER = re.compile(r"(?:(?<![\w])-)?\d+(?:[.,\u00a0\u202f' ]\d{3}(?!\d))*(?:[.,]\d+)?")
+ANSWER_TOLERANCE = 1e-3  # MGSM convention: a final number within 1e-3 of gold is right
 
 
 def parse_number(text):
@@ -917,6 +894,24 @@ def extract_last_number(text):
         if value is not None:
             return value
     return None
+
+
+def same_number(found, gold):
+    """True when both are numbers within ANSWER_TOLERANCE (None never matches)."""
+    return found is not None and gold is not None and abs(float(found) - float(gold)) <= ANSWER_TOLERANCE
+
+
+def split_by_id(rows, fraction, seed, id_of=lambda row: str(row["id"])):
+    """(train, held_out): whole prompt ids held out, so a prompt (in every language) never lands on both sides.
+
+    Holds out round(fraction x ids), at least one id and never every id.
+    """
+    if fraction <= 0:
+        return rows, []
+    ids = sorted({id_of(row) for row in rows})
+    random.Random(seed).shuffle(ids)
+    held_out = set(ids[:min(max(1, round(fraction * len(ids))), len(ids) - 1)])
+    return [r for r in rows if id_of(r) not in held_out], [r for r in rows if id_of(r) in held_out]
 
 
 def setup_distributed():

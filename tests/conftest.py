@@ -19,21 +19,25 @@ sys.path.insert(0, REPO)
 import common  # noqa: E402
 
 
-def make_tiny_model(directory, seed=0, layers=2, hidden=64, vocab_size=None, init_std=0.02):
-    """Save a random tiny Llama plus the embedded tokenizer to `directory`; return it.
+def make_tiny_model(directory, seed=0, layers=2, hidden=64, vocab_size=None, init_std=0.02, architecture="llama"):
+    """Save a random tiny Llama (or Gemma 2, soft-capped logits) plus the embedded tokenizer to `directory`.
 
     With the usual init_std 0.02 its greedy answers are one token repeated; a larger one
     gives answers that vary with the prompt (what the generation tests need).
     """
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
     tokenizer = AutoTokenizer.from_pretrained(common.embedded_model_dir())
-    config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, initializer_range=init_std)
+    shape = dict(vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=2048, tie_word_embeddings=True,
+                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id, initializer_range=init_std)
+    if architecture == "gemma2":  # Gemma 2 soft-caps its final logits: tanh(logits / cap) * cap
+        config, model_class = Gemma2Config(**shape, head_dim=hidden // 4, final_logit_softcapping=2.0), Gemma2ForCausalLM
+    else:
+        config, model_class = LlamaConfig(**shape), LlamaForCausalLM
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory, safe_serialization=True)

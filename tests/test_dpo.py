@@ -94,15 +94,12 @@ def test_dpo_loss_matches_hand_computation():
 
 
 def test_chunked_output_layer_matches_whole_logits(lively_model):
-    """sequence_logps applies the output layer a few positions at a time, recomputed in backward;
+    """response_logps applies the output layer a few positions at a time, recomputed in backward;
     values and gradients must equal a plain full-logits log_softmax written here."""
-    import types
-
     import common
     model, tokenizer = common.load_model(lively_model)
     sequences = [common.tokenize_prompt_response(tokenizer, prompt, response)
                  for _, prompt, chosen, rejected in PAIRS[:3] for response in (chosen, rejected)]
-    args = types.SimpleNamespace(device=torch.device("cpu"), pad_id=tokenizer.pad_token_id)
 
     def logps_and_gradient(compute):
         model.zero_grad()
@@ -117,7 +114,7 @@ def test_chunked_output_layer_matches_whole_logits(lively_model):
                             for row, (ids, start) in enumerate(sequences)])
     expected, expected_gradient = logps_and_gradient(whole_logits)
     for chunk in (5, 10_000):  # many chunks; one
-        logps, gradient = logps_and_gradient(lambda: dpo.sequence_logps(model, sequences, args, chunk_positions=chunk))
+        logps, gradient = logps_and_gradient(lambda: common.response_logps(model, sequences, chunk_rows=chunk))
         assert torch.allclose(logps, expected, atol=1e-4), chunk
         assert (gradient - expected_gradient).abs().max() < 1e-5 * expected_gradient.abs().max(), chunk
     assert expected.std() > 1  # the rows differ: a mix-up between them would show
@@ -125,9 +122,8 @@ def test_chunked_output_layer_matches_whole_logits(lively_model):
 
 def test_step_one_loss_is_ln2_and_outputs_load(tmp_path, tiny_model):
     pairs_file = write_pairs(tmp_path / "pairs.jsonl")
-    # Reference scored one row per batch (budget 32 tokens), training in batches of 4 pairs = 8 rows.
     output, result = train(tmp_path, tiny_model, pairs_file, "out", "--batch-size", "4", "--grad-accum", "1",
-                           "--score-token-budget", "32", "--lr", "1e-3", "--max-steps", "1")
+                           "--lr", "1e-3", "--max-steps", "1")
     first = read_records(output / "metrics.jsonl")[0]
     assert abs(first["loss"] - math.log(2)) < 1e-5
     assert abs(first["rewards/margins"]) < 1e-5 and first["rewards/accuracies"] == 0.0
@@ -136,15 +132,8 @@ def test_step_one_loss_is_ln2_and_outputs_load(tmp_path, tiny_model):
         assert name in first
     summary = json.loads((output / "train_summary.json").read_text())
     assert summary["steps"] == 1 and summary["train_pairs"] == 8 and summary["reference_scored_now"] == 8
-    # The old way (reference model run beside the policy every step) computes the same numbers.
-    in_loop, _ = train(tmp_path, tiny_model, pairs_file, "in-loop", "--batch-size", "4", "--grad-accum", "1",
-                       "--lr", "1e-3", "--max-steps", "1", "--reference-in-loop")
-    in_loop_first = read_records(in_loop / "metrics.jsonl")[0]
-    for name in ("loss", "logps/chosen", "logps/rejected", "grad_norm"):
-        assert in_loop_first[name] == pytest.approx(first[name], rel=1e-6, abs=1e-6)
-    assert not (in_loop / "reference_logps.json").exists()
-    assert summary["tokens_per_second"] > 0 and summary["forward_tokens_per_second"] > 0
-    assert "04_dpo: steps 1, pairs 8" in result.stdout and "forward-only rate" in result.stdout
+    assert summary["tokens_per_second"] > 0
+    assert "04_dpo: steps 1, pairs 8" in result.stdout
     assert not [name for name in os.listdir(output) if name.startswith("checkpoint") or name.endswith(".tmp")]
     from transformers import AutoModelForCausalLM, AutoTokenizer
     AutoTokenizer.from_pretrained(output)
@@ -158,6 +147,36 @@ def test_step_one_loss_is_ln2_and_outputs_load(tmp_path, tiny_model):
     output, _ = train(tmp_path, tiny_model, write_pairs(tmp_path / "pairs.jsonl", changed), "out",
                       "--batch-size", "4", "--grad-accum", "1", "--max-steps", "1")
     assert json.loads((output / "train_summary.json").read_text())["reference_scored_now"] == 1
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma2"])
+def test_policy_and_reference_are_scored_alike(tmp_path, architecture):
+    """One scorer for policy and reference, the model's final logit transform included (Gemma 2 soft-caps):
+    step 1 is ln 2 with accuracy 0, and the policy's differentiable log-probs equal common.score's and the
+    model's own full logits'."""
+    import common
+    from conftest import make_tiny_model
+    model_dir = make_tiny_model(tmp_path / architecture, architecture=architecture, init_std=0.2)
+    output, _ = train(tmp_path, model_dir, write_pairs(tmp_path / "pairs.jsonl"), "out", "--batch-size", "4",
+                      "--grad-accum", "1", "--max-steps", "1", "--lr", "1e-3")
+    first = read_records(output / "metrics.jsonl")[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-5 and first["rewards/accuracies"] == 0.0
+    model, tokenizer = common.load_model(model_dir)
+    prompts, responses = [p for _, p, _, _ in PAIRS], [c for _, _, c, _ in PAIRS]
+    sequences = [common.tokenize_prompt_response(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    policy = common.response_logps(model, sequences)  # gradients on: the training path
+    assert policy.requires_grad
+    scored, _ = common.score(model, tokenizer, prompts, responses, token_budget=64, show_progress=False)
+    assert (policy.detach() - scored).abs().max() < 1e-5
+    def own_logps():  # the model's own full logits, log-softmax in float64, one sequence at a time
+        with torch.no_grad():
+            return torch.tensor([model(input_ids=torch.tensor([ids])).logits[0].double().log_softmax(-1)[
+                torch.arange(start - 1, len(ids) - 1), torch.tensor(ids[start:])].sum() for ids, start in sequences],
+                dtype=torch.float64)
+    assert (policy.detach() - own_logps()).abs().max() < 1e-4
+    if architecture == "gemma2":  # the cap shapes these numbers: without it the model's log-probs are far off
+        model.config.final_logit_softcapping = None
+        assert (policy.detach() - own_logps()).abs().max() > 1.0
 
 
 def test_accumulation_is_exact(tmp_path, tiny_model):
@@ -220,9 +239,11 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, tiny_model):
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, tiny_model):
-    """Same global batch (4 pairs) as 1 process x 2 x accumulation 2, and as 2 processes (DDP, FSDP) x 1 x 2."""
+    """Same global batch (4 pairs) as 1 process x 2 x accumulation 2, and as 2 processes (DDP, FSDP) x 1 x 2.
+
+    Held-out pairs are scored before training: forwards without gradients must not disturb FSDP's shards."""
     pairs_file = write_pairs(tmp_path / "pairs.jsonl")
-    flags = ["--lr", "1e-3", "--epochs", "2", "--nll-weight", "0.5"]
+    flags = ["--lr", "1e-3", "--epochs", "2", "--nll-weight", "0.5", "--eval-pairs", write_pairs(tmp_path / "eval.jsonl")]
     one, _ = train(tmp_path, tiny_model, pairs_file, "one", "--batch-size", "2", "--grad-accum", "2", *flags)
     for sharding in ("ddp", "fsdp"):
         two = tmp_path / sharding

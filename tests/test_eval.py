@@ -116,7 +116,7 @@ def test_math_scoring_with_fixed_answers(tiny_model):
         yield [(k, [{"text": replies[items[k]["id"]], "truncated": False, "new_tokens": 3}]) for k in range(len(items))]
 
     counts = {"new_tokens": 0, "no_number": 0}
-    records = [r for batch in eval05.math_process(fake_generate, tokenizer, False, 4, counts)(items) for r in batch]
+    records = [r for batch in eval05.math_records(fake_generate, tokenizer, items, False, 4, counts) for r in batch]
     assert [r["prediction"] for r in records] == [18.0, 1234.5, None, 18.0021]
     assert [r["correct"] for r in records] == [True, True, False, False]
     assert counts == {"new_tokens": 12, "no_number": 1}
@@ -137,9 +137,9 @@ def test_translate_test_answers_the_english_translation(tiny_model):
         yield [(k, [{"text": text, "truncated": False, "new_tokens": 5}]) for k in range(len(prompt_ids))]
 
     counts = {"new_tokens": 0, "no_number": 0}
-    records = [r for batch in eval05.math_process(fake_generate, tokenizer, True, 8, counts)(items) for r in batch]
+    records = [r for batch in eval05.math_records(fake_generate, tokenizer, items, True, 8, counts) for r in batch]
     assert [desc for desc, _ in calls] == ["translate", "answer"]
-    assert len(calls[0][1]) == 1 and "Translate this Spanish question into English" in calls[0][1][0]
+    assert len(calls[0][1]) == 1 and "Translate the following question from Spanish into English" in calls[0][1][0]
     assert all(eval05.MATH_INSTRUCTIONS["en"] in prompt for prompt in calls[1][1])
     spanish = next(r for r in records if r["lang"] == "es")
     assert spanish["question_en"] == "Tom has 3 and buys 4. How many?" and spanish["question"] == items[1]["prompt"]

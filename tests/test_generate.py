@@ -83,17 +83,15 @@ def test_torn_part_file_line_is_dropped_and_cut(tmp_path):
     assert open(out + ".part0").read() == '{"k": 1}\n{"k": 2}\n'
 
 
-def test_run_resumable_skips_finished_and_merges_in_input_order(tmp_path):
+def test_resume_skips_finished_and_finish_merges_in_input_order(tmp_path):
     out = str(tmp_path / "out.jsonl")
-    common.append_jsonl(out + ".part1", [{"k": 2, "v": "old"}])  # left by an earlier run with 2 ranks
-    seen = []
-
-    def process(items):
-        seen.extend(item["k"] for item in items)
-        yield [{"k": item["k"], "v": "new"} for item in items]
-
-    done = common.run_resumable([{"k": k} for k in range(4)], lambda r: r["k"], out, process)
-    assert done == (1, 3) and seen == [0, 1, 3]
+    common.save_batch(out, [{"k": 2, "v": "old"}], rank=1)  # left by an earlier run with 2 ranks
+    items, key = [{"k": k} for k in range(4)], lambda r: r["k"]
+    already_done, mine = common.resume(out, items, key)
+    seen = [item["k"] for item in mine]
+    common.save_batch(out, [{"k": item["k"], "v": "new"} for item in mine])
+    common.finish(out, items, key)
+    assert (already_done, len(mine)) == (1, 3) and seen == [0, 1, 3]
     assert read_records(out) == [{"k": 0, "v": "new"}, {"k": 1, "v": "new"}, {"k": 2, "v": "old"}, {"k": 3, "v": "new"}]
     assert not [f for f in os.listdir(tmp_path) if ".part" in f]
 
@@ -130,9 +128,8 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(lively
     texts = ["Hi", "Give three tips for staying healthy.", "Wie spät ist es?", "Name a colour.", "¿Qué hora es?"]
     prompt_ids = [common.chat_prompt_ids(tokenizer, t) for t in texts]
     settings = dict(max_new_tokens=16, show_progress=False)
-    free = {number: rows[0] for finished in common.decode_rows([model], prompt_ids, 1, tokenizer.pad_token_id, [-1],
-                                                               0.0, 1.0, 1.0, 16, batch_size=5)
-            for number, rows in finished}
+    free = {number: rows[0] for number, rows in enumerate(common.decode_batch(
+        [model], prompt_ids, 1, tokenizer.pad_token_id, [-1], 0.0, 1.0, 1.0, 16))}
     stops = {free[0][3], free[2][6]}
     monkeypatch.setattr(common, "end_of_turn_ids", lambda _: sorted(stops))
     batched = {i: s for batch in common.generate_batches(model, tokenizer, prompt_ids, batch_size=5, **settings)
@@ -145,34 +142,25 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(lively
     assert any(not s[0]["truncated"] for s in batched.values())
 
 
-def test_waiting_prompts_join_the_running_batch_without_changing_any_answer(lively_model, tmp_path, monkeypatch):
-    """Nine prompts, three places: as rows stop, waiting prompts are prefilled and join the running batch,
-    left-padded into its KV cache. Every answer (greedy, repetition penalty, 2 samples, proxy-tuned) must equal
-    the prompt's answer alone, and the cache must not keep the padding columns nobody attends to any more."""
+def test_many_batches_samples_and_proxy_give_each_prompt_its_own_answer(lively_model, tmp_path, monkeypatch):
+    """Nine prompts, three at a time, rows stopping at different steps: every answer (greedy, repetition
+    penalty, 2 samples, proxy-tuned) must equal the prompt's answer alone."""
     model, tokenizer = common.load_model(lively_model)
     other, _ = common.load_model(make_tiny_model(tmp_path / "other", seed=3, init_std=0.2))
     texts = ["Hi", "Give three tips for staying healthy.", "Wie spät ist es?", "Name a colour.", "¿Qué hora es?",
              "Describe a cat in one sentence.", "Bonjour", "What is 2 + 2?", "Write a haiku about rain."]
     prompt_ids = [common.chat_prompt_ids(tokenizer, t) for t in texts]
-    joins, cache_lengths, join = [], [], common._join
-    monkeypatch.setattr(common, "_join", lambda *batches: joins.append(1) or join(*batches))
-    model.register_forward_hook(lambda module, args, kwargs, output: cache_lengths.append(
-        kwargs["attention_mask"].shape[1]), with_kwargs=True)
     settings = dict(max_new_tokens=16, repetition_penalty=0.6, show_progress=False)  # < 1 favours seen tokens
     for options in ({}, {"num_samples": 2}, {"proxy": (other, model, 0.7)}):
         # Random weights never say end-of-turn: let one token of every other prompt's free answer stop it,
-        # so rows stop at different steps while prompts are still waiting.
+        # so rows stop at different steps.
         models, alpha = ([model], 0.0) if "proxy" not in options else ([model, other, model], 0.7)
-        free = {number: rows[0] for finished in common.decode_rows(
-            models, prompt_ids, 1, tokenizer.pad_token_id, [-1], 0.0, 1.0, 0.6, 16, batch_size=9, alpha=alpha)
-            for number, rows in finished}
-        monkeypatch.setattr(common, "end_of_turn_ids", lambda _: sorted({free[n][n + 2] for n in range(0, 9, 2)}))
-        joins.clear(), cache_lengths.clear()
+        free = common.decode_batch(models, prompt_ids, 1, tokenizer.pad_token_id, [-1], 0.0, 1.0, 0.6, 16, alpha)
+        monkeypatch.setattr(common, "end_of_turn_ids", lambda _: sorted({free[n][0][n + 2] for n in range(0, 9, 2)}))
         together = {i: s for batch in common.generate_batches(model, tokenizer, prompt_ids, batch_size=3,
                                                               **settings, **options) for i, s in batch}
         lengths = {s["new_tokens"] for samples in together.values() for s in samples}
         assert len(lengths) >= 3 and min(lengths) < 16, options  # rows stopped at different steps
-        assert len(joins) >= 3 and max(cache_lengths) <= max(map(len, prompt_ids)) + 16, options
         for index, ids in enumerate(prompt_ids):
             [[(_, alone)]] = list(common.generate_batches(model, tokenizer, [ids], batch_size=1, **settings,
                                                           **options))
