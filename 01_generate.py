@@ -15,6 +15,7 @@ are split across ranks and rank 0 merges the output. A killed run, rerun with th
 same command, continues where it stopped.
 """
 import argparse
+import time
 
 import common
 
@@ -43,28 +44,41 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.num_samples < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
-        raise common.InputError("--num-samples, --max-new-tokens and --batch-size must be at least 1")
+    if min(args.num_samples, args.max_new_tokens, args.batch_size, 1 if args.limit is None else args.limit) < 1:
+        raise common.InputError("--num-samples, --max-new-tokens, --batch-size and --limit must be at least 1")
+    if not (args.temperature >= 0 and 0 < args.top_p <= 1 and args.repetition_penalty > 0):
+        raise common.InputError("--temperature must be >= 0, --top-p in (0, 1], --repetition-penalty > 0")
     if args.num_samples > 1 and args.temperature == 0:
         raise common.InputError("--num-samples > 1 with greedy decoding gives N identical answers; set --temperature")
-    common.check_not_done(args.output)
     rank, world_size = common.setup_distributed()
     langs = args.langs.split(",") if args.langs else None
     prompts = common.load_prompts(args.prompts, langs=langs, limit=args.limit, split=args.split)
+    if not prompts:
+        raise common.InputError(f"{args.prompts}: no prompts")
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
+                "max_new_tokens": args.max_new_tokens, "num_samples": args.num_samples, "seed": args.seed}
+    settings = {"model": args.model, "prompts": common.content_key(prompts), "sampling": sampling}
+    common.claim(args.output, settings, rank)
     model, tokenizer = common.load_model(args.model, trust_remote_code=args.trust_remote_code)
     # Each rank samples its own share; offsetting the seed keeps ranks from drawing the same numbers.
     common.seed_everything(args.seed + rank)
-    sampling = {"temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
-                "max_new_tokens": args.max_new_tokens, "num_samples": args.num_samples, "seed": args.seed}
     counts = {"new_tokens": 0, "truncated": 0}
-    timer = common.Timer()
+    started = time.perf_counter()
+    # A prompt that leaves no room for the answer in the model's context is skipped (and counted), never run.
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    prompt_ids = {(p["id"], p["lang"]): common.chat_prompt_ids(tokenizer, p["prompt"]) for p in prompts}
+    too_long = [p for p in prompts if len(prompt_ids[p["id"], p["lang"]]) + args.max_new_tokens > context]
+    if too_long and rank == 0:
+        print(f"skipped {len(too_long)} prompt(s) longer than the model's {context}-token context minus "
+              f"--max-new-tokens (first: id {too_long[0]['id']}, {too_long[0]['lang']})")
+    prompts = [p for p in prompts if len(prompt_ids[p["id"], p["lang"]]) + args.max_new_tokens <= context]
 
     key = lambda record: (record["id"], record["lang"])  # noqa: E731
     already_done, mine = common.resume(args.output, prompts, key, rank, world_size)
-    prompt_ids = [common.chat_prompt_ids(tokenizer, p["prompt"]) for p in mine]
     batches = common.generate_batches(
-        model, tokenizer, prompt_ids, num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        model, tokenizer, [prompt_ids[key(p)] for p in mine], num_samples=args.num_samples,
+        temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         desc=f"generate[rank {rank}]" if world_size > 1 else "generate")
     for batch in batches:  # each batch goes to disk as soon as it is done
         records = []
@@ -77,9 +91,10 @@ def main(argv=None):
     common.finish(args.output, prompts, key, rank)
     languages = sorted({p["lang"] for p in prompts})
     print(common.summary_line(
-        f"01_generate[rank {rank}]" if world_size > 1 else "01_generate", timer.seconds(), counts["new_tokens"],
-        prompts=len(prompts), languages=",".join(languages), resumed_from=already_done, generated=len(mine),
-        samples_truncated=counts["truncated"]) + (f" -> {args.output}" if rank == 0 else ""))
+        f"01_generate[rank {rank}]" if world_size > 1 else "01_generate", time.perf_counter() - started,
+        counts["new_tokens"], prompts=len(prompts), languages=",".join(languages), resumed_from=already_done,
+        generated=len(mine), samples_truncated=counts["truncated"], skipped_too_long=len(too_long))
+        + (f" -> {args.output}" if rank == 0 else ""))
     common.cleanup_distributed()
 
 

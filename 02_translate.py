@@ -20,6 +20,7 @@ comes, when nothing is inside the tags, or when the text is not in the target la
 """
 import argparse
 import math
+import time
 from collections import Counter, defaultdict
 
 import torch
@@ -45,8 +46,11 @@ ECHOED_TAGS = (OPEN_TAG, "<sentence>", "</sentence>")  # tags a model sometimes 
 # closing tag where the model was still writing when it hit its token cap (no_closing_tag:
 # it ended its turn without one); many of those mean the cap is too small or the model loops.
 NO_CLOSING_TAG, LENGTH_CAP, EMPTY = "no_closing_tag", "length_cap", "empty"
-WRONG_LANGUAGE, EMPTY_SOURCE = "wrong_language", "empty_source"
-REASONS = (NO_CLOSING_TAG, LENGTH_CAP, EMPTY, WRONG_LANGUAGE, EMPTY_SOURCE)
+WRONG_LANGUAGE, EMPTY_SOURCE, TOO_LONG = "wrong_language", "empty_source", "too_long"
+REASONS = (NO_CLOSING_TAG, LENGTH_CAP, EMPTY, WRONG_LANGUAGE, EMPTY_SOURCE, TOO_LONG)
+# A source text longer than this many context-sized pieces is not an answer to translate (a runaway
+# generation, a pasted file): it is skipped as too_long before it is even tokenised.
+MAX_PIECES = 64
 
 # A translation may use at most LENGTH_FACTOR x (source tokens) x (how many more tokens the
 # target language needs than the source language) + EXTRA_TOKENS new tokens. The cap stops a
@@ -211,14 +215,15 @@ def make_jobs(record, targets, question_target, count_tokens, limit):
     """[{slot, target, pieces}] for one record: every response into every target (+ the question).
 
     slot is the response's index, or "prompt". pieces is split_text's [(piece, separator)],
-    empty for an empty source text (nothing to translate).
+    empty for an empty source text (nothing to translate), None for one over MAX_PIECES pieces long
+    (counted by characters, at most ~8 per token).
     """
     texts = [(index, target, response) for target in targets for index, response in enumerate(record["responses"])]
     if question_target:
         texts.append(("prompt", question_target, record["prompt"]))
     fits = lambda piece: count_tokens(piece) <= limit  # noqa: E731
-    return [{"slot": slot, "target": target, "pieces": split_text(text, fits) if text.strip() else []}
-            for slot, target, text in texts]
+    return [{"slot": slot, "target": target, "pieces": None if len(text) > 8 * MAX_PIECES * limit else
+             split_text(text, fits) if text.strip() else []} for slot, target, text in texts]
 
 
 def generate_translations(model, tokenizer, requests, batch_size, sampling, progress):
@@ -247,7 +252,7 @@ def finish_job(job, outputs):
     outputs: one generate_translations sample per piece (None for a whitespace-only piece).
     """
     if not job["pieces"]:
-        return None, EMPTY_SOURCE
+        return None, EMPTY_SOURCE if job["pieces"] is not None else TOO_LONG
     parts = []
     for (piece, separator), output in zip(job["pieces"], outputs):
         if output is None:  # a whitespace-only piece was not sent to the model
@@ -274,11 +279,11 @@ def finish_record(record, targets, jobs, outputs, prompt_field, translator_name)
         if job["slot"] == "prompt":
             finished[prompt_field] = text
             info[prompt_field] = reason
-            info["prompt_pieces"] = len(job["pieces"])
+            info["prompt_pieces"] = len(job["pieces"] or [])
         else:
             translations[job["target"]][job["slot"]] = text
             info[job["target"]][job["slot"]] = reason
-            info["pieces"][job["slot"]] = len(job["pieces"])
+            info["pieces"][job["slot"]] = len(job["pieces"] or [])
     finished["translations"] = translations
     finished["translation_info"] = {**info, "translator": translator_name}
     return finished
@@ -305,7 +310,7 @@ def translate_records(records, plan, model, tokenizer, args, ratios, progress, t
         requests, owner = [], []  # owner[k] = (job index, piece index) of request k
         for job_index, job in enumerate(jobs):
             ratio = ratios.get((record["lang"], job["target"]), 1.0)
-            for piece_index, (piece, _) in enumerate(job["pieces"]):
+            for piece_index, (piece, _) in enumerate(job["pieces"] or []):
                 if piece.strip():
                     ids = common.chat_prompt_ids(tokenizer, translation_request(piece, job["target"]),
                                                  assistant_prefix=OPEN_TAG)
@@ -326,7 +331,7 @@ def translate_records(records, plan, model, tokenizer, args, ratios, progress, t
         results = iter(generate_translations(model, tokenizer, requests, args.batch_size, sampling, progress))
         finished = []
         for b in block:
-            outputs = [[None] * len(job["pieces"]) for job in b["jobs"]]
+            outputs = [[None] * len(job["pieces"] or []) for job in b["jobs"]]
             for job_index, piece_index in b["owner"]:
                 sample = next(results)
                 outputs[job_index][piece_index] = sample
@@ -368,7 +373,7 @@ def format_summary(table):
 # ----------------------------------------------------------------------------
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", default="runs/demo/responses.jsonl",
                         help="01's responses (JSONL; default: %(default)s)")
@@ -394,26 +399,32 @@ def parse_args():
     parser.add_argument("--limit", type=int, default=None, help="translate only the first N ids (all their languages)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow model code from the hub (off by default)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     common.language_name(args.dominant, "--dominant")
     args.targets = [code.strip() for code in args.targets.split(",") if code.strip()] if args.targets else None
     for code in args.targets or []:
         common.language_name(code, "--targets")
-    if args.batch_size < 1:
-        raise common.InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise common.InputError("--batch-size and --limit must be at least 1")
+    if not (args.temperature >= 0 and 0 < args.top_p <= 1 and args.repetition_penalty > 0):
+        raise common.InputError("--temperature must be >= 0, --top-p in (0, 1], --repetition-penalty > 0")
     return args
 
 
-def main():
-    args = parse_args()
-    timer = common.Timer()
-    common.check_not_done(args.output)
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
     rows = read_responses(args.input, args.limit, args.questions)
+    if not rows:
+        raise common.InputError(f"{args.input}: no records to translate")
     records = [record for _, record in rows]
     args.translator = pick_translator(rows, args.input, args.translator)
     plan = plan_targets(records, args.dominant, args.targets)
 
     rank, world_size = common.setup_distributed()
+    settings = {name: getattr(args, name) for name in ("translator", "dominant", "targets", "questions", "temperature",
+                                                      "top_p", "repetition_penalty", "seed")}
+    common.claim(args.output, {**settings, "input": common.content_key(records)}, rank)
     common.seed_everything(args.seed + rank)
     model, tokenizer = common.load_model(args.translator, trust_remote_code=args.trust_remote_code)
     ratios = token_ratios(records, tokenizer)
@@ -436,7 +447,8 @@ def main():
         totals = sum(table.values(), Counter())
         untranslated = sum(1 for _, record in finished if not record["translations"])
         print(common.summary_line(
-            "translate", timer.seconds(), int(counts[1]), records=len(finished), resumed=already_done,
+            "translate", time.perf_counter() - started, int(counts[1]), records=len(finished),
+            resumed=already_done,
             translated_now=int(counts[0]), texts=sum(totals.values()), ok=totals["ok"],
             null=sum(totals[reason] for reason in REASONS),
             **{reason: totals[reason] for reason in REASONS},

@@ -31,10 +31,13 @@ Methods (English, the dominant language, is the teacher; X is any other language
 Rerunning a finished run does nothing; the outputs appear only when complete.
 """
 import argparse
+import math
 import random
+import time
 from collections import Counter, defaultdict
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 import common
@@ -283,8 +286,9 @@ def score_all(records, keys, args, rank, world_size):
     _, mine = common.resume(path, items, key_of, rank, world_size)
     tokens_scored = 0
     if mine:
-        dpo_model, tokenizer = common.load_model(args.dpo_model, trust_remote_code=args.trust_remote_code)
-        ref_model, ref_tokenizer = common.load_model(args.ref_model, trust_remote_code=args.trust_remote_code)
+        # fp32 on every device: the reward is a difference of two close models, which bf16 rounds away.
+        dpo_model, tokenizer = common.load_model(args.dpo_model, None, torch.float32, args.trust_remote_code)
+        ref_model, ref_tokenizer = common.load_model(args.ref_model, None, torch.float32, args.trust_remote_code)
         progress = tqdm(total=len(mine), desc=f"score[rank {rank}]" if world_size > 1 else "score", unit="record")
         for start in range(0, len(mine), args.batch_size):
             batch = mine[start:start + args.batch_size]
@@ -442,19 +446,22 @@ def summarise(rows, skipped):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.eval_frac < 0 or args.eval_frac >= 1:
+    if not 0 <= args.eval_frac < 1:  # also refuses nan
         raise common.InputError("--eval-frac must be in [0, 1)")
     mix = {"answer_in_x": args.mix_answer_in_x, "answer_in_en": args.mix_answer_in_en, "translate": args.mix_translate}
     if not all(0 <= share <= 1 for share in mix.values()):
         raise common.InputError("--mix-* shares must be between 0 and 1")
+    if not (args.beta > 0 and args.min_margin >= 0 and math.isfinite(args.beta * args.min_margin * (args.alpha or 0))
+            and min(args.batch_size, args.token_budget, 1 if args.limit is None else args.limit) >= 1):
+        raise common.InputError("--beta must be > 0, --min-margin >= 0, --alpha finite, --batch-size, --token-budget "
+                                "and --limit at least 1")
     if args.method == "implicit":
         if not args.dpo_model or not args.ref_model:
             raise common.InputError("--method implicit needs --dpo-model and --ref-model")
         if args.dpo_model == args.ref_model:
             raise common.InputError("--dpo-model and --ref-model are the same model: every reward would be 0")
     common.language_name(args.dominant, "--dominant")
-    common.check_not_done(args.output)
-    timer = common.Timer()
+    started = time.perf_counter()
     records = read_input(args.input, args.method, args.dominant, args.limit)
     langs = args.langs.split(",") if args.langs else sorted({lang for _, lang in records})
     for code in langs:
@@ -467,6 +474,9 @@ def main(argv=None):
         raise common.InputError(f"{args.input}: one answer per prompt; implicit rewarding picks the best and worst "
                                 "of N (run 01_generate.py with --num-samples 4 --temperature 0.9)")
     rank, world_size = common.setup_distributed()
+    settings = {name: value for name, value in vars(args).items()
+                if name not in ("input", "output", "batch_size", "token_budget", "trust_remote_code")}
+    common.claim(args.output, {**settings, "input": common.content_key([r for _, r in records.values()])}, rank)
     tokens, alphas = None, None
     if args.method == "implicit":
         keys = [key for key in records if key[1] in langs]
@@ -496,7 +506,8 @@ def main(argv=None):
               f"characters (without length control {control['length_gap_without_control']:+.1f})")
     if not rows:
         print("warning: no rows were made; see the skip reasons above")
-    print(common.summary_line("03_reward", timer.seconds(), tokens, method=args.method, rows=len(train),
+    print(common.summary_line("03_reward", time.perf_counter() - started, tokens, method=args.method,
+                              rows=len(train),
                               eval_rows=len(held_out), skipped=len(skipped)) + f" -> {args.output}")
     common.cleanup_distributed()
 

@@ -223,10 +223,10 @@ def eval_batches(examples, batch_size, rank, world):
 def batch_logps(model, batch):
     """[rows] float64 summed response log-probs of a micro-batch: every example's first sequence (chosen,
     or the SFT completion), then every example's second (rejected). One forward, differentiable.
-    On CUDA under bf16 autocast (the weights and the optimizer stay fp32); on CPU in fp32."""
+    Under bf16 autocast where common.pick_device chooses bf16 (the weights and the optimizer stay fp32)."""
     sequences = [sequence for column in zip(*(example["sequences"] for example in batch)) for sequence in column]
-    device = next(model.parameters()).device
-    with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext():
+    device, dtype = next(model.parameters()).device, common.pick_device()[1]
+    with torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext():
         return common.response_logps(model, sequences)
 
 
@@ -404,9 +404,12 @@ def make_optimizer(model, args, checkpoint=None):
     groups = [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
-    if checkpoint:  # the weights came with the model
-        saved = torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True)
-        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+    if checkpoint:  # the weights came with the model; rank 0 alone reads the full state and sends each its shard
+        shared = dist.is_initialized()
+        saved = torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True) \
+            if not shared or dist.get_rank() == 0 else {}
+        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True,
+                                                                                     broadcast_from_rank0=shared))
     return optimizer
 
 
@@ -416,8 +419,8 @@ def learning_rate(step, total_steps, args):
     if step < warmup:
         return args.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
-    decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1}[args.lr_schedule]
-    return args.min_lr + decay * (args.lr - args.min_lr)
+    decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1}
+    return args.min_lr + decay[args.lr_schedule] * (args.lr - args.min_lr)
 
 
 def all_finite(model, optimizer=None):
@@ -441,7 +444,7 @@ def save_model(model, tokenizer, directory, rank):
             state.pop(name, None)
         seen.add(id(parameter))
     if rank == 0:
-        common.unwrap(model).save_pretrained(directory, state_dict=state, safe_serialization=True)
+        common.unwrap(model).save_pretrained(directory, state_dict=state)
         tokenizer.save_pretrained(directory)
 
 
@@ -480,15 +483,12 @@ RESUMABLE_WITH_OTHER = ("output", "resume", "save_every", "batch_size", "grad_ac
 
 
 def resume_point(output, settings, require, rank):
-    """(latest checkpoint or None, trainer state); a checkpoint made with other settings is refused.
-    metrics.jsonl is cut back to the checkpoint's step."""
+    """(latest checkpoint or None, trainer state); metrics.jsonl is cut back to the checkpoint's step."""
     checkpoint, state = latest_checkpoint(output), {"step": 0, "settings": settings}
     if checkpoint is None and require:
         raise common.InputError(f"--resume: no checkpoint in {output}")
     if checkpoint:
-        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as handle:
-            state = json.load(handle)
-        common.same_settings(state["settings"], settings, f"{checkpoint}: trained", f"delete {output} to start over")
+        state = common.read_json(os.path.join(checkpoint, "trainer_state.json"))  # claim checked its settings
     metrics_path = os.path.join(output, "metrics.jsonl")
     if rank == 0:  # the metrics of the steps after the checkpoint go: those steps run again
         kept = [json.dumps(r) + "\n" for _, r in common.read_jsonl(metrics_path) if r["step"] <= state["step"]] \
@@ -504,15 +504,20 @@ def resume_point(output, settings, require, rank):
 def main(argv=None):
     # 1. Setup: processes, data, the settings a resumed run must share, the model, the reference.
     args = parse_args(argv)
-    timer = common.Timer()
+    run_started = time.perf_counter()
     rank, world = common.setup_distributed()
     device, _ = common.pick_device()
     common.seed_everything(args.seed)
-    summary_path = os.path.join(args.output, "train_summary.json")
-    common.check_not_done(summary_path)  # written last: it marks the directory complete
+    summary_path = os.path.join(args.output, "train_summary.json")  # written last: it marks the directory complete
+    global_batch = args.batch_size * args.grad_accum * world
+    if not os.path.isfile(args.input):
+        raise common.InputError(f"{args.input}: no such file")
+    with open(args.input, "rb") as handle:  # what a resumed run must share: data, objective, schedule, global batch
+        settings = {**{name: value for name, value in vars(args).items() if name not in RESUMABLE_WITH_OTHER},
+                    "global_batch": global_batch, "input_sha256": hashlib.sha256(handle.read()).hexdigest()}
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
     train, eval_set, skip_counts = load_data(args, tokenizer, rank)
-    global_batch = args.batch_size * args.grad_accum * world
+    common.claim(summary_path, settings, rank, partial=latest_checkpoint(args.output) is not None)
     steps_per_epoch = len(train) // global_batch
     if steps_per_epoch == 0:
         raise common.InputError(f"{args.input}: {len(train)} training rows, fewer than one global batch of "
@@ -520,9 +525,6 @@ def main(argv=None):
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
     lengths = [example["length"] for example in train]
     batches_of_epoch = lambda epoch: epoch_batches(lengths, global_batch, args.seed, epoch)  # noqa: E731
-    with open(args.input, "rb") as handle:  # what a resumed run must share: data, objective, schedule, global batch
-        settings = {**{name: value for name, value in vars(args).items() if name not in RESUMABLE_WITH_OTHER},
-                    "global_batch": global_batch, "input_sha256": hashlib.sha256(handle.read()).hexdigest()}
     checkpoint, state = resume_point(args.output, settings, args.resume, rank)
     model = load_policy(checkpoint or args.model, device, args)
     scored_now = 0
@@ -582,13 +584,13 @@ def main(argv=None):
             "settings": settings, "world_size": world, "steps": total_steps, "train_pairs": len(train),
             "eval_pairs": len(eval_set), "skipped": skip_counts, "reference_scored_now": scored_now,
             "eval_before": state["eval_before"], "eval_after": eval_after, "final_step": state["final_step"],
-            "train_seconds": round(state["train_seconds"], 2), "seconds": round(timer.seconds(), 2),
+            "train_seconds": round(state["train_seconds"], 2), "seconds": round(time.perf_counter() - run_started, 2),
             "train_tokens": state["train_tokens"], "tokens_per_second": round(tokens_per_second, 1)})
         for old in glob.glob(os.path.join(args.output, "checkpoint-*")):
             shutil.rmtree(old)
         for name, before in state["eval_before"].items():
             print(f"eval {name}: {before:.4f} -> {eval_after[name]:.4f} ({len(eval_set)} held-out rows)")
-        print(common.summary_line("04_dpo", timer.seconds(), steps=total_steps, pairs=len(train),
+        print(common.summary_line("04_dpo", time.perf_counter() - run_started, steps=total_steps, pairs=len(train),
                                   skipped=sum(sum(counts.values()) for counts in skip_counts.values()))
               + f", training {tokens_per_second:.1f} tokens/s")
     common.barrier()

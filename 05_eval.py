@@ -19,7 +19,7 @@ Tasks (--tasks):
               first translates the question into English, then answers that (question alignment).
   winrate     each model's answers judged against the first model's, in both orders (a judge
               that favours a slot cancels out), ties count half. Judge: a local model's
-              next-token logits for "A" vs "B" (--judge), or an OpenAI-compatible endpoint
+              next-token log-probs of "A" vs "B" (--judge), or an OpenAI-compatible endpoint
               (--judge-api, key from the environment variable named by --judge-api-key-env).
 With --proxy-expert/--proxy-antiexpert one more column is evaluated: the first model
 proxy-tuned, logits = first + alpha * (expert - antiexpert).
@@ -28,14 +28,10 @@ is reported too. Resumable: finished (model, task) work files in --output/work/ 
 a killed run continues. Runs under `torchrun --nproc_per_node=K` (prompts sharded, rank 0 reports).
 """
 import argparse
-import hashlib
-import json
 import math
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import torch
@@ -80,40 +76,49 @@ correct and complete, and written in the language of the instruction.
 Which answer is better? Reply with one letter: A or B."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default after its help."""
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
-    add("--models", nargs="+", default=None,
-        help="hub ids, directories or the embedded default; the first is the baseline "
-             f"(default: {common.EMBEDDED_MODEL}, plus runs/demo/model if it exists)")
-    add("--tasks", default="mgsm,math,winrate", help=f"comma-separated, from {','.join(TASKS)} (default: %(default)s)")
-    add("--langs", default="en,es,de,fr,ru,zh", help="comma-separated language codes (default: %(default)s)")
+    add("--models", nargs="+", default=None, help="hub ids, directories or the embedded default; the first is the "
+        f"baseline (default: {common.EMBEDDED_MODEL}, plus runs/demo/model if it exists)")
+    add("--tasks", default="mgsm,math,winrate", help=f"comma-separated, from {','.join(TASKS)}")
+    add("--langs", default="en,es,de,fr,ru,zh", help="comma-separated language codes")
     add("--mgsm", default=os.path.normpath(os.path.join(REPO, "..", "shared", "data", "mgsm")),
-        help="MGSM: directory of mgsm_{lang}.tsv, JSONL with question/answer, or hub dataset (default: %(default)s)")
-    add("--math", default="data/math",
-        help="math set: directory of {lang}.jsonl with question/answer, a JSONL file, or hub dataset "
-             "(default: %(default)s)")
-    add("--prompts", default="data/prompts", help="instruction prompts for the win rate (default: %(default)s)")
-    add("--output", default="runs/demo/eval", help="output directory (default: %(default)s)")
+        help="MGSM: directory of mgsm_{lang}.tsv, JSONL with question/answer, or hub dataset")
+    add("--math", default="data/math", help="math set: directory of {lang}.jsonl, a JSONL file, or hub dataset")
+    add("--prompts", default="data/prompts", help="instruction prompts for the win rate")
+    add("--output", default="runs/demo/eval", help="output directory")
     add("--limit", type=int, default=None, help="first N problems/prompts per task (the same ids in every language)")
-    add("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default: %(default)s)")
-    add("--batch-size", type=int, default=16, help="prompts decoded at once (default: %(default)s)")
-    add("--token-budget", type=int, default=8192,
-        help="local judge: rows x longest row per batch (default: %(default)s)")
-    add("--seed", type=int, default=0, help="seed of the bootstrap intervals (default: %(default)s)")
-    add("--translate-test", action="store_true",
-        help="also evaluate each math task translate-test style (translate into English, then answer)")
-    add("--judge", default=common.EMBEDDED_MODEL,
-        help="win-rate judge: a local model (default: %(default)s), or with --judge-api the model name sent")
+    add("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
+    add("--batch-size", type=int, default=16, help="prompts decoded at once")
+    add("--token-budget", type=int, default=8192, help="local judge: rows x longest row per batch")
+    add("--seed", type=int, default=0, help="seed of the bootstrap intervals")
+    add("--translate-test", action="store_true", help="also each math task translated into English, then answered")
+    add("--judge", default=common.EMBEDDED_MODEL, help="win-rate judge: a local model, or the model name sent to "
+        "--judge-api")
     add("--judge-api", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    add("--judge-api-key-env", default="OPENAI_API_KEY",
-        help="environment variable holding the endpoint's API key; unset: no key sent (default: %(default)s)")
-    add("--judge-max-tokens", type=int, default=8, help="longest judge reply over the API (default: %(default)s)")
+    add("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable with the endpoint's API key")
+    add("--judge-max-tokens", type=int, default=8, help="longest judge reply over the API")
     add("--proxy-expert", default=None, help="small tuned model for proxy-tuned decoding")
     add("--proxy-antiexpert", default=None, help="the same small model untuned")
-    add("--proxy-alpha", type=float, default=1.0, help="weight of (expert - antiexpert) (default: %(default)s)")
-    add("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
-    return parser.parse_args(argv)
+    add("--proxy-alpha", type=float, default=1.0, help="weight of (expert - antiexpert)")
+    add("--trust-remote-code", action="store_true", help="allow model code from the hub")
+    args = parser.parse_args(argv)
+    args.tasks, args.langs = [t for t in args.tasks.split(",") if t], [code for code in args.langs.split(",") if code]
+    unknown = [t for t in args.tasks if t not in TASKS]
+    if unknown or not args.tasks:
+        raise common.InputError(f"--tasks: unknown task(s) {','.join(unknown) or '(none)'} (known: {','.join(TASKS)})")
+    for lang in args.langs:
+        common.language_name(lang, "--langs")
+    if (args.proxy_expert is None) != (args.proxy_antiexpert is None):
+        raise common.InputError("--proxy-expert and --proxy-antiexpert go together")
+    if args.max_new_tokens < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise common.InputError("--max-new-tokens, --batch-size and --limit must be at least 1")
+    return args
 
 
 # ----------------------------------------------------------------------------
@@ -122,17 +127,8 @@ def parse_args(argv=None):
 
 def load_math_problems(source, langs, limit):
     """Math problems with a numeric gold answer; a bad answer is reported with file and line."""
-    for lang in langs if os.path.isdir(source) else []:  # TSVs are checked by load_prompts itself
-        path = os.path.join(source, f"{lang}.jsonl")
-        for line_number, record in common.read_jsonl(path) if os.path.isfile(path) else []:
-            check_gold(record.get("answer"), f"{path}:{line_number}")
-    if os.path.isfile(source) and source.endswith(".jsonl"):
-        for line_number, record in common.read_jsonl(source):
-            check_gold(record.get("answer"), f"{source}:{line_number}")
-    problems = common.load_prompts(source, langs=langs, limit=limit)
-    for problem in problems:  # hub datasets land here unchecked
-        problem["answer"] = check_gold(problem.get("answer"), f"{source}: problem {problem['id']} ({problem['lang']})")
-    return problems
+    return common.load_prompts(source, langs=langs, limit=limit,
+                               check=lambda record, where: record.update(answer=check_gold(record.get("answer"), where)))
 
 
 def check_gold(answer, where):
@@ -169,20 +165,12 @@ def held_out_reward_accuracy(name):
     path = os.path.join(name, "train_summary.json")
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as handle:
-        try:
-            summary = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise common.InputError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
-    accuracy = summary.get("eval_after", {}).get("rewards/accuracies")
-    pairs = summary.get("eval_pairs")
+    summary = common.read_json(path)
+    accuracy, pairs = summary.get("eval_after", {}).get("rewards/accuracies"), summary.get("eval_pairs")
     if accuracy is None or not pairs:
         raise common.InputError(f"{path}: needs 'eval_after' with 'rewards/accuracies' and 'eval_pairs'")
-    # Wilson score interval: only the rate and the count are known, not the per-pair outcomes.
-    z, n = 1.96, pairs
-    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return {"score": accuracy, "n": n, "ci": [centre - half, centre + half]}
+    wins = round(accuracy * pairs)  # the per-pair outcomes, rebuilt from the rate and the count
+    return dict(entry([1.0] * wins + [0.0] * (pairs - wins), seed=0), score=accuracy)
 
 
 # ----------------------------------------------------------------------------
@@ -192,18 +180,18 @@ def held_out_reward_accuracy(name):
 def load_generator(column, args):
     """(generate(prompt_ids, desc) -> generate_batches-style iterator, tokenizer) for one column."""
     model, tokenizer = common.load_model(column["model"], trust_remote_code=args.trust_remote_code)
-    options = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    if "proxy" not in column:
-        return (lambda ids, desc: common.generate_batches(model, tokenizer, ids, desc=desc, **options)), tokenizer
     small = []
     for flag, name in (("--proxy-expert", args.proxy_expert), ("--proxy-antiexpert", args.proxy_antiexpert)):
-        small_model, small_tokenizer = common.load_model(name, trust_remote_code=args.trust_remote_code)
+        # fp32 on every device: proxy-tuning adds their difference, which bf16 would round away.
+        small_model, small_tokenizer = common.load_model(name, None, torch.float32, args.trust_remote_code) \
+            if "proxy" in column else (None, tokenizer)
         if small_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise common.InputError(f"{flag} {name}: its tokenizer differs from {column['model']}'s; "
                                     "proxy-tuning needs one shared vocabulary")
         small.append(small_model)
-    proxy = (small[0], small[1], args.proxy_alpha)
-    return (lambda ids, desc: common.generate_batches(model, tokenizer, ids, desc=desc, proxy=proxy, **options)), tokenizer
+    proxy = (small[0], small[1], args.proxy_alpha) if "proxy" in column else None
+    return (lambda ids, desc: common.generate_batches(model, tokenizer, ids, max_new_tokens=args.max_new_tokens,
+                                                      batch_size=args.batch_size, desc=desc, proxy=proxy)), tokenizer
 
 
 def in_language(text, lang):
@@ -300,10 +288,10 @@ def judge_pairs(judge, pairs):
     """Judge each (instruction, reference, candidate) in both orders; the candidate's points.
 
     judge(texts) -> [{"choice": "A" | "B" | "tie" | None, ...}] for the pairwise prompts,
-    with "logit_a"/"logit_b" when the judge is a local model.
+    with "logp_a"/"logp_b" when the judge is a local model.
     Letter verdicts (API): for the candidate 1, against 0, a tie or an unreadable reply 0.5,
     averaged over the two orders, so a judge that always picks one slot scores 0.5.
-    Logit verdicts (local): the candidate's margin (its letter's logit minus the other's) is
+    Log-prob verdicts (local): the candidate's margin (its letter's log-prob minus the other's) is
     summed over the two orders; a fixed preference for a slot adds +m once and -m once and
     cancels exactly, and the sign of what is left is the verdict (0 is a tie, 0.5). A small
     judge is mostly position bias, so this keeps the little signal it has; votes would not.
@@ -317,8 +305,8 @@ def judge_pairs(judge, pairs):
     results = []
     for k in range(len(pairs)):
         first, second = verdicts[2 * k], verdicts[2 * k + 1]
-        if "logit_a" in first:
-            margin = (first["logit_b"] - first["logit_a"]) + (second["logit_a"] - second["logit_b"])
+        if "logp_a" in first:
+            margin = (first["logp_b"] - first["logp_a"]) + (second["logp_a"] - second["logp_b"])
             score = 1.0 if margin > 0 else 0.0 if margin < 0 else 0.5
         else:
             points = {"B": 1.0, "A": 0.0}.get(first["choice"], 0.5), {"A": 1.0, "B": 0.0}.get(second["choice"], 0.5)
@@ -328,63 +316,37 @@ def judge_pairs(judge, pairs):
 
 
 def local_judge(model, tokenizer, token_budget):
-    """A judge that compares the next-token logits of "A" and "B" after the pairwise prompt.
-
-    Cheaper and steadier than parsing a generated reply: there is always a verdict.
+    """A judge that compares the log-probabilities of "A" and "B" as the next token after the pairwise prompt,
+    from the scorer 03 and 04 use. Cheaper and steadier than parsing a generated reply: there is always a verdict.
     """
     letters = [tokenizer("A", add_special_tokens=False).input_ids, tokenizer("B", add_special_tokens=False).input_ids]
     if any(len(ids) != 1 for ids in letters):
         raise common.InputError("--judge: the tokenizer does not have single tokens for 'A' and 'B'")
-    a_id, b_id = letters[0][0], letters[1][0]
-    decoder, output_layer = model.get_decoder(), model.get_output_embeddings()
-    device = next(model.parameters()).device
 
     def judge(texts):
-        encoded = [common.chat_prompt_ids(tokenizer, text) for text in texts]
-        verdicts = [None] * len(texts)
-        with torch.inference_mode():
-            for batch in common.length_batches([len(ids) for ids in encoded], token_budget):
-                input_ids, attention_mask = common.pad_right([encoded[i] for i in batch], tokenizer.pad_token_id)
-                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-                hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-                last = hidden[torch.arange(len(batch)), attention_mask.sum(1) - 1]  # right padding: last real token
-                logits = output_layer(last).float()[:, [a_id, b_id]].cpu().tolist()
-                for row, index in enumerate(batch):
-                    logit_a, logit_b = logits[row]
-                    choice = "A" if logit_a > logit_b else "B" if logit_b > logit_a else "tie"
-                    verdicts[index] = {"choice": choice, "logit_a": logit_a, "logit_b": logit_b}
+        prompts = [common.chat_prompt_ids(tokenizer, text) for text in texts]
+        logps, _ = common.score_sequences(model, [(ids + letter, len(ids)) for ids in prompts for letter in letters],
+                                          token_budget, show_progress=False)
+        verdicts = []
+        for logp_a, logp_b in logps.view(-1, 2).tolist():
+            choice = "A" if logp_a > logp_b else "B" if logp_b > logp_a else "tie"
+            verdicts.append({"choice": choice, "logp_a": logp_a, "logp_b": logp_b})
         return verdicts
 
     return judge
 
 
 def api_judge(url, model_name, key, max_tokens):
-    """A judge behind an OpenAI-compatible chat completions endpoint (stdlib urllib, greedy)."""
-    endpoint = url.rstrip("/")
-    if not endpoint.endswith("/chat/completions"):
-        endpoint += "/chat/completions"
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    """A judge behind an OpenAI-compatible chat completions endpoint (greedy; the reply is parsed for A or B)."""
+    endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
 
     def ask(text):
-        body = json.dumps({"model": model_name, "messages": [{"role": "user", "content": text}],
-                           "temperature": 0, "max_tokens": max_tokens}).encode()
-        for attempt in range(4):
-            try:
-                with urllib.request.urlopen(urllib.request.Request(endpoint, body, headers), timeout=300) as response:
-                    return json.loads(response.read())["choices"][0]["message"]["content"] or ""
-            except urllib.error.HTTPError as error:
-                if error.code in (429, 500, 502, 503, 504) and attempt < 3:  # busy or hiccup: wait and retry
-                    time.sleep(2 ** attempt)
-                    continue
-                detail = error.read().decode(errors="replace")[:200]
-                raise common.InputError(f"--judge-api {endpoint}: HTTP {error.code} {error.reason} {detail}") from None
-            except (urllib.error.URLError, TimeoutError) as error:  # refused, unreachable, or no reply in time
-                if attempt < 3:
-                    time.sleep(2 ** attempt)
-                    continue
-                raise common.InputError(f"--judge-api {endpoint}: no reply ({getattr(error, 'reason', error)})") from None
-            except (KeyError, IndexError, TypeError, json.JSONDecodeError) as error:
-                raise common.InputError(f"--judge-api {endpoint}: not a chat completions reply ({error})") from None
+        reply = common.post_json(endpoint, {"model": model_name, "messages": [{"role": "user", "content": text}],
+                                            "temperature": 0, "max_tokens": max_tokens}, key, "--judge-api")
+        try:
+            return reply["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError) as error:
+            raise common.InputError(f"--judge-api {endpoint}: not a chat completions reply ({error!r})") from None
 
     def judge(texts):
         verdicts = []
@@ -416,18 +378,17 @@ def judge_column(judge, reference, answers, path, rank, world_size, counts, chun
 
 
 def judge_caveat(args, judge_model):
+    """What the report says about the judge: which one, how it decides, and how far to trust it."""
     if args.judge_api:
         return (f"Judge: `{args.judge}` behind {args.judge_api} (chat completions, greedy, reply parsed for A/B). "
                 "LLM judges favour longer answers; position bias is cancelled by judging both orders.")
-    parameters = sum(p.numel() for p in judge_model.parameters())
-    text = (f"Judge: local model `{args.judge}` ({parameters / 1e6:.0f}M parameters), next-token logits of "
-            "'A' vs 'B' after a pairwise prompt; the candidate's logit margin is summed over both orders, which "
-            "cancels a fixed position bias, and its sign is the verdict.")
-    if parameters < 1e9:
-        text += (f" **Caveat: a {parameters / 1e6:.0f}M-parameter judge is weak (its raw verdicts are mostly position "
-                 "bias, which the two orders cancel); treat these win rates as a smoke test, not evidence. "
-                 "Use --judge-api with a strong model.**")
-    return text
+    millions = sum(p.numel() for p in judge_model.parameters()) / 1e6
+    return (f"Judge: local model `{args.judge}` ({millions:.0f}M parameters), next-token log-probs of 'A' vs 'B' "
+            "after a pairwise prompt; the candidate's margin is summed over both orders, which cancels a fixed "
+            "position bias, and its sign is the verdict." + (
+                f" **Caveat: a {millions:.0f}M-parameter judge is weak (its raw verdicts are mostly position bias, "
+                "which the two orders cancel); treat these win rates as a smoke test, not evidence. Use --judge-api "
+                "with a strong model.**" if millions < 1000 else ""))
 
 
 # ----------------------------------------------------------------------------
@@ -512,7 +473,7 @@ def cell(value, base=None):
 
 def write_report(path, columns, results, judge_text, args):
     labels = [c["label"] for c in columns]
-    rows = [(metric, lang) for metric in metric_names(results, labels) for lang in args.langs.split(",") + ["all"]
+    rows = [(metric, lang) for metric in metric_names(results, labels) for lang in args.langs + ["all"]
             if any(lang in results[label].get(metric, {}) for label in labels)]
     lines = ["# Evaluation report", "",
              "Columns are models; the first is the baseline and later cells show the difference from it in "
@@ -591,8 +552,11 @@ def make_columns(names, args):
         columns.append({"label": "proxy-tuned", "model": names[0], "proxy": True, "held_out": None,
                         "description": f"{names[0]} + {args.proxy_alpha} x "
                                        f"({args.proxy_expert} - {args.proxy_antiexpert})"})
-    for column in columns:  # work files are named after what the column is, so a changed --models never reuses them
-        column["slug"] = f"{slug(column['label'])}-{hashlib.sha1(column['description'].encode()).hexdigest()[:8]}"
+    # Work files are named after what the column is and what it answers: a changed --models, --limit, --langs,
+    # data source or answer length never reuses them.
+    answers = [args.limit, args.langs, args.max_new_tokens, args.mgsm, args.math, args.prompts]
+    for column in columns:
+        column["slug"] = f"{slug(column['label'])}-{common.content_key(column['description'], answers)[:8]}"
     return columns
 
 
@@ -614,7 +578,8 @@ def judge_all(columns, predictions, work, args, rank, world_size, counts, api):
     reference = {(r["id"], r["lang"]): r for r in predictions[columns[0]["label"]]["winrate"]}
     judge, judge_model = api, None
     if api is None:
-        judge_model, judge_tokenizer = common.load_model(args.judge, trust_remote_code=args.trust_remote_code)
+        # fp32 on every device: a verdict is the difference of two log-probs, which bf16 would round away.
+        judge_model, judge_tokenizer = common.load_model(args.judge, None, torch.float32, args.trust_remote_code)
         judge = local_judge(judge_model, judge_tokenizer, args.token_budget)
     judge_name = slug(f"{args.judge}@{args.judge_api}" if args.judge_api else args.judge)
     judgements = {}
@@ -648,34 +613,25 @@ def write_outputs(output, columns, predictions, judgements, judge_text, task_ite
 
 def main(argv=None):
     args = parse_args(argv)
-    tasks = [t for t in args.tasks.split(",") if t]
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise common.InputError(f"--tasks: unknown task(s) {','.join(unknown) or '(none)'} (known: {','.join(TASKS)})")
-    langs = [lang for lang in args.langs.split(",") if lang]
-    for lang in langs:
-        common.language_name(lang, "--langs")
-    if (args.proxy_expert is None) != (args.proxy_antiexpert is None):
-        raise common.InputError("--proxy-expert and --proxy-antiexpert go together")
-    if args.max_new_tokens < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        raise common.InputError("--max-new-tokens, --batch-size and --limit must be at least 1")
-    common.check_not_done(os.path.join(args.output, "eval.json"))
     names = args.models
     if names is None:
         names = [common.EMBEDDED_MODEL] + (["runs/demo/model"] if os.path.isdir("runs/demo/model") else [])
         if len(names) == 1:
             print("runs/demo/model not found: evaluating the base model only")
     columns = make_columns(names, args)
-    task_items = load_tasks(tasks, langs, args)
-    judging = "winrate" in tasks and len(columns) > 1
+    task_items = load_tasks(args.tasks, args.langs, args)
+    rank, world_size = common.setup_distributed()
+    settings = {name: value for name, value in vars(args).items()
+                if name not in ("output", "batch_size", "token_budget", "trust_remote_code", "judge_api_key_env")}
+    common.claim(os.path.join(args.output, "eval.json"), settings, rank, partial=False)
+    judging = "winrate" in args.tasks and len(columns) > 1
     api = None
     if judging and args.judge_api:  # one request now: a wrong URL or key fails before any generation
         api = api_judge(args.judge_api, args.judge, os.environ.get(args.judge_api_key_env), args.judge_max_tokens)
-    rank, world_size = common.setup_distributed()
     common.seed_everything(args.seed)
     work = os.path.join(args.output, "work")
     counts = {"new_tokens": 0, "predictions": 0, "judged": 0, "no_number": 0, "unreadable_verdicts": 0}
-    timer = common.Timer()
+    started = time.perf_counter()
 
     # 1. Predict: every column's answers to every task (work files, resumable).
     predictions = {column["label"]: predict(column, task_items, work, args, rank, world_size, counts)
@@ -685,8 +641,9 @@ def main(argv=None):
         if judging else ({}, "")
     # 3. Write eval.json, predictions.jsonl and the report.
     if rank == 0:
-        write_outputs(args.output, columns, predictions, judgements, judge_text, task_items, langs, args)
-    print(common.summary_line("05_eval" + (f"[rank {rank}]" if world_size > 1 else ""), timer.seconds(),
+        write_outputs(args.output, columns, predictions, judgements, judge_text, task_items, args.langs, args)
+    print(common.summary_line("05_eval" + (f"[rank {rank}]" if world_size > 1 else ""),
+                              time.perf_counter() - started,
                               counts["new_tokens"], models=len(columns), tasks=len(task_items),
                               predictions_made_now=counts["predictions"], judged_now=counts["judged"],
                               answers_without_a_number=counts["no_number"],

@@ -11,6 +11,8 @@ Read top to bottom, this file is the vocabulary the scripts speak:
   7. the batched logit scorer  tokenize_prompt_response, response_logps, score
   8. small helpers             numbers, held-out split, distributed setup, summaries
 """
+import datetime
+import fcntl
 import glob
 import hashlib
 import importlib.util
@@ -22,6 +24,8 @@ import re
 import shutil
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import torch
@@ -46,37 +50,65 @@ def run_main(main):
         sys.exit(2)
 
 
-def read_jsonl(path, required=()):
-    """Read a JSONL file into a list of (line_number, record).
-
-    Every problem names the file and line: `file:7: not valid JSON (...)`.
-    `required` lists fields each record must have, as non-empty values.
-    """
+def _lines(path):
+    """(line number, text) of each non-blank line of a UTF-8 file; a bad byte is named by file and line."""
     if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
-    rows = []
+        raise InputError(f"{path}: no such file" + (" (it is a directory)" if os.path.isdir(path) else ""))
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
                 raise InputError(f"{path}:{line_number}: not valid UTF-8 (byte {error.start})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InputError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            for field in required:
-                if field not in record:
-                    raise InputError(f"{path}:{line_number}: missing field '{field}'")
-                value = record[field]
-                if value is None or (isinstance(value, (str, list, dict)) and len(value) == 0):
-                    raise InputError(f"{path}:{line_number}: field '{field}' is empty")
-            rows.append((line_number, record))
+            if line.strip():
+                yield line_number, line
+
+
+def read_jsonl(path, required=()):
+    """Read a JSONL file into a list of (line_number, record).
+
+    Every problem names the file and line: `file:7: not valid JSON (...)`.
+    `required` lists fields each record must have, as non-empty values.
+    """
+    rows = []
+    for line_number, line in _lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+        for field in required:
+            if field not in record:
+                raise InputError(f"{path}:{line_number}: missing field '{field}'")
+            value = record[field]
+            if value is None or (isinstance(value, (str, list, dict)) and len(value) == 0):
+                raise InputError(f"{path}:{line_number}: field '{field}' is empty")
+        rows.append((line_number, record))
     return rows
+
+
+def post_json(url, body, api_key=None, what="--server", attempts=5, timeout=600):
+    """POST `body` to an OpenAI-compatible server and return its JSON reply; one clear line when it fails.
+
+    A busy server (429, 5xx), a refused connection or a timeout is retried with backoff (1, 2, 4, 8 s).
+    """
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    for attempt in range(attempts):
+        try:
+            request = urllib.request.Request(url, json.dumps(body).encode(), headers)
+            with urllib.request.urlopen(request, timeout=timeout) as reply:
+                return json.loads(reply.read())
+        except urllib.error.HTTPError as error:
+            if error.code not in (429, 500, 502, 503, 504) or attempt == attempts - 1:
+                detail = error.read().decode(errors="replace")[:200]
+                raise InputError(f"{what} {url}: HTTP {error.code} {error.reason} {detail}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:  # refused, unreachable, no reply
+            if attempt == attempts - 1:
+                raise InputError(f"{what} {url}: no reply ({getattr(error, 'reason', error)})") from None
+        except json.JSONDecodeError as error:
+            raise InputError(f"{what} {url}: the reply is not JSON ({error.msg})") from None
+        time.sleep(2 ** attempt)
 
 
 def write_atomic(path, write, binary=False):
@@ -86,6 +118,15 @@ def write_atomic(path, write, binary=False):
     with open(partial, "wb") if binary else open(partial, "w", encoding="utf-8") as handle:
         write(handle)
     os.replace(partial, path)
+
+
+def read_json(path):
+    """A JSON file the project wrote (settings, summaries); a broken one is named, never a traceback."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not valid JSON ({error}); delete it to start over") from None
 
 
 def write_jsonl(path, records):
@@ -119,25 +160,17 @@ def part_path(out_path, rank):
 def read_finished(out_path):
     """Records already written: the final file's, if there is one, then every part file's.
 
-    A kill can tear the last line of a part file in half; that line is dropped
-    (and cut from the file) because the record it held will simply be redone.
+    A kill can tear the last line of a part file in half (records are appended, a batch at a
+    time); that line is dropped, and cut from the file, because its record will simply be redone.
     """
     records = [record for _, record in read_jsonl(out_path)] if os.path.isfile(out_path) else []
     for path in sorted(glob.glob(glob.escape(out_path) + ".part*")):
         with open(path, "rb") as handle:
-            data = handle.read()
-        good_length = 0
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break  # torn final line
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            good_length += len(line)
-        if good_length != len(data):
+            *lines, torn = handle.read().split(b"\n")
+        records += [json.loads(line) for line in lines]
+        if torn:
             with open(path, "r+b") as handle:
-                handle.truncate(good_length)
+                handle.truncate(sum(len(line) + 1 for line in lines))
     return records
 
 
@@ -165,7 +198,7 @@ def finish(out_path, items, key, rank=0):
         by_key = {key(record): record for record in read_finished(out_path)}
         missing = [key(item) for item in items if key(item) not in by_key]
         if missing:
-            raise RuntimeError(f"{out_path}: {len(missing)} records missing after all ranks finished, e.g. {missing[0]}")
+            raise RuntimeError(f"{out_path}: {len(missing)} records missing after every rank finished: {missing[0]}")
         write_jsonl(out_path, [by_key[key(item)] for item in items])
         for path in glob.glob(glob.escape(out_path) + ".part*"):
             os.remove(path)
@@ -174,17 +207,49 @@ def finish(out_path, items, key, rank=0):
 
 def same_settings(saved, settings, made, restart):
     """Stop with one line naming the first setting that differs: a rerun continues only the same run."""
+    settings = json.loads(json.dumps(settings))  # as it reads back from a file: tuples are lists
     for name in sorted(set(saved) | set(settings)):
         if saved.get(name) != settings.get(name):
             raise InputError(f"{made} with {name}={saved.get(name)!r}, now {settings.get(name)!r}; rerun with the "
                              f"same settings, or {restart}")
 
 
-def check_not_done(out_path):
-    """Exit early, and say so, when the output already exists complete."""
+_locks = []  # lock files this process holds, until it exits
+
+
+def claim(out_path, settings, rank=0, partial=None):
+    """Before a stage writes `out_path`: exit (code 0, saying so) when it is already complete with these settings.
+
+    The settings that shape its records (model, sampling, lengths, data, method flags) are kept in
+    `out_path.settings.json`; a rerun with other ones, over a finished output or over partial work
+    (`partial`, default: part files of `out_path` exist), stops with one line naming the first difference.
+    A lock on `out_path.lock` stops a second copy of the same command at once.
+    """
+    settings_path = f"{out_path}.settings.json"
+    if os.path.isdir(out_path):
+        raise InputError(f"{out_path} is a directory; give the output a file name")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        lock = open(f"{out_path}.lock", "a") if rank == 0 else None
+    except OSError as error:
+        raise InputError(f"{out_path}: cannot write there ({error.strerror})") from None
+    if lock is not None:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{out_path}: another run is writing it (it holds {out_path}.lock)") from None
+        _locks.append(lock)
+    saved = read_json(settings_path) if os.path.isfile(settings_path) else None
+    partial = glob.glob(glob.escape(out_path) + ".part*") if partial is None else partial
+    if saved is not None and (partial or os.path.exists(out_path)):
+        same_settings(saved, settings, f"{out_path}: made", f"delete {out_path} and {out_path}.* to start over")
     if os.path.exists(out_path):
+        if saved is None:
+            raise InputError(f"{out_path} exists, with no record of the settings it was made with; delete it")
         print(f"{out_path} already exists and is complete; delete it to run this stage again.")
         sys.exit(0)
+    if rank == 0:  # nothing to mix with: these settings are now the run's
+        write_json(settings_path, settings)
 
 
 # ----------------------------------------------------------------------------
@@ -253,8 +318,10 @@ def first_ids(records, limit, id_of=lambda record: str(record["id"])):
     return [record for record in records if id_of(record) in kept]
 
 
-def _normalise_prompt(record, lang, default_id, where):
+def _normalise_prompt(record, lang, default_id, where, check=None):
     record = dict(record)
+    if check:  # the caller's own check of each record, e.g. 05's gold answers: named by file and line
+        check(record, where)
     text_field = next((f for f in PROMPT_FIELDS if f in record), None)
     if text_field is None:
         raise InputError(f"{where}: record has no 'prompt' (or 'instruction'/'question') field")
@@ -271,28 +338,31 @@ def _normalise_prompt(record, lang, default_id, where):
     return {"id": record_id, "lang": lang, "prompt": text, **record}
 
 
-def _read_tsv(path, lang):
-    """MGSM-style TSV: question<TAB>answer, no header. Row i is parallel id `{prefix}-{i}`."""
-    prefix = re.sub(rf"[_-]?{lang}$", "", os.path.splitext(os.path.basename(path))[0]) or "row"
-    prompts = []
-    with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            where = f"{path}:{line_number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise InputError(f"{where}: not valid UTF-8 (byte {error.start})") from None
-            if not line.strip():
-                continue
-            columns = line.rstrip("\r\n").split("\t")
-            if len(columns) < 2 or not columns[1].strip():
-                raise InputError(f"{where}: expected question<TAB>answer, found no answer")
-            answer = parse_number(columns[1])
-            if answer is None:
-                raise InputError(f"{where}: answer '{columns[1].strip()}' is not a number")
-            prompts.append(_normalise_prompt({"question": columns[0], "answer": answer}, lang,
-                                             f"{prefix}-{line_number - 1}", where))
-    return prompts
+def _raw_records(path):
+    """[(where, record, default id)] of one prompt file: JSONL, a JSON array of records, or an MGSM-style
+    TSV (question<TAB>answer, no header; row i is the parallel id `{prefix}-{i}`)."""
+    stem, lang = os.path.splitext(os.path.basename(path))[0], _language_of_file(path)
+    if path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                records = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise InputError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+            raise InputError(f"{path}: expected a JSON array of objects (or JSONL: one object per line)")
+        return [(f"{path}[{index}]", record, f"{stem}-{index}") for index, record in enumerate(records)]
+    if not path.endswith(".tsv"):
+        return [(f"{path}:{number}", record, f"{stem}-{number - 1}") for number, record in read_jsonl(path)]
+    rows, prefix = [], re.sub(rf"[_-]?{lang}$", "", stem) or "row"
+    for line_number, line in _lines(path):
+        columns, where = line.rstrip("\r\n").split("\t"), f"{path}:{line_number}"
+        if len(columns) < 2 or not columns[1].strip():
+            raise InputError(f"{where}: expected question<TAB>answer, found no answer")
+        answer = parse_number(columns[1])
+        if answer is None:
+            raise InputError(f"{where}: answer '{columns[1].strip()}' is not a number")
+        rows.append((where, {"question": columns[0], "answer": answer, "lang": lang}, f"{prefix}-{line_number - 1}"))
+    return rows
 
 
 def _language_of_file(path):
@@ -301,41 +371,35 @@ def _language_of_file(path):
     return re.split(r"[_-]", stem)[-1]
 
 
-def _read_prompt_file(path, lang=None):
-    if path.endswith(".tsv"):
-        return _read_tsv(path, lang or _language_of_file(path))
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return [_normalise_prompt(record, lang, f"{stem}-{line_number - 1}", f"{path}:{line_number}")
-            for line_number, record in read_jsonl(path)]
-
-
-def load_prompts(source, langs=None, limit=None, split="train"):
+def load_prompts(source, langs=None, limit=None, split="train", check=None):
     """Prompts from a file, a directory of per-language files, or a hub dataset name.
 
-    - `x.jsonl`: records with `lang` and `prompt` (or `instruction`, `question`).
-    - a directory: `{lang}.jsonl` or `*_{lang}.tsv` files; the language is the file name.
+    - `x.jsonl` (or `x.json`, one JSON array): records with `lang` and `prompt` (or `instruction`, `question`).
+    - a directory: `{lang}.jsonl`, `{lang}.json` or `*_{lang}.tsv` files; the language is the file name.
     - `x.tsv`: MGSM-style question<TAB>answer, language from the file name.
     - anything else: a Hugging Face dataset name, `name` or `name:config`.
     `langs` keeps those languages (in that order); `limit` keeps the first `limit`
-    ids, the same ids in every language, so the set stays parallel.
+    ids, the same ids in every language, so the set stays parallel. check(record, where), if given,
+    sees every raw record with its file and line (or hub index), and may raise InputError.
     """
     for code in langs or []:
         language_name(code, "--langs")
     if os.path.isdir(source):
-        files = sorted(glob.glob(os.path.join(source, "*.jsonl")) + glob.glob(os.path.join(source, "*.tsv")))
-        files = [f for f in files if _language_of_file(f) in LANGUAGES]
-        if langs:
-            files = [f for f in files if _language_of_file(f) in langs]
+        files = sorted(f for f in glob.glob(os.path.join(source, "*")) if f.endswith((".jsonl", ".json", ".tsv"))
+                       and _language_of_file(f) in (langs or LANGUAGES))
         if not files:
-            raise InputError(f"{source}: no {{lang}}.jsonl or *_{{lang}}.tsv files"
+            raise InputError(f"{source}: no {{lang}}.jsonl, {{lang}}.json or *_{{lang}}.tsv files"
                              + (f" for languages {','.join(langs)}" if langs else ""))
-        prompts = [p for f in files for p in _read_prompt_file(f, _language_of_file(f))]
+        prompts = [_normalise_prompt(record, _language_of_file(f), default_id, where, check)
+                   for f in files for where, record, default_id in _raw_records(f)]
     elif os.path.isfile(source):
-        prompts = _read_prompt_file(source)
-    elif os.path.exists(os.path.dirname(source) or ".") and os.sep in source or source.endswith((".jsonl", ".tsv")):
+        prompts = [_normalise_prompt(record, None, default_id, where, check)
+                   for where, record, default_id in _raw_records(source)]
+    elif os.path.exists(os.path.dirname(source) or ".") and os.sep in source or source.endswith((".jsonl", ".json",
+                                                                                              ".tsv")):
         raise InputError(f"{source}: no such file")
     else:
-        prompts = _load_hub_prompts(source, split)
+        prompts = _load_hub_prompts(source, split, check)
     if langs:
         missing = [code for code in langs if not any(p["lang"] == code for p in prompts)]
         if missing:
@@ -352,7 +416,7 @@ def load_prompts(source, langs=None, limit=None, split="train"):
     return prompts
 
 
-def _load_hub_prompts(name, split):
+def _load_hub_prompts(name, split, check):
     import datasets
     dataset_name, _, config = name.partition(":")
     try:
@@ -361,7 +425,7 @@ def _load_hub_prompts(name, split):
         raise InputError(f"{name}: not a file or directory, and loading it as a Hugging Face "
                          f"dataset failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
     lang = config if config in LANGUAGES else None
-    return [_normalise_prompt(row, row.get("lang", lang), f"{dataset_name}-{index}", f"{name}[{index}]")
+    return [_normalise_prompt(row, row.get("lang", lang), f"{dataset_name}-{index}", f"{name}[{index}]", check)
             for index, row in enumerate(dataset)]
 
 
@@ -408,7 +472,7 @@ def embedded_model_dir():
     plain_model.load_state_dict(gguf_model.state_dict())
     plain_model.generation_config = gguf_model.generation_config
     temporary = f"{target}.tmp{os.getpid()}"
-    plain_model.save_pretrained(temporary, safe_serialization=True)
+    plain_model.save_pretrained(temporary)
     tokenizer.save_pretrained(temporary)
     if os.path.isdir(target):
         shutil.rmtree(target)
@@ -422,11 +486,14 @@ def resolve_model(name):
 
 
 def pick_device():
-    """CUDA with bf16 where present, else CPU with fp32. One code path for both."""
+    """(device, dtype): CUDA with bf16 where the GPU has it (fp32 on a T4 or V100), else the CPU with fp32.
+
+    LOOP_BF16=1 makes the CPU choose bf16 as a GPU would (and 04 autocast): the tests run the GPU's numbers so.
+    """
     if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        return torch.device("cuda", local_rank), torch.bfloat16
-    return torch.device("cpu"), torch.float32
+        return (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))),
+                torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+    return torch.device("cpu"), torch.bfloat16 if os.environ.get("LOOP_BF16") == "1" else torch.float32
 
 
 def load_tokenizer(name, trust_remote_code=False):
@@ -668,18 +735,13 @@ def tokenize_prompt_response(tokenizer, prompt, response, system=None):
     "\n" into 'ĊĊ'; the model never saw that token there, so it is not scored).
     """
     prompt_ids = chat_prompt_ids(tokenizer, prompt, system)
-    return _append_response(tokenizer, prompt_ids, response, end_of_turn_token(tokenizer)), len(prompt_ids)
-
-
-def _append_response(tokenizer, prompt_ids, response, end_id):
-    """prompt_ids + the response's tokens + end_id, the boundary checked as above."""
     prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     # The end-of-turn token is appended as an id: a special token splits the text
     # anyway, so its neighbours tokenise the same, and no string round trip is needed.
     joint_ids = tokenizer(prompt_text + response, add_special_tokens=False).input_ids
     if joint_ids[:len(prompt_ids)] != prompt_ids:
         joint_ids = prompt_ids + tokenizer(response, add_special_tokens=False).input_ids
-    return joint_ids + [end_id]
+    return joint_ids + [end_of_turn_token(tokenizer)], len(prompt_ids)
 
 
 def token_logps(logits, labels, chunk_rows=1024):
@@ -814,6 +876,27 @@ def response_logps(model, sequences, per_token=False, chunk_rows=None):
     return summed, list(logps.detach().cpu().split([len(ids) - start for ids, start in sequences]))
 
 
+def score_sequences(model, sequences, token_budget=8192, desc="score", show_progress=True, chunk_rows=None):
+    """response_logps over many (ids, prompt_length), without gradients: ([n] float64 sums, n per-token tensors).
+
+    Batches are length-sorted under `token_budget` (rows x longest row), padded on the right,
+    and results come back in the order given.
+    """
+    summed, per_token = torch.zeros(len(sequences), dtype=torch.float64), [None] * len(sequences)
+    was_training = model.training
+    model.eval()  # dropout would make scores random
+    progress = tqdm(total=len(sequences), desc=desc, unit="pair", disable=not show_progress, dynamic_ncols=True)
+    with torch.inference_mode():
+        for batch in length_batches([len(ids) for ids, _ in sequences], token_budget):
+            sums, pieces = response_logps(model, [sequences[i] for i in batch], per_token=True, chunk_rows=chunk_rows)
+            for index, total, piece in zip(batch, sums.cpu(), pieces):
+                summed[index], per_token[index] = total, piece
+            progress.update(len(batch))
+    progress.close()
+    model.train(was_training)
+    return summed, per_token
+
+
 def score(model, tokenizer, prompts, responses, token_budget=8192, per_token=False, system=None,
           desc="score", show_progress=True, chunk_rows=None):
     """Summed log-probability of each response given its prompt, batched (no gradients).
@@ -822,32 +905,12 @@ def score(model, tokenizer, prompts, responses, token_budget=8192, per_token=Fal
     Returns (summed_logps [n] float64 tensor, token_counts [n] long tensor), and a
     list of n per-token float32 tensors as a third value when per_token=True.
     Counts include the end-of-turn token, which is scored.
-    Batches are length-sorted under `token_budget` (rows x longest row), padded
-    on the right, and results come back in the order given.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    end_id = end_of_turn_token(tokenizer)
-    prompt_ids = {}  # N samples share a prompt: render its template once
-    encoded = []
-    for prompt, response in zip(prompts, responses):
-        if prompt not in prompt_ids:
-            prompt_ids[prompt] = chat_prompt_ids(tokenizer, prompt, system)
-        encoded.append((_append_response(tokenizer, prompt_ids[prompt], response, end_id), len(prompt_ids[prompt])))
-    summed = torch.zeros(len(encoded), dtype=torch.float64)
+    encoded = [tokenize_prompt_response(tokenizer, p, r, system) for p, r in zip(prompts, responses)]
+    summed, per_token_logps = score_sequences(model, encoded, token_budget, desc, show_progress, chunk_rows)
     counts = torch.tensor([len(ids) - prompt_length for ids, prompt_length in encoded], dtype=torch.long)
-    per_token_logps = [None] * len(encoded)
-    was_training = model.training
-    model.eval()  # dropout would make scores random
-    progress = tqdm(total=len(encoded), desc=desc, unit="pair", disable=not show_progress, dynamic_ncols=True)
-    with torch.inference_mode():
-        for batch in length_batches([len(ids) for ids, _ in encoded], token_budget):
-            sums, pieces = response_logps(model, [encoded[i] for i in batch], per_token=True, chunk_rows=chunk_rows)
-            for index, total, piece in zip(batch, sums.cpu(), pieces):
-                summed[index], per_token_logps[index] = total, piece
-            progress.update(len(batch))
-    progress.close()
-    model.train(was_training)
     return (summed, counts, per_token_logps) if per_token else (summed, counts)
 
 
@@ -915,13 +978,18 @@ def split_by_id(rows, fraction, seed, id_of=lambda row: str(row["id"])):
 
 
 def setup_distributed():
-    """(rank, world_size). Under torchrun, joins the process group: NCCL on GPUs, gloo on CPU."""
+    """(rank, world_size). Under torchrun, joins the process group: NCCL on GPUs, gloo on CPU.
+
+    Ranks finish uneven shards of 01, 02 and 05 at different times and wait at a barrier: the timeout is
+    LOOP_DIST_TIMEOUT_MINUTES (default 180), not the backend's 10 minutes.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        minutes = float(os.environ.get("LOOP_DIST_TIMEOUT_MINUTES", 180))
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=minutes))
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world_size
 
@@ -943,14 +1011,6 @@ def summary_line(stage, seconds, tokens=None, **counts):
     if tokens is not None:
         parts.append(f"{tokens} tokens ({tokens / max(seconds, 1e-9):.1f} tokens/s)")
     return f"{stage}: " + ", ".join(parts)
-
-
-class Timer:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def seconds(self):
-        return time.perf_counter() - self.start
 
 
 def bootstrap_interval(values, samples=1000, seed=0):

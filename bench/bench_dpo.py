@@ -2,6 +2,10 @@
 checkpointing, and against TRL's DPOTrainer (also with and without it: TRL 1.x's DPOConfig turns
 gradient checkpointing ON by default, so it is set explicitly here to compare like with like).
 
+04 precomputes the reference log-probs. The in-loop way (a reference model kept in memory and run
+on every micro-batch) and the forward-only rate exist here only, for comparison: `--child-in-loop`
+trains with 04's own train_step and a reference forward before each step, and times the forwards.
+
 Same model (the embedded SmolLM2-135M-Instruct, fp32, CPU or one GPU), same pairs (alpagasus prompts
 with short made-up chosen/rejected answers, ~80 tokens per sequence), 4 pairs per step, max length
 256, one epoch, lr 5e-7, beta 0.1, sigmoid loss. Each variant runs in its own subprocess under a small
@@ -72,8 +76,60 @@ def run_ours(pairs_path, scratch, name, extra_flags=()):
     with open(os.path.join(output, "train_summary.json"), encoding="utf-8") as handle:
         summary = json.load(handle)
     return {"tokens_per_second": summary["tokens_per_second"], "train_tokens": summary["train_tokens"],
-            "steps": summary["steps"], "forward_tokens_per_second": summary["forward_tokens_per_second"],
-            "peak_memory_mb": peak_mb}
+            "steps": summary["steps"], "peak_memory_mb": peak_mb}
+
+
+def run_in_loop(pairs_path):
+    stdout, peak_mb = measured([sys.executable, os.path.abspath(__file__), "--child-in-loop", pairs_path])
+    result = json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+    return dict(result, peak_memory_mb=peak_mb)
+
+
+def in_loop_child(pairs_path):
+    """04's train_step with the reference model in memory, run on each step's micro-batches just before it.
+    Also the forward-only rate: the policy's forwards alone on the same micro-batches (the yardstick)."""
+    import importlib.util
+    import time
+    from types import SimpleNamespace
+
+    import torch
+    sys.path.insert(0, REPO)
+    import common
+    spec = importlib.util.spec_from_file_location("dpo", os.path.join(REPO, "04_dpo.py"))
+    dpo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dpo)
+    args = SimpleNamespace(loss="sigmoid", beta=BETA, label_smoothing=0.0, nll_weight=0.0, max_length=MAX_LENGTH,
+                           batch_size=BATCH, grad_accum=1, max_grad_norm=1.0, lr=LR, weight_decay=0.0,
+                           gradient_checkpointing=False, fsdp=False, trust_remote_code=False)
+    device, _ = common.pick_device()
+    tokenizer = common.load_tokenizer(common.EMBEDDED_MODEL)
+    examples, _ = dpo.read_examples(pairs_path, args, tokenizer, report=False)
+    policy = dpo.load_policy(common.EMBEDDED_MODEL, device, args)
+    reference = dpo.load_policy(common.EMBEDDED_MODEL, device, args, train=False).eval()
+    optimizer = dpo.make_optimizer(policy, args)
+    batches = dpo.epoch_batches([e["length"] for e in examples], BATCH, 0, 0)
+    seconds = tokens = 0
+    for step, batch in enumerate(batches):
+        started = time.perf_counter()
+        step_examples = [examples[i] for i in batch]
+        with torch.no_grad():  # the in-loop reference: one more forward per micro-batch, every step
+            logps = dpo.batch_logps(reference, step_examples).cpu()
+        for i, example in enumerate(step_examples):
+            example["reference_logps"] = [logps[i].item(), logps[len(step_examples) + i].item()]
+        for group in optimizer.param_groups:
+            group["lr"] = dpo.learning_rate(step, len(batches), SimpleNamespace(lr=LR, min_lr=0.0, warmup_ratio=0.1,
+                                                                                lr_schedule="cosine"))
+        metrics = dpo.train_step(policy, optimizer, step_examples, args, 0, 1)
+        seconds += time.perf_counter() - started
+        tokens += metrics["tokens"]
+    forward_tokens, forward_started = 0, time.perf_counter()
+    with torch.no_grad():
+        for batch in batches:
+            dpo.batch_logps(policy, [examples[i] for i in batch])
+            forward_tokens += sum(len(ids) for i in batch for ids, _ in examples[i]["sequences"])
+    forward_rate = forward_tokens / (time.perf_counter() - forward_started)
+    print(json.dumps({"tokens_per_second": tokens / seconds, "train_tokens": tokens, "steps": len(batches),
+                      "forward_tokens_per_second": forward_rate}))
 
 
 def run_trl(trl_python, pairs_path, scratch, checkpointing=False):
@@ -146,7 +202,7 @@ def run(quick=False, trl_python=DEFAULT_TRL_PYTHON):
         pairs_path = os.path.join(scratch, "pairs.jsonl")
         write_pairs(pairs_path, count)
         precomputed = run_ours(pairs_path, scratch, "precomputed")
-        in_loop = run_ours(pairs_path, scratch, "in-loop", ["--reference-in-loop"])
+        in_loop = run_in_loop(pairs_path)
         checkpointed = run_ours(pairs_path, scratch, "checkpointed", ["--gradient-checkpointing"])
         trl = run_trl(trl_python, pairs_path, scratch)
         trl_checkpointed = run_trl(trl_python, pairs_path, scratch, checkpointing=True) if trl else None
@@ -157,8 +213,8 @@ def run(quick=False, trl_python=DEFAULT_TRL_PYTHON):
              "ratio": precomputed["tokens_per_second"] / in_loop["tokens_per_second"],
              "peak_memory_mb": f"{precomputed['peak_memory_mb']:.0f} vs {in_loop['peak_memory_mb']:.0f}"},
             {"stage": "04 dpo", "metric": "train tokens/s / forward-only tokens/s (forward+backward ~3 forwards)",
-             "ours": precomputed["tokens_per_second"], "baseline": precomputed["forward_tokens_per_second"],
-             "ratio": precomputed["tokens_per_second"] / precomputed["forward_tokens_per_second"],
+             "ours": precomputed["tokens_per_second"], "baseline": in_loop["forward_tokens_per_second"],
+             "ratio": precomputed["tokens_per_second"] / in_loop["forward_tokens_per_second"],
              "peak_memory_mb": f"{precomputed['peak_memory_mb']:.0f}"}]
     rows.append({"stage": "04 dpo", "metric": "train tokens/s, --gradient-checkpointing vs without (both precomputed)",
                  "ours": checkpointed["tokens_per_second"], "baseline": precomputed["tokens_per_second"],
@@ -186,9 +242,12 @@ if __name__ == "__main__":
                         help="python of a separate venv with trl installed; its row is skipped when absent")
     parser.add_argument("--child-trl", nargs=4, metavar=("PAIRS", "MODEL_DIR", "OUTPUT", "CHECKPOINTING"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--child-in-loop", metavar="PAIRS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_trl:
         trl_child(*args.child_trl)
+    elif args.child_in_loop:
+        in_loop_child(args.child_in_loop)
     else:
         print("command: python bench/bench_dpo.py" + (" --quick" if args.quick else "")
               + f" --trl-python {args.trl_python}")

@@ -2,15 +2,11 @@
 
 Same model, same prompts, same settings (01's defaults: greedy, repetition penalty 1.1,
 256 new tokens), measured in one run. The prompts are what loop.sh's demo gives 01: the first
-24 bundled prompts of en, es, de and fr (96 prompts; 32 decode at once, and waiting prompts
-take the places of finished ones). With --num-prompts 32 (every 7th prompt) the ratio is
-lower: no prompt is waiting, so the batch shrinks as its rows finish.
+24 bundled prompts of en, es, de and fr (96 prompts, 32 decoded at once, longest first).
   ours         common.generate_batches at batch 32 (what 01 runs)
   single       model.generate() one prompt at a time: the loop a newcomer writes first
-  fixed        the same loop handed 32 prompts at a time, so no prompt joins a running
-               batch: shows what joining is worth
-  hf-batch     model.generate() at batch 32, left padded: shows what our decode loop's
-               dropping finished rows and refilling their places is worth
+  hf-batch     model.generate() at batch 32, left padded, the same batches: shows what our
+               decode loop's dropping finished rows from the batch is worth
 Each variant runs in its own subprocess so its peak resident memory (ru_maxrss) is its
 own. Tokens/s counts answer tokens only (end-of-turn included; padding and the steps of
 rows that already stopped do not count).
@@ -61,14 +57,10 @@ def measure(variant, num_prompts, batch_size, max_new_tokens):
     if variant == "ours":
         outputs = [s for batch in common.generate_batches(model, tokenizer, prompt_ids, batch_size=batch_size,
                                                           **settings) for _, s in batch]
-    elif variant == "fixed":  # our loop handed 32 prompts at a time: none waits, so none joins a running batch
+    elif variant == "hf-batch":  # the same batches as ours: longest first
         by_length = sorted(prompt_ids, key=len, reverse=True)
         outputs = [s for first in range(0, len(by_length), batch_size)
-                   for batch in common.generate_batches(model, tokenizer, by_length[first:first + batch_size],
-                                                        batch_size=batch_size, **settings) for _, s in batch]
-    elif variant == "hf-batch":
-        outputs = [s for first in range(0, len(prompt_ids), batch_size)
-                   for s in hf_generate(prompt_ids[first:first + batch_size])]
+                   for s in hf_generate(by_length[first:first + batch_size])]
     else:
         outputs = [s for ids in prompt_ids for s in hf_generate([ids])]
     seconds = time.perf_counter() - start
@@ -85,10 +77,10 @@ def run_variant(variant, num_prompts, batch_size, max_new_tokens):
 
 
 def run(quick=False, num_prompts=96):
-    """The four variants, one after the other; returns the table rows."""
+    """The three variants, one after the other; returns the table rows."""
     num_prompts, max_new_tokens = (8, 64) if quick else (num_prompts, 256)
     results = {variant: run_variant(variant, num_prompts, 32, max_new_tokens)
-               for variant in ("ours", "fixed", "single", "hf-batch")}
+               for variant in ("ours", "single", "hf-batch")}
     rate = {variant: r["tokens"] / r["seconds"] for variant, r in results.items()}
     memory = {variant: f"{r['peak_memory_mb']:.0f}" for variant, r in results.items()}
     return [{"stage": "01 generate", "metric": f"tokens/s, ours at batch 32 vs generate() one at a time "
@@ -96,16 +88,13 @@ def run(quick=False, num_prompts=96):
              "ratio": rate["ours"] / rate["single"], "peak_memory_mb": f"{memory['ours']} vs {memory['single']}"},
             {"stage": "01 generate", "metric": "tokens/s, ours at batch 32 vs generate() at batch 32",
              "ours": rate["ours"], "baseline": rate["hf-batch"], "ratio": rate["ours"] / rate["hf-batch"],
-             "peak_memory_mb": f"{memory['ours']} vs {memory['hf-batch']}"},
-            {"stage": "01 generate", "metric": "tokens/s, ours vs ours with fixed batches of 32 (no prompt joins)",
-             "ours": rate["ours"], "baseline": rate["fixed"], "ratio": rate["ours"] / rate["fixed"],
-             "peak_memory_mb": f"{memory['ours']} vs {memory['fixed']}"}]
+             "peak_memory_mb": f"{memory['ours']} vs {memory['hf-batch']}"}]
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer prompts and tokens")
-    parser.add_argument("--child", choices=["ours", "fixed", "single", "hf-batch"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["ours", "single", "hf-batch"], help=argparse.SUPPRESS)
     parser.add_argument("--num-prompts", type=int, default=96,
                         help="96: the demo's prompts (24 per language); other counts: spread over all bundled prompts")
     parser.add_argument("--batch-size", type=int, default=32, help=argparse.SUPPRESS)

@@ -140,8 +140,11 @@ def test_step_one_loss_is_ln2_and_outputs_load(tmp_path, tiny_model):
     reloaded = AutoModelForCausalLM.from_pretrained(output)
     assert reloaded.config.tie_word_embeddings
     # Rerunning a complete run does nothing; a changed pair gets its reference rescored, the rest are cached.
-    again = run_script("04_dpo.py", "--input", pairs_file, "--output", output, "--model", tiny_model, env=ENV)
-    assert again.returncode == 0 and "is complete" in again.stdout
+    same = ["--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3", "--max-steps", "1"]
+    again, _ = train(tmp_path, tiny_model, pairs_file, "out", *same)
+    assert "is complete" in _.stdout
+    other = run_script("04_dpo.py", "--input", pairs_file, "--output", output, "--model", tiny_model, env=ENV)
+    assert other.returncode == 2 and "made with eval_frac=0.0, now 0.05" in other.stderr  # complete only if the same
     os.remove(output / "train_summary.json")
     changed = [PAIRS[0][:3] + ("The capital is Paris, of course.",)] + PAIRS[1:]
     output, _ = train(tmp_path, tiny_model, write_pairs(tmp_path / "pairs.jsonl", changed), "out",

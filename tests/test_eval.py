@@ -166,13 +166,13 @@ def test_order_swap_cancels_a_judge_that_always_prefers_the_first_slot():
     assert [score for score, _ in eval05.judge_pairs(likes_candidate, PAIRS)] == [1.0, 1.0]
     likes_reference = lambda texts: [{"choice": "B" if candidate_slot(t) == "A" else "A"} for t in texts]  # noqa: E731
     assert [score for score, _ in eval05.judge_pairs(likes_reference, PAIRS)] == [0.0, 0.0]
-    # local (logit) judges: a fixed pull towards slot A cancels; what is left decides
-    first_slot_logits = lambda texts: [{"choice": "A", "logit_a": 2.0, "logit_b": 0.0} for _ in texts]  # noqa: E731
+    # local (log-prob) judges: a fixed pull towards slot A cancels; what is left decides
+    first_slot_logits = lambda texts: [{"choice": "A", "logp_a": 2.0, "logp_b": 0.0} for _ in texts]  # noqa: E731
     assert [score for score, _ in eval05.judge_pairs(first_slot_logits, PAIRS)] == [0.5, 0.5]
 
     def biased_but_likes_candidate(texts):  # +2 for slot A, +0.1 for the candidate: votes would say A twice
-        return [{"choice": "A", "logit_a": 2.0 + 0.1 * (candidate_slot(t) == "A"),
-                 "logit_b": 0.1 * (candidate_slot(t) == "B")} for t in texts]
+        return [{"choice": "A", "logp_a": 2.0 + 0.1 * (candidate_slot(t) == "A"),
+                 "logp_b": 0.1 * (candidate_slot(t) == "B")} for t in texts]
     assert [score for score, _ in eval05.judge_pairs(biased_but_likes_candidate, PAIRS)] == [1.0, 1.0]
     unreadable = lambda texts: [{"choice": None} for _ in texts]  # noqa: E731
     score, verdicts = eval05.judge_pairs(unreadable, PAIRS)[0]
@@ -190,9 +190,9 @@ def test_local_judge_reads_the_last_real_token(tiny_model):
     for text, verdict in zip(texts, verdicts):
         ids = torch.tensor([common.chat_prompt_ids(tokenizer, text)])
         with torch.inference_mode():
-            logits = model(input_ids=ids).logits[0, -1]
-        assert verdict["logit_a"] == pytest.approx(logits[a_id].item(), abs=1e-4)
-        assert verdict["logit_b"] == pytest.approx(logits[b_id].item(), abs=1e-4)
+            logits = model(input_ids=ids).logits[0, -1].double().log_softmax(-1)  # next-token log-probs
+        assert verdict["logp_a"] == pytest.approx(logits[a_id].item(), abs=1e-4)
+        assert verdict["logp_b"] == pytest.approx(logits[b_id].item(), abs=1e-4)
         assert verdict["choice"] == ("A" if logits[a_id] > logits[b_id] else "B")
 
 

@@ -196,7 +196,8 @@ def test_generate_writes_one_record_per_prompt_with_design_fields(tmp_path, tiny
     assert first["sampling"] == {"temperature": 0.8, "top_p": 1.0, "repetition_penalty": 1.1, "max_new_tokens": 6,
                                  "num_samples": 2, "seed": 0}
     assert "generated 8" in result.stdout and "samples truncated 16" in result.stdout and "tokens/s" in result.stdout
-    again = run_script("01_generate.py", "--prompts", prompts_file(tmp_path), "--model", tiny_model, "--output", out)
+    again = run_script("01_generate.py", "--prompts", prompts_file(tmp_path), "--model", tiny_model, "--output", out,
+                       "--num-samples", 2, "--temperature", 0.8, "--max-new-tokens", 6)  # the same command
     assert again.returncode == 0 and "already exists" in again.stdout
 
 

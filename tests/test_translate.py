@@ -220,7 +220,7 @@ def test_resume_from_torn_part_file_and_other_translator(tmp_path, tiny_model, t
     assert [{k: v for k, v in r.items() if k != "written_before_kill"} for r in resumed] == complete
     assert "resumed 2" in result.stdout and "translated now 4" in result.stdout
     assert not os.path.exists(f"{output}.part0")
-    again = run("02_translate.py", "--input", source, "--output", output)
+    again = run("02_translate.py", "--input", source, "--output", output, "--translator", tiny_model_b)  # the same
     assert again.returncode == 0 and "already exists" in again.stdout
 
 
