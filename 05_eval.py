@@ -43,24 +43,8 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 MATH_TASKS = ("mgsm", "math")
 TASKS = MATH_TASKS + ("winrate",)
 
-# One instruction line per language, appended to the problem.
-MATH_INSTRUCTIONS = {
-    "en": "Solve the problem step by step, then write the final answer as a number.",
-    "es": "Resuelve el problema paso a paso y luego escribe la respuesta final como un número.",
-    "de": "Löse die Aufgabe Schritt für Schritt und schreibe dann die endgültige Antwort als Zahl.",
-    "fr": "Résous le problème étape par étape, puis écris la réponse finale sous forme de nombre.",
-    "ru": "Реши задачу шаг за шагом, а затем запиши окончательный ответ числом.",
-    "zh": "请一步一步地解决这个问题，然后用一个数字写出最终答案。",
-    "ja": "この問題を段階的に解き、最後に最終的な答えを数字で書いてください。",
-    "th": "จงแก้โจทย์นี้ทีละขั้นตอน แล้วเขียนคำตอบสุดท้ายเป็นตัวเลข",
-    "sw": "Tatua tatizo hili hatua kwa hatua, kisha andika jibu la mwisho kama namba.",
-    "bn": "সমস্যাটি ধাপে ধাপে সমাধান করো, তারপর চূড়ান্ত উত্তরটি একটি সংখ্যা হিসেবে লেখো।",
-    "te": "ఈ సమస్యను దశలవారీగా పరిష్కరించండి, తర్వాత తుది సమాధానాన్ని ఒక సంఖ్యగా రాయండి.",
-    "it": "Risolvi il problema passo dopo passo, poi scrivi la risposta finale come numero.",
-    "pt": "Resolva o problema passo a passo e depois escreva a resposta final como um número.",
-    "ko": "이 문제를 단계별로 풀고, 마지막에 최종 답을 숫자로 쓰세요.",
-    "ar": "حل المسألة خطوة بخطوة، ثم اكتب الإجابة النهائية كرقم.",
-}
+# The step-by-step line appended to a math problem, in the problem's language (data, like the problems).
+MATH_INSTRUCTIONS = common.read_json(os.path.join(REPO, "data", "math", "instructions.json"))
 JUDGE_PROMPT = """Two assistants answered the same instruction. Decide which answer is better: more helpful, \
 correct and complete, and written in the language of the instruction.
 
@@ -313,6 +297,13 @@ def judge_pairs(judge, pairs):
             score = sum(points) / 2
         results.append((score, [dict(first, order="reference first"), dict(second, order="candidate first")]))
     return results
+
+
+def load_local_judge(args):
+    """(judge, its model): --judge in fp32 on every device, as a verdict is the difference of two log-probs,
+    which bf16 would round away (its error is as large as the margins themselves)."""
+    model, tokenizer = common.load_model(args.judge, None, torch.float32, args.trust_remote_code)
+    return local_judge(model, tokenizer, args.token_budget), model
 
 
 def local_judge(model, tokenizer, token_budget):
@@ -576,39 +567,30 @@ def load_tasks(tasks, langs, args):
 def judge_all(columns, predictions, work, args, rank, world_size, counts, api):
     """({label: judgements} for every column after the first, the judge's description for the report)."""
     reference = {(r["id"], r["lang"]): r for r in predictions[columns[0]["label"]]["winrate"]}
-    judge, judge_model = api, None
-    if api is None:
-        # fp32 on every device: a verdict is the difference of two log-probs, which bf16 would round away.
-        judge_model, judge_tokenizer = common.load_model(args.judge, None, torch.float32, args.trust_remote_code)
-        judge = local_judge(judge_model, judge_tokenizer, args.token_budget)
+    judge, judge_model = (api, None) if api else load_local_judge(args)
     judge_name = slug(f"{args.judge}@{args.judge_api}" if args.judge_api else args.judge)
-    judgements = {}
-    for column in columns[1:]:
-        path = os.path.join(work, f"{column['slug']}.judge-{judge_name}.jsonl")
-        judgements[column["label"]] = (
-            [record for _, record in common.read_jsonl(path)] if os.path.exists(path) else
-            judge_column(judge, reference, predictions[column["label"]]["winrate"], path, rank, world_size, counts))
+    judgements = {column["label"]: judge_column(  # resumable: judges only what is not on disk
+        judge, reference, predictions[column["label"]]["winrate"],
+        os.path.join(work, f"{column['slug']}.judge-{judge_name}.jsonl"), rank, world_size, counts)
+        for column in columns[1:]}
     return judgements, judge_caveat(args, judge_model)
 
 
 def write_outputs(output, columns, predictions, judgements, judge_text, task_items, langs, args):
     """eval.json, predictions.jsonl, report.md and report.png; eval.json last: its presence means done."""
     results = compute_results(columns, predictions, judgements, langs, args.seed)
-    verdicts = {(r["model"], r["id"], r["lang"]): r for rows in judgements.values() for r in rows}
-    every = []
-    for label, by_task in predictions.items():
-        for task, rows in by_task.items():
-            for row in rows:
-                judged = verdicts.get((label, row["id"], row["lang"])) if task == "winrate" else None
-                every.append({**row, **({"judge_score": judged["score"], "judge_verdicts": judged["verdicts"]}
-                                        if judged else {})})
-    common.write_jsonl(os.path.join(output, "predictions.jsonl"), every)
+    verdicts = {(r["model"], r["id"], r["lang"]): {"judge_score": r["score"], "judge_verdicts": r["verdicts"]}
+                for rows in judgements.values() for r in rows}
+    common.write_jsonl(os.path.join(output, "predictions.jsonl"), [
+        {**row, **(verdicts.get((label, row["id"], row["lang"]), {}) if task == "winrate" else {})}
+        for label, by_task in predictions.items() for task, rows in by_task.items() for row in rows])
     write_report(os.path.join(output, "report.md"), columns, results, judge_text, args)
     plotted = plot_report(os.path.join(output, "report.png"), columns, results, langs)
     common.write_json(os.path.join(output, "eval.json"), {
         "models": [{k: c[k] for k in ("label", "model", "description")} for c in columns], "tasks": list(task_items),
         "langs": langs, "judge": judge_text or None, "max_new_tokens": args.max_new_tokens, "results": results})
-    print(f"wrote {os.path.join(output, 'eval.json')}, predictions.jsonl, report.md" + (", report.png" if plotted else ""))
+    print(f"wrote {os.path.join(output, 'eval.json')}, predictions.jsonl, report.md"
+          + (", report.png" if plotted else ""))
 
 
 def main(argv=None):
@@ -642,12 +624,11 @@ def main(argv=None):
     # 3. Write eval.json, predictions.jsonl and the report.
     if rank == 0:
         write_outputs(args.output, columns, predictions, judgements, judge_text, task_items, args.langs, args)
-    print(common.summary_line("05_eval" + (f"[rank {rank}]" if world_size > 1 else ""),
-                              time.perf_counter() - started,
-                              counts["new_tokens"], models=len(columns), tasks=len(task_items),
-                              predictions_made_now=counts["predictions"], judged_now=counts["judged"],
-                              answers_without_a_number=counts["no_number"],
-                              unreadable_judge_replies=counts["unreadable_verdicts"]))
+    print(common.summary_line(
+        "05_eval" + (f"[rank {rank}]" if world_size > 1 else ""), time.perf_counter() - started, counts["new_tokens"],
+        models=len(columns), tasks=len(task_items), predictions_made_now=counts["predictions"],
+        judged_now=counts["judged"], answers_without_a_number=counts["no_number"],
+        unreadable_judge_replies=counts["unreadable_verdicts"]))
     common.cleanup_distributed()
 
 

@@ -45,11 +45,14 @@ def write_pairs(path, pairs=PAIRS):
     return str(path)
 
 
-def train(tmp_path, model, pairs_file, name, *extra, check=True):
+def train(tmp_path, model, pairs_file, name, *extra, check=True, env=ENV):
     output = tmp_path / name
     result = run_script("04_dpo.py", "--input", pairs_file, "--output", output, "--model", model,
-                        "--eval-frac", "0", "--save-every", "0", *extra, env=ENV, check=check)
+                        "--eval-frac", "0", "--save-every", "0", *extra, env=env, check=check)
     return output, result
+
+
+BF16 = {**ENV, "LOOP_BF16": "1"}  # the code chooses bf16 and autocast on the CPU, as it would on a GPU
 
 
 def weights(output):
@@ -182,6 +185,22 @@ def test_policy_and_reference_are_scored_alike(tmp_path, architecture):
         assert (policy.detach() - own_logps()).abs().max() > 1.0
 
 
+@pytest.mark.parametrize("architecture", ["llama", "gemma2"])
+def test_step_one_is_ln2_in_bf16_too(tmp_path, architecture):
+    """In bf16 the log-probs depend on padding and batch shape; the reference is scored in the policy's own
+    micro-batches (here 2 pairs each, padded differently), so step 1 is still exactly ln 2 with accuracy 0."""
+    from conftest import make_tiny_model
+    model_dir = make_tiny_model(tmp_path / architecture, architecture=architecture, init_std=0.2)
+    pairs_file = write_pairs(tmp_path / "pairs.jsonl")
+    flags = ("--batch-size", "2", "--grad-accum", "2", "--max-steps", "1", "--lr", "1e-3")
+    bf16, _ = train(tmp_path, model_dir, pairs_file, "bf16", *flags, env=BF16)
+    first = read_records(bf16 / "metrics.jsonl")[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-6 and first["rewards/accuracies"] == 0.0
+    assert abs(first["rewards/margins"]) < 1e-6
+    fp32, _ = train(tmp_path, model_dir, pairs_file, "fp32", *flags)
+    assert abs(read_records(fp32 / "metrics.jsonl")[0]["logps/chosen"] - first["logps/chosen"]) > 1e-3  # bf16 ran
+
+
 def test_accumulation_is_exact(tmp_path, tiny_model):
     pairs_file = write_pairs(tmp_path / "pairs.jsonl")
     common = ("--lr", "1e-3", "--nll-weight", "1.0", "--epochs", "2", "--warmup-ratio", "0")
@@ -210,15 +229,16 @@ def test_overfits_eight_pairs(tmp_path, tiny_model):
     assert "eval rewards/accuracies: 0.0000 -> 1.0000" in result.stdout
 
 
-def test_kill_and_resume_gives_the_same_weights(tmp_path, tiny_model):
+@pytest.mark.parametrize("env", [ENV, BF16], ids=["fp32", "bf16"])
+def test_kill_and_resume_gives_the_same_weights(tmp_path, tiny_model, env):
     pairs_file = write_pairs(tmp_path / "pairs.jsonl")
     flags = ["--batch-size", "1", "--grad-accum", "1", "--epochs", "3", "--lr", "1e-3", "--save-every", "2"]
-    straight, _ = train(tmp_path, tiny_model, pairs_file, "straight", *flags)
+    straight, _ = train(tmp_path, tiny_model, pairs_file, "straight", *flags, env=env)
 
     killed = tmp_path / "killed"
     command = [sys.executable, os.path.join(REPO, "04_dpo.py"), "--input", pairs_file, "--output", str(killed),
                "--model", tiny_model, "--eval-frac", "0", *flags]
-    process = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, **ENV), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, **env), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     metrics, deadline = killed / "metrics.jsonl", time.time() + 300
     while time.time() < deadline and process.poll() is None:
@@ -230,9 +250,9 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, tiny_model):
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "train_summary.json").exists()
 
-    changed = run_script("04_dpo.py", *command[2:], "--lr", "2e-3", "--resume", env=ENV)
+    changed = run_script("04_dpo.py", *command[2:], "--lr", "2e-3", "--resume", env=env)
     assert changed.returncode == 2 and "lr=0.001" in changed.stderr  # a checkpoint refuses other settings
-    resumed = run_script("04_dpo.py", *command[2:], "--resume", env=ENV, check=True)
+    resumed = run_script("04_dpo.py", *command[2:], "--resume", env=env, check=True)
     assert "resuming from" in resumed.stdout
     assert max_difference(weights(straight), weights(killed)) == 0.0
     straight_losses = [record["loss"] for record in read_records(straight / "metrics.jsonl")]

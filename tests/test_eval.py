@@ -196,6 +196,18 @@ def test_local_judge_reads_the_last_real_token(tiny_model):
         assert verdict["choice"] == ("A" if logits[a_id] > logits[b_id] else "B")
 
 
+def test_local_judge_stays_fp32_where_the_code_chooses_bf16(tiny_model, monkeypatch):
+    """A verdict is the difference of two log-probs: the judge loads in fp32 even where bf16 is chosen."""
+    import argparse
+    args = argparse.Namespace(judge=tiny_model, trust_remote_code=False, token_budget=8192)
+    texts = [eval05.JUDGE_PROMPT.format(instruction=i, answer_a=a, answer_b=b) for i, a, b in PAIRS]
+    expected = eval05.load_local_judge(args)[0](texts)
+    monkeypatch.setenv("LOOP_BF16", "1")
+    assert common.load_model(tiny_model)[0].dtype == torch.bfloat16  # what a model loads as, by default, here
+    judge, model = eval05.load_local_judge(args)
+    assert model.dtype == torch.float32 and judge(texts) == expected
+
+
 # ----------------------------------------------------------------------------
 # Proxy-tuned decoding
 

@@ -333,3 +333,13 @@ def test_implicit_under_torchrun(tmp_path, tiny_model, tiny_model_b):
     two = read_records(tmp_path / "two.jsonl")
     assert [(r["id"], r["lang"], r["chosen"], r["rejected"]) for r in two] == \
         [(r["id"], r["lang"], r["chosen"], r["rejected"]) for r in single]
+
+
+def test_implicit_rewards_stay_fp32_where_the_code_chooses_bf16(tmp_path, tiny_model, tiny_model_b, monkeypatch):
+    """The reward is a difference of two close models: 03 loads both in fp32 on every device (LOOP_BF16=1 makes
+    the code choose bf16 as on a GPU); the rows, rewards included, are exactly those of an fp32 run."""
+    args = ("--method", "implicit", "--dpo-model", tiny_model, "--ref-model", tiny_model_b, "--alpha", "0")
+    rows, _ = run(tmp_path, IMPLICIT, *args)
+    monkeypatch.setenv("LOOP_BF16", "1")
+    assert common.pick_device()[1] == torch.bfloat16
+    assert run(tmp_path, IMPLICIT, *args, name="bf16")[0] == rows
