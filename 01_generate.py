@@ -17,6 +17,8 @@ same command, continues where it stopped.
 import argparse
 import time
 
+import torch
+
 import common
 
 
@@ -61,7 +63,7 @@ def main(argv=None):
     common.claim(args.output, settings, rank)
     model, tokenizer = common.load_model(args.model, trust_remote_code=args.trust_remote_code)
     # Each rank samples its own share; offsetting the seed keeps ranks from drawing the same numbers.
-    common.seed_everything(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     counts = {"new_tokens": 0, "truncated": 0}
     started = time.perf_counter()
     # A prompt that leaves no room for the answer in the model's context is skipped (and counted), never run.

@@ -425,7 +425,7 @@ def main(argv=None):
     settings = {name: getattr(args, name) for name in ("translator", "dominant", "targets", "questions", "temperature",
                                                       "top_p", "repetition_penalty", "seed")}
     common.claim(args.output, {**settings, "input": common.content_key(records)}, rank)
-    common.seed_everything(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     model, tokenizer = common.load_model(args.translator, trust_remote_code=args.trust_remote_code)
     ratios = token_ratios(records, tokenizer)
     tokens_generated = [0]

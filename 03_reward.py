@@ -296,23 +296,20 @@ def score_all(records, keys, args, rank, world_size):
             prompts = [scoring_prompt(records, (item["id"], item["lang"]), args.dominant)
                        for item, texts in zip(batch, answers) for _ in texts]
             responses = [text for texts in answers for text in texts]
-            dpo_logps, tokens = common.score(dpo_model, tokenizer, prompts, responses, args.token_budget,
-                                             show_progress=False)
-            ref_logps, ref_tokens = common.score(ref_model, ref_tokenizer, prompts, responses, args.token_budget,
-                                                 show_progress=False)
+            (dpo_logps, tokens), (ref_logps, ref_tokens) = (common.score(
+                model, model_tokenizer, prompts, responses, args.token_budget, show_progress=False)
+                for model, model_tokenizer in ((dpo_model, tokenizer), (ref_model, ref_tokenizer)))
             if not (dpo_logps.isfinite().all() and ref_logps.isfinite().all()):
                 raise RuntimeError(f"non-finite log-probs while scoring {batch}: check the models' weights and dtype")
             if not (tokens == ref_tokens).all():
                 raise common.InputError("--dpo-model and --ref-model tokenise the answers differently; "
                                         "the implicit reward needs one tokenizer")
-            finished, offset = [], 0
-            for item, texts in zip(batch, answers):
-                mine_only = slice(offset, offset + len(texts))
-                finished.append({**item, "dpo_model": args.dpo_model, "ref_model": args.ref_model,
-                                 "dpo_logps": dpo_logps[mine_only].tolist(), "ref_logps": ref_logps[mine_only].tolist(),
-                                 "tokens": tokens[mine_only].tolist()})
-                offset += len(texts)
-            common.save_batch(path, finished, rank)
+            sizes = [len(texts) for texts in answers]
+            common.save_batch(path, [{**item, "dpo_model": args.dpo_model, "ref_model": args.ref_model,
+                                      "dpo_logps": dpo.tolist(), "ref_logps": ref.tolist(), "tokens": count.tolist()}
+                                     for item, dpo, ref, count in zip(batch, dpo_logps.split(sizes),
+                                                                      ref_logps.split(sizes), tokens.split(sizes))],
+                              rank)
             tokens_scored += 2 * int(tokens.sum())
             progress.update(len(batch))
         progress.close()
@@ -446,15 +443,15 @@ def summarise(rows, skipped):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not 0 <= args.eval_frac < 1:  # also refuses nan
-        raise common.InputError("--eval-frac must be in [0, 1)")
     mix = {"answer_in_x": args.mix_answer_in_x, "answer_in_en": args.mix_answer_in_en, "translate": args.mix_translate}
-    if not all(0 <= share <= 1 for share in mix.values()):
-        raise common.InputError("--mix-* shares must be between 0 and 1")
-    if not (args.beta > 0 and args.min_margin >= 0 and math.isfinite(args.beta * args.min_margin * (args.alpha or 0))
-            and min(args.batch_size, args.token_budget, 1 if args.limit is None else args.limit) >= 1):
-        raise common.InputError("--beta must be > 0, --min-margin >= 0, --alpha finite, --batch-size, --token-budget "
-                                "and --limit at least 1")
+    ranges = {"--eval-frac in [0, 1)": 0 <= args.eval_frac < 1,  # comparisons refuse nan too
+              "--mix-* in [0, 1]": all(0 <= share <= 1 for share in mix.values()),
+              "--beta > 0": args.beta > 0, "--min-margin >= 0": args.min_margin >= 0,
+              "--alpha finite": math.isfinite(args.alpha or 0),
+              "--batch-size, --token-budget, --limit >= 1": min(args.batch_size, args.token_budget) >= 1
+              and (args.limit is None or args.limit >= 1)}
+    if not all(ranges.values()):
+        raise common.InputError("out of range: " + ", ".join(name for name, ok in ranges.items() if not ok))
     if args.method == "implicit":
         if not args.dpo_model or not args.ref_model:
             raise common.InputError("--method implicit needs --dpo-model and --ref-model")
@@ -494,9 +491,9 @@ def main(argv=None):
         return
     train, held_out = common.split_by_id(rows, args.eval_frac, args.seed)
     summary, table = summarise(rows, skipped)
-    info = {"method": args.method, "input": args.input, "rows": len(train), "eval_rows": len(held_out),
-            "per_language": summary, **({"length_control": alphas} if alphas is not None else {})}
-    common.write_json(sidecar(args.output, "summary"), info)
+    common.write_json(sidecar(args.output, "summary"), {
+        "method": args.method, "input": args.input, "rows": len(train), "eval_rows": len(held_out),
+        "per_language": summary, **({"length_control": alphas} if alphas is not None else {})})
     if args.eval_frac > 0:
         common.write_jsonl(sidecar(args.output, "eval"), held_out)
     common.write_jsonl(args.output, train)  # last: its existence means the stage is complete
@@ -507,8 +504,7 @@ def main(argv=None):
     if not rows:
         print("warning: no rows were made; see the skip reasons above")
     print(common.summary_line("03_reward", time.perf_counter() - started, tokens, method=args.method,
-                              rows=len(train),
-                              eval_rows=len(held_out), skipped=len(skipped)) + f" -> {args.output}")
+                              rows=len(train), eval_rows=len(held_out), skipped=len(skipped)) + f" -> {args.output}")
     common.cleanup_distributed()
 
 

@@ -8,7 +8,7 @@ Out: --output directory (default runs/demo/model/), loadable by any Hugging Face
        train_summary.json     settings, counts, speed, eval_before / eval_after; written LAST, so
                               its presence means the directory is complete
        reference_logps.jsonl  the reference log-probs, one record per pair (keyed by its content)
-       checkpoint-N/          latest checkpoint while training (weights + optimizer), removed at the end
+       checkpoint-N/          the one, latest checkpoint while training (weights + optimizer), removed at the end
 
     python 04_dpo.py --input runs/demo/pairs.jsonl --output runs/demo/model
     torchrun --nproc_per_node=8 04_dpo.py --model meta-llama/Llama-3.1-8B-Instruct --fsdp --gradient-checkpointing
@@ -88,14 +88,14 @@ def parse_args(argv=None):
     for name, ok in ranges.items():
         if not (ok and math.isfinite(getattr(args, name))):
             raise common.InputError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range")
-    if args.label_smoothing and args.loss != "sigmoid":
-        raise common.InputError("--label-smoothing applies to --loss sigmoid only")
-    if args.loss == "sft" and (args.reference or args.nll_weight):
-        raise common.InputError("--loss sft trains plain NLL: --reference and --nll-weight do not apply")
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise common.InputError(f"--output {args.output} is a file; 04 writes a directory")
-    if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
-        raise common.InputError("--fsdp shards over processes: run under torchrun --nproc_per_node=2 or more")
+    conflicts = {"--label-smoothing applies to --loss sigmoid only": args.label_smoothing and args.loss != "sigmoid",
+                 "--loss sft trains plain NLL: --reference and --nll-weight do not apply":
+                 args.loss == "sft" and (args.reference or args.nll_weight),
+                 f"--output {args.output} is a file; 04 writes a directory": os.path.isfile(args.output),
+                 "--fsdp shards over processes: run under torchrun --nproc_per_node=2 or more":
+                 args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2}
+    for message in (message for message, wrong in conflicts.items() if wrong):
+        raise common.InputError(message)
     return args
 
 
@@ -193,8 +193,7 @@ def epoch_batches(lengths, global_batch, seed, epoch):
     a resumed run, sees the same batches. The last len % global_batch examples sit this epoch out.
     """
     generator = random.Random(seed * 100003 + epoch)
-    order = list(range(len(lengths)))
-    generator.shuffle(order)
+    order = generator.sample(range(len(lengths)), len(lengths))
     batches, window = [], 16 * global_batch
     for start in range(0, len(order), window):
         chunk = sorted(order[start:start + window], key=lambda i: -lengths[i])
@@ -253,12 +252,11 @@ def micro_batch_loss(model, batch, args, pairs_in_batch, tokens_in_batch):
 
 def reduce_metrics(sums, pairs):
     """Sum every process's metric sums by name, then make the per-pair sums means (loss and NLL come normalised)."""
-    names = list(sums)
-    total = torch.stack([torch.as_tensor(sums[name], dtype=torch.float64) for name in names])
+    total = torch.stack([torch.as_tensor(value, dtype=torch.float64) for value in sums.values()])
     if dist.is_initialized():
         dist.all_reduce(total)
     return {name: value / pairs if name.startswith(("rewards/", "logps/")) else value
-            for name, value in zip(names, total.tolist())}
+            for name, value in zip(sums, total.tolist())}
 
 
 def train_step(model, optimizer, step_examples, args, rank, world):
@@ -270,7 +268,10 @@ def train_step(model, optimizer, step_examples, args, rank, world):
     mine = my_micro_batches(step_examples, args.batch_size, args.grad_accum, rank)
     sums, tokens = {}, 0
     for index, batch in enumerate(mine):
-        with gradient_sync(model, enabled=index == len(mine) - 1):
+        last = index == len(mine) - 1  # gradients are all-reduced after the last micro-batch only: less traffic
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+            model.set_requires_gradient_sync(last)
+        with model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext():  # DDP
             loss, batch_sums = micro_batch_loss(model, batch, args, pairs, tokens_in_batch)
             (loss * world).backward()  # DDP and FSDP AVERAGE gradients over processes; this makes it the sum
         sums = {name: sums.get(name, 0) + value for name, value in batch_sums.items()}
@@ -289,8 +290,7 @@ def evaluate(model, examples, args, rank, world):
     """Reward accuracy and margins (or SFT loss) of the policy on held-out examples, over all processes."""
     if not examples:
         return {}
-    pairs, tokens = len(examples), sum(e["response_tokens"][0] for e in examples)
-    sums = {}
+    pairs, tokens, sums = len(examples), sum(e["response_tokens"][0] for e in examples), {}
     model.eval()
     for batch in eval_batches(examples, args.batch_size, rank, world):
         # Every process joins every forward (FSDP gathers weights inside it), so one that ran out of
@@ -314,10 +314,11 @@ def back_to_training(model):
 
 
 @torch.no_grad()
-def attach_reference_logps(model, name, train, eval_set, first_epoch, args, rank, world):
+def attach_reference_logps(load, name, train, eval_set, first_epoch, args, rank, world):
     """Give every example its [reference chosen, reference rejected] summed log-probs; returns how many were scored.
 
-    model: the reference `name`, loaded and wrapped like the policy (default: the policy before its first step).
+    load(): the reference `name`, loaded and wrapped like the policy (default: the policy before its first step);
+    called only when some pair is not yet scored.
     Scored in the micro-batches the policy first sees them in (first_epoch: the first epoch's global
     batches), so policy and reference are computed alike, padding and kernel shapes included: step 1 is
     exactly ln 2 in any dtype. Written batch by batch to <output>/reference_logps.jsonl (resumable like
@@ -325,9 +326,9 @@ def attach_reference_logps(model, name, train, eval_set, first_epoch, args, rank
     already scored alike is not scored again.
     """
     path, weights = os.path.join(args.output, "reference_logps.jsonl"), common.resolve_model(name)
-    identity = [name, next(model.parameters()).device.type, args.batch_size * args.grad_accum * world] + [
-        f"{os.path.basename(f)}:{os.path.getsize(f)}:{os.path.getmtime(f)}"  # a retrained directory is noticed
-        for f in sorted(glob.glob(os.path.join(weights, "*.safetensors")))]
+    identity = [name, common.pick_device()[0].type, args.batch_size * args.grad_accum * world] + [  # + the weight
+        (f, os.path.getsize(f), os.path.getmtime(f)) for f in sorted(glob.glob(os.path.join(weights, "*.safetensors")))]
+    # files' sizes and times, so a retrained directory is noticed
     examples = train + eval_set
     for example in examples:
         example["reference_key"] = common.content_key(identity, example["key"])
@@ -335,17 +336,17 @@ def attach_reference_logps(model, name, train, eval_set, first_epoch, args, rank
     pending = {key(example) for example in common.resume(path, examples, key)[1]}
     batches = [batch for step in first_epoch for batch in
                my_micro_batches([train[i] for i in step], args.batch_size, args.grad_accum, rank)]
-    in_first_epoch = {index for step in first_epoch for index in step}
+    in_first_epoch, model = {index for step in first_epoch for index in step}, load() if pending else None
     batches += eval_batches([e for i, e in enumerate(train) if i not in in_first_epoch], args.batch_size, rank, world)
-    model.eval()
-    for batch in tqdm(batches + eval_batches(eval_set, args.batch_size, rank, world), desc="reference log-probs",
-                      unit="batch", disable=rank != 0 or not pending, dynamic_ncols=True):
+    for batch in tqdm(batches + eval_batches(eval_set, args.batch_size, rank, world) if pending else [],
+                      desc="reference log-probs", unit="batch", disable=rank != 0, dynamic_ncols=True):
         new = [example for example in batch if key(example) in pending]
         if new or (args.fsdp and pending):  # under FSDP every process joins every forward (a throwaway one)
             logps = batch_logps(model, new or train[:1]).cpu()
             common.save_batch(path, [{"reference_key": key(e), "logps": [logps[i].item(), logps[len(new) + i].item()]}
                                      for i, e in enumerate(new)], rank)
-    back_to_training(model)
+    if model is not None:
+        back_to_training(model)
     common.finish(path, examples, key, rank)
     saved = {key(record): record["logps"] for _, record in common.read_jsonl(path)}
     for example in examples:
@@ -384,15 +385,6 @@ def load_policy(name, device, args, train=True):
     return model
 
 
-def gradient_sync(model, enabled):
-    """Skip the gradient all-reduce on all but the last micro-batch of a step (same result, less traffic)."""
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(enabled)
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not enabled:
-        return model.no_sync()
-    return contextlib.nullcontext()
-
-
 def make_optimizer(model, args, checkpoint=None):
     """AdamW; weight decay on matrices only, as usual (not on norms and biases); its moments from `checkpoint`.
 
@@ -427,8 +419,8 @@ def all_finite(model, optimizer=None):
     """Every weight (and optimizer moment) finite, on every process: nothing else may be saved."""
     tensors = list(model.parameters()) + [value for state in (optimizer.state.values() if optimizer else [])
                                           for value in state.values() if torch.is_tensor(value) and value.ndim]
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP: this process's shards
-    finite = torch.stack([torch.isfinite(t.detach()).all() for t in local]).all().float()
+    finite = torch.stack([torch.isfinite((t.to_local() if hasattr(t, "to_local") else t).detach()).all()  # FSDP:
+                          for t in tensors]).all().float()  # this process's shards
     if dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
@@ -438,11 +430,10 @@ def save_model(model, tokenizer, directory, rank):
     """save_pretrained of the full (gathered) weights; a collective call under FSDP."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    seen = set()
+    first_name = {}  # a tied weight (lm_head = embeddings) is gathered as a copy under each name: store it once
     for name, parameter in common.unwrap(model).named_parameters(remove_duplicate=False):
-        if id(parameter) in seen:  # a tied weight (lm_head = embeddings): gathered as a copy, stored once
+        if first_name.setdefault(id(parameter), name) != name:
             state.pop(name, None)
-        seen.add(id(parameter))
     if rank == 0:
         common.unwrap(model).save_pretrained(directory, state_dict=state)
         tokenizer.save_pretrained(directory)
@@ -507,34 +498,29 @@ def main(argv=None):
     run_started = time.perf_counter()
     rank, world = common.setup_distributed()
     device, _ = common.pick_device()
-    common.seed_everything(args.seed)
+    torch.manual_seed(args.seed)
     summary_path = os.path.join(args.output, "train_summary.json")  # written last: it marks the directory complete
     global_batch = args.batch_size * args.grad_accum * world
-    if not os.path.isfile(args.input):
-        raise common.InputError(f"{args.input}: no such file")
+    tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
+    train, eval_set, skip_counts = load_data(args, tokenizer, rank)
     with open(args.input, "rb") as handle:  # what a resumed run must share: data, objective, schedule, global batch
         settings = {**{name: value for name, value in vars(args).items() if name not in RESUMABLE_WITH_OTHER},
                     "global_batch": global_batch, "input_sha256": hashlib.sha256(handle.read()).hexdigest()}
-    tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-    train, eval_set, skip_counts = load_data(args, tokenizer, rank)
     common.claim(summary_path, settings, rank, partial=latest_checkpoint(args.output) is not None)
     steps_per_epoch = len(train) // global_batch
     if steps_per_epoch == 0:
         raise common.InputError(f"{args.input}: {len(train)} training rows, fewer than one global batch of "
                                 f"{global_batch} (--batch-size x --grad-accum x processes)")
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
-    lengths = [example["length"] for example in train]
-    batches_of_epoch = lambda epoch: epoch_batches(lengths, global_batch, args.seed, epoch)  # noqa: E731
+    batches_of_epoch = lambda epoch: epoch_batches([e["length"] for e in train], global_batch, args.seed, epoch)  # noqa
     checkpoint, state = resume_point(args.output, settings, args.resume, rank)
     model = load_policy(checkpoint or args.model, device, args)
-    scored_now = 0
-    if args.loss != "sft":
-        reference = model if (args.reference or args.model) == args.model and checkpoint is None else None
-        reference = reference or load_policy(args.reference or args.model, device, args, train=False)
-        scored_now = attach_reference_logps(reference, args.reference or args.model, train, eval_set,
-                                            batches_of_epoch(0), args, rank, world)
-        del reference  # no reference model while the policy trains
-        gc.collect()
+    reference = args.reference or args.model  # by default the policy itself, before its first step
+    fresh = reference == args.model and checkpoint is None
+    scored_now = 0 if args.loss == "sft" else attach_reference_logps(  # the reference is loaded only if needed
+        lambda: model if fresh else load_policy(reference, device, args, train=False), reference, train, eval_set,
+        batches_of_epoch(0), args, rank, world)
+    gc.collect()  # a reference model loaded for that is gone: none is held while the policy trains
     optimizer = make_optimizer(model, args, checkpoint)
     state["eval_before"] = state.get("eval_before") or evaluate(model, eval_set, args, rank, world)
     metrics_path = os.path.join(args.output, "metrics.jsonl")
@@ -543,8 +529,7 @@ def main(argv=None):
               f"{len(train) % global_batch} sitting each epoch out), {len(eval_set)} held out, {total_steps} steps")
 
     # 2. The training loop: learning rate, one step, log, checkpoint.
-    progress = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", disable=rank != 0,
-                    dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", disable=rank != 0)
     for step in range(state["step"], total_steps):
         epoch, index = divmod(step, steps_per_epoch)
         lr = learning_rate(step, total_steps, args)
@@ -552,8 +537,7 @@ def main(argv=None):
             group["lr"] = lr
         started = time.perf_counter()
         metrics = train_step(model, optimizer, [train[i] for i in batches_of_epoch(epoch)[index]], args, rank, world)
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started  # its metrics waited for the GPU (the optimizer's kernels: the next)
         saving = args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps
         if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
                 and all_finite(model, optimizer if saving else None)):  # nothing non-finite is ever saved
@@ -561,7 +545,7 @@ def main(argv=None):
             raise common.InputError(
                 f"step {step + 1}: loss {metrics['loss']}, grad_norm {metrics['grad_norm']}, or the weights after the "
                 f"update, are not finite: training stopped; last good checkpoint: "
-                f"{latest_checkpoint(args.output) or 'none (see --save-every)'}. Try a lower --lr or --beta.")
+                f"{latest_checkpoint(args.output) or 'none'}. Try a lower --lr or --beta.")
         state.update(step=step + 1, final_step=metrics, train_seconds=state.get("train_seconds", 0) + seconds,
                      train_tokens=state.get("train_tokens", 0) + metrics["tokens"])
         record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), **metrics, "lr": lr,
@@ -585,7 +569,7 @@ def main(argv=None):
             "eval_pairs": len(eval_set), "skipped": skip_counts, "reference_scored_now": scored_now,
             "eval_before": state["eval_before"], "eval_after": eval_after, "final_step": state["final_step"],
             "train_seconds": round(state["train_seconds"], 2), "seconds": round(time.perf_counter() - run_started, 2),
-            "train_tokens": state["train_tokens"], "tokens_per_second": round(tokens_per_second, 1)})
+            "train_tokens": int(state["train_tokens"]), "tokens_per_second": round(tokens_per_second, 1)})
         for old in glob.glob(os.path.join(args.output, "checkpoint-*")):
             shutil.rmtree(old)
         for name, before in state["eval_before"].items():

@@ -109,13 +109,8 @@ def parse_args(argv=None):
 # Inputs
 
 
-def load_math_problems(source, langs, limit):
-    """Math problems with a numeric gold answer; a bad answer is reported with file and line."""
-    return common.load_prompts(source, langs=langs, limit=limit,
-                               check=lambda record, where: record.update(answer=check_gold(record.get("answer"), where)))
-
-
 def check_gold(answer, where):
+    """A math problem's gold answer as a float; a missing or bad one is reported with file and line."""
     if answer is None:
         raise common.InputError(f"{where}: no 'answer' field (math problems need a numeric gold answer)")
     value = answer if isinstance(answer, (int, float)) and not isinstance(answer, bool) else common.parse_number(answer)
@@ -361,8 +356,8 @@ def judge_column(judge, reference, answers, path, rank, world_size, counts, chun
                                        item["response"]) for item in part])
         counts["unreadable_verdicts"] += sum(v["choice"] is None for _, verdicts in results for v in verdicts)
         common.save_batch(path, [{"model": item["model"], "task": "judge", "id": item["id"], "lang": item["lang"],
-                                  "score": score, "verdicts": verdicts} for item, (score, verdicts) in zip(part, results)],
-                          rank)
+                                  "score": score, "verdicts": verdicts}
+                                 for item, (score, verdicts) in zip(part, results)], rank)
     counts["judged"] += len(mine)
     common.finish(path, answers, key, rank)
     return [record for _, record in common.read_jsonl(path)]
@@ -386,8 +381,18 @@ def judge_caveat(args, judge_model):
 # Metrics and report
 
 
+def bootstrap_interval(values, samples=1000, seed=0):
+    """95% bootstrap interval of the mean of `values` (0/1 or fractions)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return (math.nan, math.nan)
+    generator = np.random.default_rng(seed)
+    means = values[generator.integers(0, len(values), size=(samples, len(values)))].mean(axis=1)
+    return (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+
+
 def entry(values, seed):
-    low, high = common.bootstrap_interval(values, seed=seed)
+    low, high = bootstrap_interval(values, seed=seed)
     return {"score": float(np.mean(values)), "n": len(values), "ci": [low, high]}
 
 
@@ -556,7 +561,9 @@ def load_tasks(tasks, langs, args):
     task_items = {}
     for task in tasks:
         if task in MATH_TASKS:
-            task_items[task] = load_math_problems(args.mgsm if task == "mgsm" else args.math, langs, args.limit)
+            task_items[task] = common.load_prompts(  # every gold answer checked, by file and line
+                args.mgsm if task == "mgsm" else args.math, langs=langs, limit=args.limit,
+                check=lambda record, where: record.update(answer=check_gold(record.get("answer"), where)))
             if args.translate_test:
                 task_items[f"{task}-tt"] = task_items[task]
         else:
@@ -607,10 +614,9 @@ def main(argv=None):
                 if name not in ("output", "batch_size", "token_budget", "trust_remote_code", "judge_api_key_env")}
     common.claim(os.path.join(args.output, "eval.json"), settings, rank, partial=False)
     judging = "winrate" in args.tasks and len(columns) > 1
-    api = None
-    if judging and args.judge_api:  # one request now: a wrong URL or key fails before any generation
-        api = api_judge(args.judge_api, args.judge, os.environ.get(args.judge_api_key_env), args.judge_max_tokens)
-    common.seed_everything(args.seed)
+    # One request now: a wrong URL or key fails before any generation.
+    api = api_judge(args.judge_api, args.judge, os.environ.get(args.judge_api_key_env), args.judge_max_tokens) \
+        if judging and args.judge_api else None
     work = os.path.join(args.output, "work")
     counts = {"new_tokens": 0, "predictions": 0, "judged": 0, "no_number": 0, "unreadable_verdicts": 0}
     started = time.perf_counter()

@@ -17,7 +17,6 @@ import glob
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import random
 import re
@@ -27,7 +26,6 @@ import time
 import urllib.error
 import urllib.request
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
@@ -79,11 +77,9 @@ def read_jsonl(path, required=()):
         if not isinstance(record, dict):
             raise InputError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
         for field in required:
-            if field not in record:
-                raise InputError(f"{path}:{line_number}: missing field '{field}'")
-            value = record[field]
-            if value is None or (isinstance(value, (str, list, dict)) and len(value) == 0):
-                raise InputError(f"{path}:{line_number}: field '{field}' is empty")
+            if record.get(field) in (None, "", [], {}):
+                raise InputError(f"{path}:{line_number}: " + (f"field '{field}' is empty" if field in record else
+                                                              f"missing field '{field}'"))
         rows.append((line_number, record))
     return rows
 
@@ -121,12 +117,12 @@ def write_atomic(path, write, binary=False):
 
 
 def read_json(path):
-    """A JSON file the project wrote (settings, summaries); a broken one is named, never a traceback."""
+    """A JSON file; a broken one is named in one line, never a traceback."""
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: not valid JSON ({error}); delete it to start over") from None
+        raise InputError(f"{path}: not valid JSON ({error})") from None
 
 
 def write_jsonl(path, records):
@@ -151,10 +147,6 @@ def content_key(*parts):
 #     done, mine = common.resume(out, items, key, rank, world_size)
 #     for batch in ...: common.save_batch(out, records, rank)
 #     common.finish(out, items, key, rank)
-
-
-def part_path(out_path, rank):
-    return f"{out_path}.part{rank}"
 
 
 def read_finished(out_path):
@@ -185,7 +177,7 @@ def resume(out_path, items, key, rank=0, world_size=1):
 
 def save_batch(out_path, records, rank=0):
     """Append records to this rank's part file and force them to disk: a kill after this loses none."""
-    with open(part_path(out_path, rank), "a", encoding="utf-8") as handle:
+    with open(f"{out_path}.part{rank}", "a", encoding="utf-8") as handle:
         handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         handle.flush()
         os.fsync(handle.fileno())
@@ -205,15 +197,6 @@ def finish(out_path, items, key, rank=0):
     barrier()
 
 
-def same_settings(saved, settings, made, restart):
-    """Stop with one line naming the first setting that differs: a rerun continues only the same run."""
-    settings = json.loads(json.dumps(settings))  # as it reads back from a file: tuples are lists
-    for name in sorted(set(saved) | set(settings)):
-        if saved.get(name) != settings.get(name):
-            raise InputError(f"{made} with {name}={saved.get(name)!r}, now {settings.get(name)!r}; rerun with the "
-                             f"same settings, or {restart}")
-
-
 _locks = []  # lock files this process holds, until it exits
 
 
@@ -230,19 +213,21 @@ def claim(out_path, settings, rank=0, partial=None):
         raise InputError(f"{out_path} is a directory; give the output a file name")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        lock = open(f"{out_path}.lock", "a") if rank == 0 else None
+        if rank == 0:  # held until this process exits
+            _locks.append(open(f"{out_path}.lock", "a"))
+            fcntl.flock(_locks[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise InputError(f"{out_path}: another run is writing it (it holds {out_path}.lock)") from None
     except OSError as error:
         raise InputError(f"{out_path}: cannot write there ({error.strerror})") from None
-    if lock is not None:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(f"{out_path}: another run is writing it (it holds {out_path}.lock)") from None
-        _locks.append(lock)
     saved = read_json(settings_path) if os.path.isfile(settings_path) else None
     partial = glob.glob(glob.escape(out_path) + ".part*") if partial is None else partial
     if saved is not None and (partial or os.path.exists(out_path)):
-        same_settings(saved, settings, f"{out_path}: made", f"delete {out_path} and {out_path}.* to start over")
+        now = json.loads(json.dumps(settings))  # as it reads back from the file: tuples are lists
+        name = next((name for name in sorted(set(saved) | set(now)) if saved.get(name) != now.get(name)), None)
+        if name is not None:
+            raise InputError(f"{out_path}: made with {name}={saved.get(name)!r}, now {now.get(name)!r}; rerun with "
+                             f"the same settings, or delete {out_path} and {out_path}.* to start over")
     if os.path.exists(out_path):
         if saved is None:
             raise InputError(f"{out_path} exists, with no record of the settings it was made with; delete it")
@@ -334,8 +319,7 @@ def _normalise_prompt(record, lang, default_id, where, check=None):
     if lang is None:
         raise InputError(f"{where}: no 'lang' field (or put each language in its own {{lang}}.jsonl)")
     language_name(lang, where)
-    record_id = str(record.pop("id", default_id))
-    return {"id": record_id, "lang": lang, "prompt": text, **record}
+    return {"id": str(record.pop("id", default_id)), "lang": lang, "prompt": text, **record}
 
 
 def _raw_records(path):
@@ -343,11 +327,7 @@ def _raw_records(path):
     TSV (question<TAB>answer, no header; row i is the parallel id `{prefix}-{i}`)."""
     stem, lang = os.path.splitext(os.path.basename(path))[0], _language_of_file(path)
     if path.endswith(".json"):
-        try:
-            with open(path, encoding="utf-8") as handle:
-                records = json.load(handle)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise InputError(f"{path}: not valid JSON ({error})") from None
+        records = read_json(path)
         if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
             raise InputError(f"{path}: expected a JSON array of objects (or JSONL: one object per line)")
         return [(f"{path}[{index}]", record, f"{stem}-{index}") for index, record in enumerate(records)]
@@ -384,17 +364,15 @@ def load_prompts(source, langs=None, limit=None, split="train", check=None):
     """
     for code in langs or []:
         language_name(code, "--langs")
-    if os.path.isdir(source):
-        files = sorted(f for f in glob.glob(os.path.join(source, "*")) if f.endswith((".jsonl", ".json", ".tsv"))
-                       and _language_of_file(f) in (langs or LANGUAGES))
+    if os.path.isdir(source) or os.path.isfile(source):
+        files = [source] if os.path.isfile(source) else sorted(  # in a directory, the file name is the language
+            f for f in glob.glob(os.path.join(source, "*")) if f.endswith((".jsonl", ".json", ".tsv"))
+            and _language_of_file(f) in (langs or LANGUAGES))
         if not files:
             raise InputError(f"{source}: no {{lang}}.jsonl, {{lang}}.json or *_{{lang}}.tsv files"
                              + (f" for languages {','.join(langs)}" if langs else ""))
-        prompts = [_normalise_prompt(record, _language_of_file(f), default_id, where, check)
+        prompts = [_normalise_prompt(record, _language_of_file(f) if f != source else None, default_id, where, check)
                    for f in files for where, record, default_id in _raw_records(f)]
-    elif os.path.isfile(source):
-        prompts = [_normalise_prompt(record, None, default_id, where, check)
-                   for where, record, default_id in _raw_records(source)]
     elif os.path.exists(os.path.dirname(source) or ".") and os.sep in source or source.endswith((".jsonl", ".json",
                                                                                               ".tsv")):
         raise InputError(f"{source}: no such file")
@@ -498,9 +476,8 @@ def pick_device():
 
 def load_tokenizer(name, trust_remote_code=False):
     from transformers import AutoTokenizer
-    path = resolve_model(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:  # ValueError: a directory without tokenizer files
         raise InputError(f"--model {name}: cannot load a tokenizer ({str(error).splitlines()[0][:200]})") from None
     if tokenizer.pad_token is None:
@@ -511,8 +488,7 @@ def load_tokenizer(name, trust_remote_code=False):
 def load_model(name, device=None, dtype=None, trust_remote_code=False):
     """Load (model, tokenizer) in eval mode on the chosen device. Weights as safetensors only."""
     from transformers import AutoModelForCausalLM
-    default_device, default_dtype = pick_device()
-    device, dtype = device or default_device, dtype or default_dtype
+    device, dtype = device or pick_device()[0], dtype or pick_device()[1]
     tokenizer = load_tokenizer(name, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype, use_safetensors=True,
@@ -526,12 +502,6 @@ def load_model(name, device=None, dtype=None, trust_remote_code=False):
 def unwrap(model):
     """The model inside a DistributedDataParallel wrapper (FSDP2 shards the model in place)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------
@@ -642,12 +612,11 @@ def decode_batch(models, prompts, num_samples, pad_id, stop_ids, temperature, to
         caches.append(output.cache)
         logits.append(output.logits[:, -1].float().repeat_interleave(num_samples, dim=0))  # [rows, vocab]
     vocab = min(step_logits.shape[-1] for step_logits in logits)
-    seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)  # for the repetition penalty
-    real_rows, real_columns = attention_mask.nonzero(as_tuple=True)
-    seen[real_rows, input_ids[real_rows, real_columns].clamp(max=vocab - 1)] = True
-    seen = seen.repeat_interleave(num_samples, dim=0)
-    attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
-    positions = positions[:, -1:].repeat_interleave(num_samples, dim=0)
+    # The tokens each row has seen, for the repetition penalty (padding counts as the row's last token).
+    seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device).scatter_(
+        1, torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:]).clamp(max=vocab - 1), True)
+    seen, attention_mask, positions = (tensor.repeat_interleave(num_samples, dim=0)
+                                       for tensor in (seen, attention_mask, positions[:, -1:]))
     owners = [(prompt, sample) for prompt in range(len(prompts)) for sample in range(num_samples)]  # of each row
     new_tokens = [[[] for _ in range(num_samples)] for _ in prompts]
     stops = set(stop_ids)
@@ -927,8 +896,7 @@ ANSWER_TOLERANCE = 1e-3  # MGSM convention: a final number within 1e-3 of gold i
 def parse_number(text):
     """A number written by a person: '1,234.5', '1.234,5', '1 234', '-3', '18.00'. None if not one."""
     text = str(text).strip().replace("\u00a0", " ").replace("\u202f", " ").replace("'", "")
-    match = re.fullmatch(r"[-+]?[\d., ]*\d", text)
-    if not match:
+    if not re.fullmatch(r"[-+]?[\d., ]*\d", text):
         return None
     sign = -1.0 if text.startswith("-") else 1.0
     digits = text.lstrip("+-").replace(" ", "")
@@ -943,10 +911,7 @@ def parse_number(text):
             digits = re.sub(r"[.,]", "", digits)
         else:                                   # 18.00, 3,5 -> decimal
             digits = digits.replace(",", ".")
-    try:
-        return sign * float(digits)
-    except ValueError:
-        return None
+    return sign * float(digits)  # at most one separator is left: always a float
 
 
 def extract_last_number(text):
@@ -1006,18 +971,7 @@ def cleanup_distributed():
 
 def summary_line(stage, seconds, tokens=None, **counts):
     """One line for the end of a run: counts, wall time and tokens per second."""
-    parts = [f"{name.replace('_', ' ')} {value}" for name, value in counts.items()]
-    parts.append(f"time {seconds:.1f}s")
+    parts = [f"{name.replace('_', ' ')} {value}" for name, value in counts.items()] + [f"time {seconds:.1f}s"]
     if tokens is not None:
         parts.append(f"{tokens} tokens ({tokens / max(seconds, 1e-9):.1f} tokens/s)")
     return f"{stage}: " + ", ".join(parts)
-
-
-def bootstrap_interval(values, samples=1000, seed=0):
-    """95% bootstrap interval of the mean of `values` (0/1 or fractions)."""
-    values = np.asarray(values, dtype=float)
-    if len(values) == 0:
-        return (math.nan, math.nan)
-    generator = np.random.default_rng(seed)
-    means = values[generator.integers(0, len(values), size=(samples, len(values)))].mean(axis=1)
-    return (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))

@@ -57,6 +57,21 @@ def timed(function):
     return tokens / (time.perf_counter() - started), torch.cuda.max_memory_allocated() / 2 ** 20
 
 
+def speed_rows(name, dtype, prompts):
+    """The scorer's and generation's tokens/s and peak memory with `name` loaded in `dtype`."""
+    model, tokenizer = common.load_model(name, dtype=dtype)
+    rate, peak = timed(lambda: int(common.score(model, tokenizer, prompts[:128], prompts[64:192],
+                                                show_progress=False)[1].sum()))
+    rows = [(f"scorer, {str(dtype)[6:]} weights", f"{rate:.0f} response tokens/s", f"peak {peak:.0f} MiB",
+             "128 pairs, token budget 8192")]
+    ids = [common.chat_prompt_ids(tokenizer, prompt) for prompt in prompts[:32]]
+    rate, peak = timed(lambda: sum(s["new_tokens"] for batch in common.generate_batches(
+        model, tokenizer, ids, max_new_tokens=128, batch_size=32, show_progress=False) for _, samples in batch
+        for s in samples))
+    return rows + [(f"generation, {str(dtype)[6:]} weights", f"{rate:.0f} tokens/s", f"peak {peak:.0f} MiB",
+                    "32 prompts x 128 new tokens, greedy")]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=common.EMBEDDED_MODEL, help="model to check (default: %(default)s)")
@@ -79,20 +94,7 @@ def main():
                 rows.append((f"04 step 1, 2 GPUs {'FSDP' if flag else 'DDP'}", f"loss - ln 2 {loss}",
                              f"accuracy {accuracy}", "NCCL"))
     for dtype in (torch.bfloat16, torch.float32):
-        model, tokenizer = common.load_model(args.model, dtype=dtype)
-        responses = prompts[64:64 + 128]
-        rate, peak = timed(lambda: int(common.score(model, tokenizer, prompts[:128], responses,
-                                                    show_progress=False)[1].sum()))
-        rows.append((f"scorer, {str(dtype)[6:]} weights", f"{rate:.0f} response tokens/s", f"peak {peak:.0f} MiB",
-                     "128 pairs, token budget 8192"))
-        ids = [common.chat_prompt_ids(tokenizer, prompt) for prompt in prompts[:32]]
-        generated = lambda: sum(s["new_tokens"] for batch in common.generate_batches(  # noqa: E731
-            model, tokenizer, ids, max_new_tokens=128, batch_size=32, show_progress=False) for _, samples in batch
-            for s in samples)
-        rate, peak = timed(generated)
-        rows.append((f"generation, {str(dtype)[6:]} weights", f"{rate:.0f} tokens/s", f"peak {peak:.0f} MiB",
-                     "32 prompts x 128 new tokens, greedy"))
-        del model
+        rows += speed_rows(args.model, dtype, prompts)
         torch.cuda.empty_cache()
     print(f"command: python bench/gpu_check.py --model {args.model}")
     for row in rows:

@@ -184,9 +184,11 @@ def test_a_language_that_is_not_a_string(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--eval-frac", "nan"], "--eval-frac must be in [0, 1)"),
-    (["--method", "implicit", "--dpo-model", "a", "--ref-model", "b", "--batch-size", "0"], "--batch-size"),
-    (["--method", "implicit", "--dpo-model", "a", "--ref-model", "b", "--beta", "nan"], "--beta must be > 0"),
+    (["--eval-frac", "nan"], "out of range: --eval-frac in [0, 1)"),
+    (["--method", "implicit", "--dpo-model", "a", "--ref-model", "b", "--batch-size", "0"],
+     "out of range: --batch-size, --token-budget, --limit >= 1"),
+    (["--method", "implicit", "--dpo-model", "a", "--ref-model", "b", "--beta", "nan"], "out of range: --beta > 0"),
+    (["--limit", "0"], "out of range: --batch-size, --token-budget, --limit >= 1"),
 ])
 def test_03_bad_numbers(tmp_path, flags, message):
     source = write(tmp_path / "in.jsonl", [{"id": "a", "lang": "en", "prompt": "x", "responses": ["y", "z"]}])
