@@ -123,6 +123,19 @@ def test_02_rerun_with_another_translator_is_refused(tmp_path, tiny_model, tiny_
     assert not out.exists()
 
 
+def test_03_rerun_with_other_settings_is_refused(tmp_path):
+    source = write(tmp_path / "in.jsonl", [
+        {"id": f"q{i}", "lang": lang, "prompt": f"{i}?", "responses": [f"{lang} {i}"],
+         "translations": {"es": [f"es {i}"]} if lang == "en" else {"en": [f"en {i}"]}}
+        for i in range(4) for lang in ("en", "es")])
+    out = tmp_path / "pairs.jsonl"
+    assert run_script("03_reward.py", "--input", source, "--output", out).returncode == 0
+    again = run_script("03_reward.py", "--input", source, "--output", out)
+    assert again.returncode == 0 and "already exists and is complete" in again.stdout
+    error_line(run_script("03_reward.py", "--input", source, "--output", out, "--eval-frac", "0.5"),
+               "made with eval_frac=0.0, now 0.5")
+
+
 def test_05_a_changed_limit_never_reads_stale_predictions(tmp_path, tiny_model):
     math_dir = tmp_path / "math"
     math_dir.mkdir()
