@@ -20,6 +20,7 @@ comes, when nothing is inside the tags, or when the text is not in the target la
 """
 import argparse
 import math
+import re
 import time
 from collections import Counter, defaultdict
 
@@ -46,8 +47,12 @@ ECHOED_TAGS = (OPEN_TAG, "<sentence>", "</sentence>")  # tags a model sometimes 
 # closing tag where the model was still writing when it hit its token cap (no_closing_tag:
 # it ended its turn without one); many of those mean the cap is too small or the model loops.
 NO_CLOSING_TAG, LENGTH_CAP, EMPTY = "no_closing_tag", "length_cap", "empty"
-WRONG_LANGUAGE, EMPTY_SOURCE, TOO_LONG = "wrong_language", "empty_source", "too_long"
-REASONS = (NO_CLOSING_TAG, LENGTH_CAP, EMPTY, WRONG_LANGUAGE, EMPTY_SOURCE, TOO_LONG)
+WRONG_LANGUAGE, EMPTY_SOURCE, TOO_LONG, COPIED = "wrong_language", "empty_source", "too_long", "copied"
+REASONS = (NO_CLOSING_TAG, LENGTH_CAP, EMPTY, WRONG_LANGUAGE, COPIED, EMPTY_SOURCE, TOO_LONG)
+# A piece whose "translation" repeats a source sentence of at least this many letters unchanged is a copy,
+# not a translation (small models copy often; the language check alone misses a copied sentence among
+# translated ones).
+COPY_LETTERS = 20
 # A source text longer than this many context-sized pieces is not an answer to translate (a runaway
 # generation, a pasted file): it is skipped as too_long before it is even tokenised.
 MAX_PIECES = 64
@@ -90,6 +95,28 @@ def check_language(text, target):
     if common.is_in_language(text, target):
         return text, None
     return None, WRONG_LANGUAGE
+
+
+def copied(source, text):
+    """True when `text` repeats a sentence of `source` (COPY_LETTERS letters or more, 4+ words) unchanged."""
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?:;])\s+|\n+", source)]
+    return any(sum(c.isalpha() for c in s) >= COPY_LETTERS and len(s.split()) >= 4 and s in text for s in sentences)
+
+
+def read_piece(piece, output):
+    """One piece's answer -> (its translation, None) or (None, why it is not one)."""
+    text, reason = extract_translation(output["text"])
+    if reason == NO_CLOSING_TAG and output["truncated"]:
+        return None, LENGTH_CAP
+    if reason:
+        return None, reason
+    return (None, COPIED) if copied(piece, text) else (text, None)
+
+
+def worth_retrying(piece, output, target):
+    """A piece to ask again: no usable answer, or a sentence-long answer (40+ letters) in another language."""
+    text, reason = read_piece(piece, output)
+    return reason is not None or (sum(c.isalpha() for c in text) >= 40 and not common.is_in_language(text, target))
 
 
 def split_text(text, fits, separators=SPLIT_SEPARATORS):
@@ -255,12 +282,7 @@ def finish_job(job, outputs):
         return None, EMPTY_SOURCE if job["pieces"] is not None else TOO_LONG
     parts = []
     for (piece, separator), output in zip(job["pieces"], outputs):
-        if output is None:  # a whitespace-only piece was not sent to the model
-            parts.append(piece + separator)
-            continue
-        text, reason = extract_translation(output["text"])
-        if reason == NO_CLOSING_TAG and output["truncated"]:
-            return None, LENGTH_CAP
+        text, reason = (piece, None) if output is None else read_piece(piece, output)  # whitespace: kept as is
         if reason:
             return None, reason
         parts.append(text + separator)
@@ -272,7 +294,7 @@ def finish_record(record, targets, jobs, outputs, prompt_field, translator_name)
     n = len(record["responses"])
     translations = {target: [None] * n for target in targets}
     info = {target: [None] * n for target in targets}
-    info["pieces"] = [0] * n
+    info["pieces"], info["retried"] = [0] * n, [0] * n
     finished = dict(record)
     for job, job_outputs in zip(jobs, outputs):
         text, reason = finish_job(job, job_outputs)
@@ -284,6 +306,7 @@ def finish_record(record, targets, jobs, outputs, prompt_field, translator_name)
             translations[job["target"]][job["slot"]] = text
             info[job["target"]][job["slot"]] = reason
             info["pieces"][job["slot"]] = len(job["pieces"] or [])
+            info["retried"][job["slot"]] = sum(1 for output in job_outputs if output and output.get("retried"))
     finished["translations"] = translations
     finished["translation_info"] = {**info, "translator": translator_name}
     return finished
@@ -306,7 +329,8 @@ def translate_records(records, plan, model, tokenizer, args, ratios, progress, t
         targets = plan[(str(record["id"]), record["lang"])]
         question_target = args.dominant if args.questions and targets and record["lang"] != args.dominant else None
         worst_ratio = max([ratios.get((record["lang"], t), 1.0) for t in targets] or [1.0])
-        jobs = make_jobs(record, targets, question_target, count_tokens, piece_limit(context, overhead, worst_ratio))
+        limit = min(piece_limit(context, overhead, worst_ratio), args.piece_tokens or math.inf)
+        jobs = make_jobs(record, targets, question_target, count_tokens, limit)
         requests, owner = [], []  # owner[k] = (job index, piece index) of request k
         for job_index, job in enumerate(jobs):
             ratio = ratios.get((record["lang"], job["target"]), 1.0)
@@ -314,7 +338,7 @@ def translate_records(records, plan, model, tokenizer, args, ratios, progress, t
                 if piece.strip():
                     ids = common.chat_prompt_ids(tokenizer, translation_request(piece, job["target"]),
                                                  assistant_prefix=OPEN_TAG)
-                    requests.append((ids, max_new_tokens(count_tokens(piece), ratio)))
+                    requests.append((ids, max_new_tokens(count_tokens(piece), ratio), piece, job["target"]))
                     owner.append((job_index, piece_index))
         planned.append({"record": record, "targets": targets, "jobs": jobs, "requests": requests, "owner": owner})
     progress.total = sum(len(item["requests"]) for item in planned)
@@ -328,7 +352,16 @@ def translate_records(records, plan, model, tokenizer, args, ratios, progress, t
         if sum(len(b["requests"]) for b in block) < 4 * args.batch_size and position + 1 < len(planned):
             continue
         requests = [request for b in block for request in b["requests"]]
-        results = iter(generate_translations(model, tokenizer, requests, args.batch_size, sampling, progress))
+        results = generate_translations(model, tokenizer, requests, args.batch_size, sampling, progress)
+        for _ in range(args.retries):  # pieces that failed are asked again, sampled, for another attempt
+            again = [k for k, (_, _, piece, target) in enumerate(requests) if worth_retrying(piece, results[k], target)]
+            progress.total += len(again)
+            retry = dict(sampling, temperature=args.retry_temperature)
+            for k, sample in zip(again, generate_translations(model, tokenizer, [requests[k] for k in again],
+                                                             args.batch_size, retry, progress)):
+                tokens_generated[0] += results[k]["new_tokens"]
+                results[k] = dict(sample, retried=results[k].get("retried", 0) + 1)
+        results = iter(results)
         finished = []
         for b in block:
             outputs = [[None] * len(job["pieces"] or []) for job in b["jobs"]]
@@ -395,6 +428,16 @@ def parse_args(argv=None):
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, when temperature > 0")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="1.0 = none (default: a penalty would punish copying names and numbers)")
+    parser.add_argument("--piece-tokens", type=int, default=48,
+                        help="longest piece translated in one call, in source tokens: a text is cut at paragraph, "
+                             "line, then sentence boundaries into pieces of at most this size, translated together "
+                             "in batches and joined (0: whole texts, cut only where the context needs it; "
+                             "default: %(default)s, what a 135M model translates reliably)")
+    parser.add_argument("--retries", type=int, default=1,
+                        help="pieces without a usable translation are asked again, sampled, this many times "
+                             "(default: %(default)s)")
+    parser.add_argument("--retry-temperature", type=float, default=0.7,
+                        help="sampling temperature of the retries (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (matters only when sampling)")
     parser.add_argument("--limit", type=int, default=None, help="translate only the first N ids (all their languages)")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -406,6 +449,8 @@ def parse_args(argv=None):
         common.language_name(code, "--targets")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise common.InputError("--batch-size and --limit must be at least 1")
+    if args.piece_tokens < 0 or args.retries < 0 or not args.retry_temperature > 0:
+        raise common.InputError("--piece-tokens and --retries must be >= 0, --retry-temperature > 0")
     if not (args.temperature >= 0 and 0 < args.top_p <= 1 and args.repetition_penalty > 0):
         raise common.InputError("--temperature must be >= 0, --top-p in (0, 1], --repetition-penalty > 0")
     return args
@@ -423,7 +468,8 @@ def main(argv=None):
 
     rank, world_size = common.setup_distributed()
     settings = {name: getattr(args, name) for name in ("translator", "dominant", "targets", "questions", "temperature",
-                                                      "top_p", "repetition_penalty", "seed")}
+                                                      "top_p", "repetition_penalty", "seed", "piece_tokens",
+                                                      "retries", "retry_temperature")}
     common.claim(args.output, {**settings, "input": common.content_key(records)}, rank)
     torch.manual_seed(args.seed + rank)
     model, tokenizer = common.load_model(args.translator, trust_remote_code=args.trust_remote_code)

@@ -60,6 +60,12 @@ correct and complete, and written in the language of the instruction.
 Which answer is better? Reply with one letter: A or B."""
 
 
+# What the loop targets, chosen before the demo runs that report it (README, "What the demo shows"): is the
+# answer to a held-out instruction written in the instruction's language. Reported first, as the effect of
+# the last model against the first, paired by prompt.
+EFFECT_METRICS = {"winrate language fidelity": ("winrate", "in_language")}
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The docstring as written, and every flag's default after its help."""
 
@@ -75,10 +81,14 @@ def parse_args(argv=None):
         help="MGSM: directory of mgsm_{lang}.tsv, JSONL with question/answer, or hub dataset")
     add("--math", default="data/math", help="math set: directory of {lang}.jsonl, a JSONL file, or hub dataset")
     add("--prompts", default="data/prompts", help="instruction prompts for the win rate")
+    add("--trained-on", nargs="*", default=[], metavar="FILE", help="the loop's training records (each iteration's "
+        "responses.jsonl): an evaluated prompt whose id or text is among them stops the run before any model loads")
     add("--output", default="runs/demo/eval", help="output directory")
     add("--limit", type=int, default=None, help="first N problems/prompts per task (the same ids in every language)")
     add("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     add("--batch-size", type=int, default=16, help="prompts decoded at once")
+    add("--judge-limit", type=int, default=None, help="judge only the first N prompt ids (all are answered, for "
+        "language fidelity)")
     add("--token-budget", type=int, default=8192, help="local judge: rows x longest row per batch")
     add("--seed", type=int, default=0, help="seed of the bootstrap intervals")
     add("--translate-test", action="store_true", help="also each math task translated into English, then answered")
@@ -100,8 +110,9 @@ def parse_args(argv=None):
         common.language_name(lang, "--langs")
     if (args.proxy_expert is None) != (args.proxy_antiexpert is None):
         raise common.InputError("--proxy-expert and --proxy-antiexpert go together")
-    if args.max_new_tokens < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        raise common.InputError("--max-new-tokens, --batch-size and --limit must be at least 1")
+    if args.max_new_tokens < 1 or args.batch_size < 1 or any(n is not None and n < 1 for n in (args.limit,
+                                                                                               args.judge_limit)):
+        raise common.InputError("--max-new-tokens, --batch-size, --limit and --judge-limit must be at least 1")
     return args
 
 
@@ -453,6 +464,38 @@ def compute_results(columns, predictions, judgements, langs, seed):
     return results
 
 
+def compute_effect(columns, predictions, langs, seed):
+    """{metric: {lang: entry of (last model - first model)}} for EFFECT_METRICS, paired by (id, lang)."""
+    trained = [c["label"] for c in columns if "proxy" not in c]
+    effect = {}
+    for metric, (task, field) in EFFECT_METRICS.items():
+        if len(trained) < 2 or task not in predictions[trained[0]]:
+            continue
+        before = {(r["id"], r["lang"]): float(r[field]) for r in predictions[trained[0]][task]}
+        differences = [{"lang": r["lang"], "diff": float(r[field]) - before[r["id"], r["lang"]]}
+                       for r in predictions[trained[-1]][task]]
+        effect[metric] = per_language(differences, "diff", langs, seed)
+    return effect
+
+
+def effect_lines(effect, results, labels):
+    """The report's first table: each targeted metric for every model, then last - first with its interval."""
+    lines = ["## Effect: " + f"`{labels[-1]}` - `{labels[0]}` on held-out prompts", "",
+             "| metric | lang | " + " | ".join(f"`{label}`" for label in labels) + " | difference [95% CI] |",
+             "|---|---|" + "---|" * (len(labels) + 1)]
+    clear = []
+    for metric, table in effect.items():
+        for lang, value in table.items():
+            low, high = (100 * bound for bound in value["ci"])
+            lines.append(f"| {metric} | {lang} | " + " | ".join(cell(results[label][metric].get(lang))
+                                                             for label in labels)
+                         + f" | {100 * value['score']:+.1f} [{low:+.1f}, {high:+.1f}] n={value['n']} |")
+            if low > 0 or high < 0:
+                clear.append(f"{lang} {100 * value['score']:+.1f}")
+    return lines + ["", "Differences whose interval excludes zero: " + (", ".join(clear) or "none") +
+                    ". The interval is a bootstrap over prompts, each model's answers to a prompt kept together.", ""]
+
+
 def metric_names(results, labels):
     """Every metric once, in the order compute_results makes them; the baseline lacks some, so it goes last."""
     return list(dict.fromkeys(metric for label in labels[1:] + labels[:1] for metric in results[label]))
@@ -467,14 +510,20 @@ def cell(value, base=None):
     return text
 
 
-def write_report(path, columns, results, judge_text, args):
+def write_report(path, columns, results, effect, held_out, judge_text, args):
     labels = [c["label"] for c in columns]
     rows = [(metric, lang) for metric in metric_names(results, labels) for lang in args.langs + ["all"]
             if any(lang in results[label].get(metric, {}) for label in labels)]
     lines = ["# Evaluation report", "",
              "Columns are models; the first is the baseline and later cells show the difference from it in "
              "points (+/-). Each cell: score in % [95% bootstrap interval] n=number of items.", ""]
-    lines += [f"- `{c['label']}`: {c['description']}" for c in columns]
+    lines += [f"- `{c['label']}`: {c['description']}" for c in columns] + [""]
+    if held_out:
+        lines += [f"Held out: no evaluated prompt is among the {held_out['training_prompt_ids']} prompt ids (in any "
+                  f"language) or the texts the loop trained on ({', '.join(held_out['trained_on'])}).", ""]
+    if effect:
+        lines += effect_lines(effect, results, [c["label"] for c in columns if "proxy" not in c])
+    lines += ["## All metrics"]
     lines += ["", f"Math: greedy, max {args.max_new_tokens} new tokens, the last number in the answer counts, "
               "right within 1e-3 of gold. Language fidelity: share of answers detected (py3langid) in the prompt's "
               "language; an answer of only numbers counts as faithful, an empty one does not. Consistency "
@@ -493,8 +542,9 @@ def write_report(path, columns, results, judge_text, args):
     common.write_atomic(path, lambda handle: handle.write("\n".join(lines) + "\n"))
 
 
-def plot_report(path, columns, results, langs):
-    """One panel per metric with per-language values: bars per model with interval whiskers."""
+def plot_report(path, columns, results, effect, langs):
+    """The effect first (last - first model, per language), then one panel per metric: bars per model, whiskers
+    for the intervals."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -502,35 +552,41 @@ def plot_report(path, columns, results, langs):
     except ImportError:
         print("matplotlib is not installed: no report.png")
         return False
-    labels = [c["label"] for c in columns]
+    labels, trained = [c["label"] for c in columns], [c["label"] for c in columns if "proxy" not in c]
     metrics = [metric for metric in metric_names(results, labels)
                if any(lang in results[label].get(metric, {}) for label in labels for lang in langs)]
-    if not metrics:
+    panels = [(f"effect: {metric}", {"difference": table}) for metric, table in effect.items()] + \
+             [(metric, {label: results[label].get(metric, {}) for label in labels}) for metric in metrics]
+    if not panels:
         return False
     columns_per_row = 2
-    grid_rows = math.ceil(len(metrics) / columns_per_row)
+    grid_rows = math.ceil(len(panels) / columns_per_row)
     figure, axes = plt.subplots(grid_rows, columns_per_row, figsize=(6.5 * columns_per_row, 3.4 * grid_rows),
                                 squeeze=False)
     groups = langs + ["all"]
-    width = 0.8 / len(labels)
-    for axis, metric in zip(axes.flat, metrics):
-        for k, label in enumerate(labels):  # model k: colour k and the k-th bar of every group, always
-            table = results[label].get(metric, {})
-            xs = [i + (k - (len(labels) - 1) / 2) * width for i, lang in enumerate(groups) if lang in table]
+    for axis, (title, series) in zip(axes.flat, panels):
+        width = 0.8 / len(series)
+        for k, (label, table) in enumerate(series.items()):  # model k: colour k, the k-th bar of every group
+            xs = [i + (k - (len(series) - 1) / 2) * width for i, lang in enumerate(groups) if lang in table]
             values = [table[lang] for lang in groups if lang in table]
             heights = [100 * v["score"] for v in values]
             errors = [[100 * (v["score"] - v["ci"][0]) for v in values],
                       [100 * (v["ci"][1] - v["score"]) for v in values]]
-            axis.bar(xs, heights, width, yerr=errors, capsize=2, color=f"C{k % 10}", label=label)
+            axis.bar(xs, heights, width, yerr=errors, capsize=2, color=f"C{k % 10}" if label != "difference"
+                     else "black", label=label)
         axis.set_xticks(range(len(groups)), groups)
-        axis.set_ylim(0, 100)
-        axis.set_ylabel("%")
-        axis.set_title(metric)
-        if metric == "winrate vs first model":
+        axis.set_ylabel("points" if "difference" in series else "%")
+        axis.set_title(title + (f"\n{trained[-1]} - {trained[0]}, 95% interval" if "difference" in series else ""))
+        if "difference" in series:
+            axis.axhline(0, color="grey", linewidth=0.8)
+        else:
+            axis.set_ylim(0, 100)
+        if title == "winrate vs first model":
             axis.axhline(50, color="grey", linewidth=0.8, linestyle="--")
-    for axis in list(axes.flat)[len(metrics):]:
+    for axis in list(axes.flat)[len(panels):]:
         axis.axis("off")
-    axes.flat[0].legend(fontsize=8)
+    if len(panels) > len(effect):
+        axes.flat[len(effect)].legend(fontsize=8)
     figure.tight_layout()
     common.write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=110), binary=True)
     plt.close(figure)
@@ -571,31 +627,48 @@ def load_tasks(tasks, langs, args):
     return task_items
 
 
+def check_held_out(task_items, trained_on):
+    """Stop if an evaluated prompt was trained on: the same text, or (instruction prompts) the same id in any
+    language, since the parallel prompt is the same prompt translated. Returns what the report says about it."""
+    trained = [(path, record) for path in trained_on for _, record in common.read_jsonl(path, required=("id",))]
+    ids, texts = {str(r["id"]): path for path, r in trained}, {r.get("prompt"): path for path, r in trained}
+    for task, items in task_items.items():
+        for item in items:
+            path = texts.get(item["prompt"]) or (task == "winrate" and ids.get(str(item["id"])))
+            if path:
+                raise common.InputError(f"{task} prompt '{item['id']}' ({item['lang']}) was trained on ({path}): "
+                                        "evaluate on prompts no iteration trained on")
+    return {"trained_on": trained_on, "training_prompt_ids": len(ids), "overlap": 0} if trained_on else None
+
+
 def judge_all(columns, predictions, work, args, rank, world_size, counts, api):
     """({label: judgements} for every column after the first, the judge's description for the report)."""
-    reference = {(r["id"], r["lang"]): r for r in predictions[columns[0]["label"]]["winrate"]}
+    reference = {(r["id"], r["lang"]): r for r in common.first_ids(predictions[columns[0]["label"]]["winrate"],
+                                                                  args.judge_limit)}
     judge, judge_model = (api, None) if api else load_local_judge(args)
     judge_name = slug(f"{args.judge}@{args.judge_api}" if args.judge_api else args.judge)
     judgements = {column["label"]: judge_column(  # resumable: judges only what is not on disk
-        judge, reference, predictions[column["label"]]["winrate"],
+        judge, reference, [r for r in predictions[column["label"]]["winrate"] if (r["id"], r["lang"]) in reference],
         os.path.join(work, f"{column['slug']}.judge-{judge_name}.jsonl"), rank, world_size, counts)
         for column in columns[1:]}
     return judgements, judge_caveat(args, judge_model)
 
 
-def write_outputs(output, columns, predictions, judgements, judge_text, task_items, langs, args):
+def write_outputs(output, columns, predictions, judgements, judge_text, task_items, held_out, langs, args):
     """eval.json, predictions.jsonl, report.md and report.png; eval.json last: its presence means done."""
     results = compute_results(columns, predictions, judgements, langs, args.seed)
+    effect = compute_effect(columns, predictions, langs, args.seed)
     verdicts = {(r["model"], r["id"], r["lang"]): {"judge_score": r["score"], "judge_verdicts": r["verdicts"]}
                 for rows in judgements.values() for r in rows}
     common.write_jsonl(os.path.join(output, "predictions.jsonl"), [
         {**row, **(verdicts.get((label, row["id"], row["lang"]), {}) if task == "winrate" else {})}
         for label, by_task in predictions.items() for task, rows in by_task.items() for row in rows])
-    write_report(os.path.join(output, "report.md"), columns, results, judge_text, args)
-    plotted = plot_report(os.path.join(output, "report.png"), columns, results, langs)
+    write_report(os.path.join(output, "report.md"), columns, results, effect, held_out, judge_text, args)
+    plotted = plot_report(os.path.join(output, "report.png"), columns, results, effect, langs)
     common.write_json(os.path.join(output, "eval.json"), {
         "models": [{k: c[k] for k in ("label", "model", "description")} for c in columns], "tasks": list(task_items),
-        "langs": langs, "judge": judge_text or None, "max_new_tokens": args.max_new_tokens, "results": results})
+        "langs": langs, "judge": judge_text or None, "max_new_tokens": args.max_new_tokens, "held_out": held_out,
+        "effect": effect, "results": results})
     print(f"wrote {os.path.join(output, 'eval.json')}, predictions.jsonl, report.md"
           + (", report.png" if plotted else ""))
 
@@ -609,6 +682,7 @@ def main(argv=None):
             print("runs/demo/model not found: evaluating the base model only")
     columns = make_columns(names, args)
     task_items = load_tasks(args.tasks, args.langs, args)
+    held_out = check_held_out(task_items, args.trained_on)
     rank, world_size = common.setup_distributed()
     settings = {name: value for name, value in vars(args).items()
                 if name not in ("output", "batch_size", "token_budget", "trust_remote_code", "judge_api_key_env")}
@@ -629,7 +703,7 @@ def main(argv=None):
         if judging else ({}, "")
     # 3. Write eval.json, predictions.jsonl and the report.
     if rank == 0:
-        write_outputs(args.output, columns, predictions, judgements, judge_text, task_items, args.langs, args)
+        write_outputs(args.output, columns, predictions, judgements, judge_text, task_items, held_out, args.langs, args)
     print(common.summary_line(
         "05_eval" + (f"[rank {rank}]" if world_size > 1 else ""), time.perf_counter() - started, counts["new_tokens"],
         models=len(columns), tasks=len(task_items), predictions_made_now=counts["predictions"],

@@ -19,22 +19,28 @@ cd "$(dirname "$0")"
 RUN=${RUN:-runs/loop}                   # where everything goes
 ITERS=${ITERS:-2}                       # self-improvement iterations
 MODEL=${MODEL:-smollm2-135m}            # the starting policy (hub id, directory, or the embedded default)
-PROMPTS=${PROMPTS:-data/prompts}        # training prompts (parallel, same ids in every language)
+PROMPTS=${PROMPTS:-data/alpagasus}      # training prompts (parallel, same ids in every language)
+EVAL_PROMPTS=${EVAL_PROMPTS:-data/prompts}  # held-out prompts for 05: no iteration trains on them (05 checks)
 LANGS=${LANGS:-en,es,de,fr}             # English first: it is the teacher (+ru,zh: ~4x the tokens each)
 LIMIT=${LIMIT:-24}                      # prompt ids per language used for training pairs
+SEED=${SEED:-0}                         # sampling, held-out pair split, data order, bootstrap
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}   # answer length while generating training data
 KEEP_TRUNCATED=${KEEP_TRUNCATED:-1}     # 1: also pair answers cut at MAX_NEW_TOKENS (the CPU demo cuts many)
 REWARD=${REWARD:-implicit}              # method from iteration 2 on: implicit | imbalance
 SAMPLES=${SAMPLES:-3}                   # samples per prompt for implicit rewarding (paper: 10)
 EPOCHS=${EPOCHS:-1}                     # DPO epochs per iteration
-LR=${LR:-5e-6}                          # DPO learning rate (a 135M model needs more than an 8B one's 5e-7)
+LR=${LR:-1e-5}                          # DPO learning rate (a 135M model needs more than an 8B one's 5e-7)
 NLL_WEIGHT=${NLL_WEIGHT:-1}             # DPO+NLL, as the papers train (0: plain DPO)
-EVAL_TASKS=${EVAL_TASKS:-math,winrate}  # 05's tasks (add mgsm for the real benchmark)
-EVAL_LIMIT=${EVAL_LIMIT:-10}            # problems / prompts per language in the evaluation
-EVAL_MAX_NEW_TOKENS=${EVAL_MAX_NEW_TOKENS:-160}
+# 05: answers to every held-out prompt (language fidelity, the effect the report leads with), win rate on the
+# first JUDGE_LIMIT. Math is left out of the CPU demo: no 135M model reaches an answer in this many tokens,
+# so its panel could not move; add EVAL_TASKS=mgsm,winrate with EVAL_MAX_NEW_TOKENS=512 at paper scale.
+EVAL_TASKS=${EVAL_TASKS:-winrate}
+EVAL_LIMIT=${EVAL_LIMIT:-60}            # held-out prompts per language (all 60 bundled ones)
+JUDGE_LIMIT=${JUDGE_LIMIT:-10}          # of those, judged for the win rate (a 135M judge: a smoke test)
+EVAL_MAX_NEW_TOKENS=${EVAL_MAX_NEW_TOKENS:-64}  # enough to tell the language of an answer
 PYTHON=${PYTHON:-python}
 TRAIN=${TRAIN:-$PYTHON}                 # e.g. TRAIN="torchrun --nproc_per_node=8" on a multi-GPU machine
-TRAIN_ARGS=${TRAIN_ARGS:-}              # extra flags for 04_dpo.py, e.g. "--batch-size 2 --grad-accum 4"
+TRAIN_ARGS=${TRAIN_ARGS:---batch-size 4 --grad-accum 1}  # extra flags for 04_dpo.py (4 pairs a step here)
 
 stage() { echo; echo "== $(date +%H:%M:%S) iteration $1: $2"; }
 keep=(); [ "$KEEP_TRUNCATED" = 1 ] && keep=(--keep-truncated)
@@ -42,36 +48,41 @@ keep=(); [ "$KEEP_TRUNCATED" = 1 ] && keep=(--keep-truncated)
 policy=$MODEL
 reference=""
 models=("$MODEL")
+trained_on=()  # every iteration's training prompts: 05 refuses to evaluate any of them
 for iteration in $(seq 1 "$ITERS"); do
   dir=$RUN/iter$iteration
   mkdir -p "$dir"
   if [ "$iteration" -eq 1 ] || [ "$REWARD" = imbalance ]; then
     stage "$iteration" "01 generate (greedy, one answer per prompt)"
     $PYTHON 01_generate.py --model "$policy" --prompts "$PROMPTS" --langs "$LANGS" --limit "$LIMIT" \
-      --max-new-tokens "$MAX_NEW_TOKENS" --output "$dir/responses.jsonl"
+      --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --output "$dir/responses.jsonl"
     stage "$iteration" "02 translate (the policy translates its own answers)"
-    $PYTHON 02_translate.py --model "$policy" --input "$dir/responses.jsonl" --output "$dir/translated.jsonl"
+    $PYTHON 02_translate.py --model "$policy" --input "$dir/responses.jsonl" --seed "$SEED" \
+      --output "$dir/translated.jsonl"
     stage "$iteration" "03 reward (language-imbalance pairs)"
     $PYTHON 03_reward.py --method imbalance --input "$dir/translated.jsonl" --output "$dir/pairs.jsonl" \
-      --eval-frac 0.15 "${keep[@]}"
+      --eval-frac 0.15 --seed "$SEED" "${keep[@]}"
   else
     stage "$iteration" "01 generate ($SAMPLES samples per prompt, temperature 0.9)"
     $PYTHON 01_generate.py --model "$policy" --prompts "$PROMPTS" --langs "$LANGS" --limit "$LIMIT" \
-      --max-new-tokens "$MAX_NEW_TOKENS" --num-samples "$SAMPLES" --temperature 0.9 --output "$dir/responses.jsonl"
+      --max-new-tokens "$MAX_NEW_TOKENS" --num-samples "$SAMPLES" --temperature 0.9 --seed "$SEED" \
+      --output "$dir/responses.jsonl"
     stage "$iteration" "03 reward (implicit: $policy against $reference)"
     $PYTHON 03_reward.py --method implicit --input "$dir/responses.jsonl" --output "$dir/pairs.jsonl" \
-      --dpo-model "$policy" --ref-model "$reference" --eval-frac 0.15 "${keep[@]}"
+      --dpo-model "$policy" --ref-model "$reference" --eval-frac 0.15 --seed "$SEED" "${keep[@]}"
   fi
   stage "$iteration" "04 DPO (+NLL) training"
   $TRAIN 04_dpo.py --model "$policy" --input "$dir/pairs.jsonl" --eval-pairs "$dir/pairs.eval.jsonl" \
-    --output "$dir/model" --epochs "$EPOCHS" --lr "$LR" --nll-weight "$NLL_WEIGHT" $TRAIN_ARGS
+    --output "$dir/model" --epochs "$EPOCHS" --lr "$LR" --nll-weight "$NLL_WEIGHT" --seed "$SEED" $TRAIN_ARGS
   reference=$policy
   policy=$dir/model
   models+=("$policy")
+  trained_on+=("$dir/responses.jsonl")
 done
 
 stage "all" "05 evaluate: ${models[*]}"
-$PYTHON 05_eval.py --models "${models[@]}" --tasks "$EVAL_TASKS" --langs "$LANGS" --limit "$EVAL_LIMIT" \
-  --max-new-tokens "$EVAL_MAX_NEW_TOKENS" --output "$RUN/eval"
+$PYTHON 05_eval.py --models "${models[@]}" --tasks "$EVAL_TASKS" --langs "$LANGS" --prompts "$EVAL_PROMPTS" \
+  --limit "$EVAL_LIMIT" --judge-limit "$JUDGE_LIMIT" --max-new-tokens "$EVAL_MAX_NEW_TOKENS" --batch-size 32 \
+  --seed "$SEED" --trained-on "${trained_on[@]}" --output "$RUN/eval"
 echo
 echo "done: $RUN/eval/report.md"

@@ -95,12 +95,33 @@ def test_wrong_language_becomes_null_and_right_language_survives():
     assert translate.check_language(code, "ru") == (code, None)  # and so is code
     # The same through a whole job: one piece, the model's answer in English for a Spanish target.
     job = {"target": "es", "pieces": [(english, "")]}
-    assert translate.finish_job(job, [answer(english + "</translated>")]) == (None, "wrong_language")
+    assert translate.finish_job(job, [answer(SENTENCES["en"][1] + "</translated>")]) == (None, "wrong_language")
+    assert translate.finish_job(job, [answer(english + "</translated>")]) == (None, "copied")  # the source again
     assert translate.finish_job(job, [answer(spanish + "</translated>")]) == (spanish, None)
     # No closing tag: the model ended its turn without one, or was cut off by the length cap.
     assert translate.finish_job(job, [answer(spanish)]) == (None, "no_closing_tag")
     assert translate.finish_job(job, [answer(spanish, truncated=True)]) == (None, "length_cap")
     assert translate.finish_job({"target": "es", "pieces": []}, []) == (None, "empty_source")
+
+
+def test_a_copied_sentence_is_a_copy_even_among_translated_ones():
+    source = "Drink a glass of water every morning. Sleep eight hours.\nSee a doctor: Dr. Smith."
+    spanish = "Bebe un vaso de agua cada mañana. Duerme ocho horas."
+    job = {"target": "es", "pieces": [(source, "")]}
+    # The translation is mostly Spanish, so the language check passes, but it repeats a source sentence.
+    mixed = spanish + " Drink a glass of water every morning."
+    assert translate.check_language(mixed, "es") == (mixed, None)
+    assert translate.finish_job(job, [answer(mixed + "</translated>")]) == (None, "copied")
+    # Names and short phrases carried over unchanged are not copies (under 20 letters or 4 words).
+    kept = spanish + " Consulta a un médico: Dr. Smith."
+    assert translate.finish_job(job, [answer(kept + "</translated>")]) == (kept, None)
+    # A failed or copied piece is worth a second attempt; a good one, or a short one in any language, is not.
+    assert translate.worth_retrying(source, answer(mixed + "</translated>"), "es")
+    assert translate.worth_retrying(source, answer(spanish), "es")  # no closing tag
+    assert not translate.worth_retrying(source, answer(kept + "</translated>"), "es")
+    assert translate.worth_retrying(source, answer("Trink jeden Morgen ein Glas Wasser und schlafe acht Stunden "
+                                                   "lang.</translated>"), "es")  # German, not Spanish
+    assert not translate.worth_retrying("OK.", answer("OK.</translated>"), "es")
 
 
 def test_split_text_packs_paragraphs_then_cuts_finer():
