@@ -7,8 +7,11 @@ Out: translated.jsonl, the same records, each with
      and, with --questions, "prompt_en" (the prompt translated into the dominant language).
 Dominant-language records (English by default) are translated into every other language in
 the file; every other record is translated into the dominant language. These are the two
-directions the language-imbalance pairs of 03 are built from. A text too long for the model's
-context is cut at paragraph boundaries, translated piece by piece and joined ("pieces" > 1).
+directions the language-imbalance pairs of 03 are built from. A text is cut at paragraph, line
+and sentence boundaries into pieces of at most --piece-tokens source tokens (and always where the
+model's context needs it); the pieces of every text in a block are translated together in batches
+and joined back ("pieces": how many). A piece that failed is asked again, sampled (--retries;
+"retried": how many pieces were).
 
     python 02_translate.py --input runs/demo/responses.jsonl --output runs/demo/translated.jsonl
 
@@ -16,7 +19,9 @@ How a translation is made (the mechanism of the papers' code, in our own words):
 text goes inside <sentence> tags, the model is asked for its answer inside <translated>
 tags, and the assistant turn is primed with the opening <translated> tag, so the translation
 is whatever comes before the closing tag. A translation is null when the closing tag never
-comes, when nothing is inside the tags, or when the text is not in the target language.
+comes, when nothing is inside the tags, when it repeats a sentence of its source unchanged
+("copied": small models often copy, and a copied sentence among translated ones passes the
+language check), or when the text is not in the target language.
 """
 import argparse
 import math
@@ -64,7 +69,8 @@ MAX_PIECES = 64
 LENGTH_FACTOR = 2.0
 EXTRA_TOKENS = 16
 # Too-long texts are cut at the coarsest of these boundaries that makes every piece fit.
-SPLIT_SEPARATORS = ("\n\n", "\n", ". ", " ")
+# Each is (where to cut, what goes back between the pieces): a sentence keeps its own full stop.
+SPLIT_SEPARATORS = (("\n\n", "\n\n"), ("\n", "\n"), (r"(?<=[.!?]) ", " "), (" ", " "))
 
 
 def translation_request(text, target):
@@ -128,9 +134,9 @@ def split_text(text, fits, separators=SPLIT_SEPARATORS):
     """
     if fits(text) or not separators:
         return [(text, "")]
-    separator, finer = separators[0], separators[1:]
+    (boundary, separator), finer = separators[0], separators[1:]
     pieces, current = [], None
-    for part in text.split(separator):
+    for part in re.split(boundary, text):
         candidate = part if current is None else current + separator + part
         if fits(candidate):
             current = candidate
@@ -422,8 +428,9 @@ def parse_args(argv=None):
                              "dominant records go into each, their records into the dominant language")
     parser.add_argument("--questions", action="store_true",
                         help="also translate each non-dominant prompt into the dominant language (field prompt_en)")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="translations generated together (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="pieces translated together (default: %(default)s; a batch runs until its longest "
+                             "piece ends, so many short pieces per batch pay off)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, as in the papers (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, when temperature > 0")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,

@@ -189,12 +189,12 @@ def in_language(text, lang):
     return bool(text.strip()) and common.is_in_language(text, lang)
 
 
-def answer_records(generate, tokenizer, items, messages, desc, counts):
-    """Generate one greedy answer per item; yields lists of (item, sample) per batch."""
+def answers(generate, tokenizer, items, messages, desc, counts):
+    """One greedy answer to messages[i] for each items[i]; yields lists of (item, message, sample) per batch."""
     ids = [common.chat_prompt_ids(tokenizer, message) for message in messages]
     for batch in generate(ids, desc):
         counts["new_tokens"] += sum(samples[0]["new_tokens"] for _, samples in batch)
-        yield [(items[index], samples[0]) for index, samples in batch]
+        yield [(items[index], messages[index], samples[0]) for index, samples in batch]
 
 
 def math_message(question, lang):
@@ -202,49 +202,38 @@ def math_message(question, lang):
     return f"{question}\n\n{MATH_INSTRUCTIONS.get(lang, MATH_INSTRUCTIONS['en'])}"
 
 
-def math_records(generate, tokenizer, items, translate_test, batch_size, counts):
-    """Yields lists of scored predictions for math problems, a batch at a time.
+def task_records(generate, tokenizer, items, task, counts):
+    """Yields lists of prediction records for one task's items, a batch at a time.
 
-    translate_test: a batch of questions is first translated into English (with the question-translation
-    prompt QAlign trains in 03), then the English question is answered.
+    Every record has the answer and its language; a math record also the last number and whether it is right.
+    A translate-test task (`-tt`) first translates the questions into English (with the question-translation
+    prompt QAlign trains in 03), then answers the English question.
     """
-    def scored(item, sample, prompt, extra):
-        prediction = common.extract_last_number(sample["text"])
-        counts["no_number"] += prediction is None
-        return {**{k: item[k] for k in ("model", "task", "id", "lang")}, "prompt": prompt, **extra,
-                "response": sample["text"], "truncated": sample["truncated"], "answer": item["answer"],
-                "prediction": prediction, "correct": common.same_number(prediction, item["answer"]),
-                "detected_language": common.detect_language(sample["text"]),
-                "in_language": in_language(sample["text"], item["lang"])}
-
-    if not translate_test:
-        messages = [math_message(item["prompt"], item["lang"]) for item in items]
-        for batch in answer_records(generate, tokenizer, items, messages, "answer", counts):
-            yield [scored(item, sample, math_message(item["prompt"], item["lang"]), {}) for item, sample in batch]
-        return
-    for start in range(0, len(items), batch_size):  # translate a batch, then answer it
-        chunk = items[start:start + batch_size]
-        english = {id(item): item["prompt"] for item in chunk if item["lang"] == "en"}
-        to_translate = [item for item in chunk if item["lang"] != "en"]
-        messages = [f"{common.QUESTION_TRANSLATION.format(language=common.language_name(item['lang']))}\n\n"
+    english = {id(item): item["prompt"] for item in items}
+    if task.endswith("-tt"):
+        to_translate = [item for item in items if item["lang"] != "en"]
+        requests = [f"{common.QUESTION_TRANSLATION.format(language=common.language_name(item['lang']))}\n\n"
                     f"{item['prompt']}" for item in to_translate]
-        for batch in answer_records(generate, tokenizer, to_translate, messages, "translate", counts):
-            english.update({id(item): sample["text"] for item, sample in batch})
-        messages = [math_message(english[id(item)], "en") for item in chunk]
+        for batch in answers(generate, tokenizer, to_translate, requests, "translate", counts):
+            english.update({id(item): sample["text"] for item, _, sample in batch})
+    messages = [item["prompt"] if task == "winrate" else math_message(english[id(item)], "en") if task.endswith("-tt")
+                else math_message(item["prompt"], item["lang"]) for item in items]
+    for batch in answers(generate, tokenizer, items, messages, "answer", counts):
         records = []
-        for batch in answer_records(generate, tokenizer, chunk, messages, "answer", counts):
-            records += [scored(item, sample, math_message(english[id(item)], "en"),
-                               {"question": item["prompt"], "question_en": english[id(item)]})
-                        for item, sample in batch]
+        for item, message, sample in batch:
+            text = sample["text"]
+            record = {**{k: item[k] for k in ("model", "task", "id", "lang")}, "prompt": message, "response": text,
+                      "truncated": sample["truncated"], "detected_language": common.detect_language(text),
+                      "in_language": in_language(text, item["lang"])}
+            if task != "winrate":
+                prediction = common.extract_last_number(text)
+                counts["no_number"] += prediction is None
+                record.update(answer=item["answer"], prediction=prediction,
+                              correct=common.same_number(prediction, item["answer"]))
+            if task.endswith("-tt"):
+                record.update(question=item["prompt"], question_en=english[id(item)])
+            records.append(record)
         yield records
-
-
-def winrate_records(generate, tokenizer, items, counts):
-    """Yields lists of answers to instruction prompts (judged later), a batch at a time."""
-    for batch in answer_records(generate, tokenizer, items, [item["prompt"] for item in items], "answer", counts):
-        yield [{**{k: item[k] for k in ("model", "task", "id", "lang", "prompt")}, "response": sample["text"],
-                "truncated": sample["truncated"], "detected_language": common.detect_language(sample["text"]),
-                "in_language": in_language(sample["text"], item["lang"])} for item, sample in batch]
 
 
 def predict(column, task_items, work, args, rank, world_size, counts):
@@ -260,9 +249,7 @@ def predict(column, task_items, work, args, rank, world_size, counts):
             items = [{**p, "model": column["label"], "task": task} for p in problems]
             key = lambda record: (record["model"], record["task"], record["id"], record["lang"])  # noqa: E731
             _, mine = common.resume(path, items, key, rank, world_size)
-            batches = (winrate_records(generate, tokenizer, mine, counts) if task == "winrate" else
-                       math_records(generate, tokenizer, mine, task.endswith("-tt"), args.batch_size, counts))
-            for records in batches:
+            for records in task_records(generate, tokenizer, mine, task, counts):
                 common.save_batch(path, records, rank)
             counts["predictions"] += len(mine)
             common.finish(path, items, key, rank)
@@ -380,12 +367,11 @@ def judge_caveat(args, judge_model):
         return (f"Judge: `{args.judge}` behind {args.judge_api} (chat completions, greedy, reply parsed for A/B). "
                 "LLM judges favour longer answers; position bias is cancelled by judging both orders.")
     millions = sum(p.numel() for p in judge_model.parameters()) / 1e6
+    caveat = (f" **Caveat: a {millions:.0f}M-parameter judge is weak (its raw verdicts are mostly position bias); "
+              "treat these win rates as a smoke test, not evidence. Use --judge-api with a strong model.**")
     return (f"Judge: local model `{args.judge}` ({millions:.0f}M parameters), next-token log-probs of 'A' vs 'B' "
             "after a pairwise prompt; the candidate's margin is summed over both orders, which cancels a fixed "
-            "position bias, and its sign is the verdict." + (
-                f" **Caveat: a {millions:.0f}M-parameter judge is weak (its raw verdicts are mostly position bias, "
-                "which the two orders cancel); treat these win rates as a smoke test, not evidence. Use --judge-api "
-                "with a strong model.**" if millions < 1000 else ""))
+            "position bias, and its sign is the verdict." + (caveat if millions < 1000 else ""))
 
 
 # ----------------------------------------------------------------------------
@@ -555,32 +541,28 @@ def plot_report(path, columns, results, effect, langs):
     labels, trained = [c["label"] for c in columns], [c["label"] for c in columns if "proxy" not in c]
     metrics = [metric for metric in metric_names(results, labels)
                if any(lang in results[label].get(metric, {}) for label in labels for lang in langs)]
-    panels = [(f"effect: {metric}", {"difference": table}) for metric, table in effect.items()] + \
-             [(metric, {label: results[label].get(metric, {}) for label in labels}) for metric in metrics]
+    panels = [(f"effect: {metric}\n{trained[-1]} - {trained[0]}, 95% interval", {"difference": table})
+              for metric, table in effect.items()]
+    panels += [(metric, {label: results[label].get(metric, {}) for label in labels}) for metric in metrics]
     if not panels:
         return False
-    columns_per_row = 2
-    grid_rows = math.ceil(len(panels) / columns_per_row)
-    figure, axes = plt.subplots(grid_rows, columns_per_row, figsize=(6.5 * columns_per_row, 3.4 * grid_rows),
+    figure, axes = plt.subplots(math.ceil(len(panels) / 2), 2, figsize=(13, 3.4 * math.ceil(len(panels) / 2)),
                                 squeeze=False)
     groups = langs + ["all"]
     for axis, (title, series) in zip(axes.flat, panels):
-        width = 0.8 / len(series)
         for k, (label, table) in enumerate(series.items()):  # model k: colour k, the k-th bar of every group
-            xs = [i + (k - (len(series) - 1) / 2) * width for i, lang in enumerate(groups) if lang in table]
-            values = [table[lang] for lang in groups if lang in table]
-            heights = [100 * v["score"] for v in values]
-            errors = [[100 * (v["score"] - v["ci"][0]) for v in values],
-                      [100 * (v["ci"][1] - v["score"]) for v in values]]
-            axis.bar(xs, heights, width, yerr=errors, capsize=2, color=f"C{k % 10}" if label != "difference"
-                     else "black", label=label)
-        axis.set_xticks(range(len(groups)), groups)
-        axis.set_ylabel("points" if "difference" in series else "%")
-        axis.set_title(title + (f"\n{trained[-1]} - {trained[0]}, 95% interval" if "difference" in series else ""))
+            values = [(i + (k - (len(series) - 1) / 2) * 0.8 / len(series), table[lang])
+                      for i, lang in enumerate(groups) if lang in table]
+            axis.bar([x for x, _ in values], [100 * v["score"] for _, v in values], 0.8 / len(series), capsize=2,
+                     yerr=[[100 * (v["score"] - v["ci"][0]) for _, v in values],
+                           [100 * (v["ci"][1] - v["score"]) for _, v in values]],
+                     color="black" if label == "difference" else f"C{k % 10}", label=label)
+        axis.set(xticks=range(len(groups)), xticklabels=groups, title=title)
         if "difference" in series:
+            axis.set_ylabel("points")
             axis.axhline(0, color="grey", linewidth=0.8)
         else:
-            axis.set_ylim(0, 100)
+            axis.set(ylabel="%", ylim=(0, 100))
         if title == "winrate vs first model":
             axis.axhline(50, color="grey", linewidth=0.8, linestyle="--")
     for axis in list(axes.flat)[len(panels):]:

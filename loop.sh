@@ -24,7 +24,7 @@ EVAL_PROMPTS=${EVAL_PROMPTS:-data/prompts}  # held-out prompts for 05: no iterat
 LANGS=${LANGS:-en,es,de,fr}             # English first: it is the teacher (+ru,zh: ~4x the tokens each)
 LIMIT=${LIMIT:-24}                      # prompt ids per language used for training pairs
 SEED=${SEED:-0}                         # sampling, held-out pair split, data order, bootstrap
-MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}   # answer length while generating training data
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-96}    # answer length while generating training data
 KEEP_TRUNCATED=${KEEP_TRUNCATED:-1}     # 1: also pair answers cut at MAX_NEW_TOKENS (the CPU demo cuts many)
 REWARD=${REWARD:-implicit}              # method from iteration 2 on: implicit | imbalance
 SAMPLES=${SAMPLES:-3}                   # samples per prompt for implicit rewarding (paper: 10)
@@ -82,7 +82,7 @@ done
 
 stage "all" "05 evaluate: ${models[*]}"
 $PYTHON 05_eval.py --models "${models[@]}" --tasks "$EVAL_TASKS" --langs "$LANGS" --prompts "$EVAL_PROMPTS" \
-  --limit "$EVAL_LIMIT" --judge-limit "$JUDGE_LIMIT" --max-new-tokens "$EVAL_MAX_NEW_TOKENS" --batch-size 32 \
+  --limit "$EVAL_LIMIT" --judge-limit "$JUDGE_LIMIT" --max-new-tokens "$EVAL_MAX_NEW_TOKENS" --batch-size 64 \
   --seed "$SEED" --trained-on "${trained_on[@]}" --output "$RUN/eval"
 echo
 echo "done: $RUN/eval/report.md"

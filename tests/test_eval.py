@@ -96,6 +96,61 @@ def test_gold_answer_and_in_language_rules():
     assert eval05.in_language("18", "de") and not eval05.in_language("  ", "de")
 
 
+def test_effect_is_the_paired_difference_of_the_last_model_and_the_first():
+    """Per prompt (id, lang): last model's fidelity minus the first's; a proxy column is not the last model."""
+    fidelity = {  # (id, lang) -> in_language for M0, M1, M2
+        ("a", "es"): (0, 1, 1), ("b", "es"): (0, 0, 1), ("c", "es"): (1, 1, 1),  # es: +1, +1, 0
+        ("a", "de"): (1, 0, 0), ("b", "de"): (0, 1, 1), ("c", "de"): (1, 1, 1)}  # de: -1, +1, 0
+    labels = ["M0", "M1", "M2"]
+    predictions = {label: {"winrate": [{"id": i, "lang": lang, "in_language": bool(values[k])}
+                                       for (i, lang), values in fidelity.items()]} for k, label in enumerate(labels)}
+    predictions["proxy-tuned"] = {"winrate": [{"id": i, "lang": lang, "in_language": False} for i, lang in fidelity]}
+    columns = [{"label": label} for label in labels] + [{"label": "proxy-tuned", "proxy": True}]
+    effect = eval05.compute_effect(columns, predictions, ["es", "de"], seed=0)
+    table = effect["winrate language fidelity"]
+    assert table["es"]["score"] == pytest.approx(2 / 3) and table["es"]["n"] == 3
+    assert table["de"]["score"] == 0.0 and table["all"]["score"] == pytest.approx(1 / 3) and table["all"]["n"] == 6
+    assert table["es"]["ci"] == list(eval05.bootstrap_interval([1, 1, 0], seed=0))  # the differences resampled
+    results = {label: {"winrate language fidelity": eval05.per_language(
+        [{"lang": lang, "v": float(values[k])} for (_, lang), values in fidelity.items()], "v", ["es", "de"], 0)}
+        for k, label in enumerate(labels)}
+    lines = eval05.effect_lines(effect, results, labels)
+    assert lines[0] == "## Effect: `M2` - `M0` on held-out prompts"
+    assert "| winrate language fidelity | es | 33.3 [" in lines[4] and "| +66.7 [+0.0, +100.0] n=3 |" in lines[4]
+    # es's interval touches 0 here (bootstrap of [1, 1, 0] reaches 0/3), so no difference excludes zero.
+    assert "Differences whose interval excludes zero: none." in lines[-2]
+    sure = {"winrate language fidelity": {"es": {"score": 0.5, "n": 40, "ci": [0.3, 0.7]},
+                                          "de": {"score": -0.1, "n": 40, "ci": [-0.3, 0.1]}}}
+    assert "excludes zero: es +50.0." in eval05.effect_lines(sure, results, labels)[-2]
+    # One model only: there is no effect to report.
+    assert eval05.compute_effect(columns[:1], predictions, ["es"], seed=0) == {}
+
+
+def test_a_prompt_the_loop_trained_on_is_never_evaluated(tmp_path):
+    prompts = common.load_prompts(os.path.join(REPO, "data", "prompts"), langs=["en", "es"], limit=5)
+    math = [{"id": "m0", "lang": "en", "prompt": "What is 2 + 2?", "answer": 4}]
+    trained = tmp_path / "responses.jsonl"
+    write = lambda *records: trained.write_text("".join(json.dumps(r) + "\n" for r in records))  # noqa: E731
+    write({"id": "other-1", "lang": "en", "prompt": "Something else."})
+    summary = eval05.check_held_out({"winrate": prompts, "math": math}, [str(trained)])
+    assert summary == {"trained_on": [str(trained)], "training_prompt_ids": 1, "overlap": 0}
+    # The same id in another language is the same prompt translated: refused.
+    write({"id": "bundled-3", "lang": "de", "prompt": "Anders formuliert."})
+    with pytest.raises(common.InputError, match=r"winrate prompt 'bundled-3' \(en\) was trained on \(.*responses"):
+        eval05.check_held_out({"winrate": prompts}, [str(trained)])
+    # The same text under another id: refused too, in any task.
+    write({"id": "x", "lang": "en", "prompt": "What is 2 + 2?"})
+    with pytest.raises(common.InputError, match=r"math prompt 'm0' \(en\) was trained on"):
+        eval05.check_held_out({"winrate": prompts, "math": math}, [str(trained)])
+    assert eval05.check_held_out({"winrate": prompts}, []) is None
+    # From the command line: one line, before any model loads, nothing written.
+    write({"id": "bundled-0", "lang": "es", "prompt": "x"})
+    result = run_script("05_eval.py", "--models", "smollm2-135m", "--tasks", "winrate", "--langs", "en,es",
+                        "--limit", "2", "--trained-on", trained, "--output", tmp_path / "out")
+    assert_one_line_error(result, "winrate prompt 'bundled-0' (en) was trained on")
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_column_labels(tmp_path):
     for iteration in ("iter1", "iter2"):
         (tmp_path / iteration / "model").mkdir(parents=True)
@@ -116,7 +171,7 @@ def test_math_scoring_with_fixed_answers(tiny_model):
         yield [(k, [{"text": replies[items[k]["id"]], "truncated": False, "new_tokens": 3}]) for k in range(len(items))]
 
     counts = {"new_tokens": 0, "no_number": 0}
-    records = [r for batch in eval05.math_records(fake_generate, tokenizer, items, False, 4, counts) for r in batch]
+    records = [r for batch in eval05.task_records(fake_generate, tokenizer, items, "math", counts) for r in batch]
     assert [r["prediction"] for r in records] == [18.0, 1234.5, None, 18.0021]
     assert [r["correct"] for r in records] == [True, True, False, False]
     assert counts == {"new_tokens": 12, "no_number": 1}
@@ -137,7 +192,7 @@ def test_translate_test_answers_the_english_translation(tiny_model):
         yield [(k, [{"text": text, "truncated": False, "new_tokens": 5}]) for k in range(len(prompt_ids))]
 
     counts = {"new_tokens": 0, "no_number": 0}
-    records = [r for batch in eval05.math_records(fake_generate, tokenizer, items, True, 8, counts) for r in batch]
+    records = [r for batch in eval05.task_records(fake_generate, tokenizer, items, "math-tt", counts) for r in batch]
     assert [desc for desc, _ in calls] == ["translate", "answer"]
     assert len(calls[0][1]) == 1 and "Translate the following question from Spanish into English" in calls[0][1][0]
     assert all(eval05.MATH_INSTRUCTIONS["en"] in prompt for prompt in calls[1][1])
@@ -382,6 +437,13 @@ def test_two_model_run_writes_every_output(two_model_run):
     report = open(os.path.join(output, "report.md"), encoding="utf-8").read()
     assert f"| metric | lang | `{base}` | `trained` | `proxy-tuned` |" in report
     assert "| held-out reward accuracy (04) | all | – | 75.0 [" in report and "n=40" in report
+    # The effect leads: the trained model minus the base (the proxy column is not a trained model).
+    effect = summary["effect"]["winrate language fidelity"]
+    assert effect["all"]["n"] == 4 and set(effect) == {"en", "es", "all"}
+    fidelity = {(p["model"], p["id"], p["lang"]): p["in_language"] for p in predictions if p["task"] == "winrate"}
+    assert effect["all"]["score"] == np.mean([fidelity["trained", i, lang] - fidelity[base, i, lang]
+                                              for _, i, lang in fidelity if _ == base])
+    assert report.index("## Effect: `trained` - `" + base) < report.index("## All metrics")
     assert "Caveat" in report and "judge is weak" in report and f"`{judge}`" in report
     with open(os.path.join(output, "report.png"), "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -6,13 +6,39 @@ one-sentence prompts in two languages, reliably yields a few pairs in about a mi
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import time
 
 import pytest
 
+import common
 from conftest import REPO, read_records
+
+LOOP = open(os.path.join(REPO, "loop.sh"), encoding="utf-8").read()
+
+
+def loop_default(name):
+    """The default loop.sh gives a variable: NAME=${NAME:-default}."""
+    return re.search(rf"^{name}=\$\{{{name}:-([^}}]*)\}}", LOOP, re.MULTILINE).group(1)
+
+
+def test_the_driver_never_evaluates_a_prompt_it_trains_on():
+    """The demo's selections: every iteration's 01 reads the first LIMIT ids of PROMPTS, 05 reads EVAL_PROMPTS,
+    and no id (in any language) or text is in both. 05 is also handed every iteration's records to check."""
+    langs = loop_default("LANGS").split(",")
+    trained = common.load_prompts(os.path.join(REPO, loop_default("PROMPTS")), langs, int(loop_default("LIMIT")))
+    evaluated = common.load_prompts(os.path.join(REPO, loop_default("EVAL_PROMPTS")), langs,
+                                    int(loop_default("EVAL_LIMIT")))
+    assert len(trained) == int(loop_default("LIMIT")) * len(langs) and len(evaluated) >= 60 * len(langs)
+    assert not {p["id"] for p in trained} & {p["id"] for p in evaluated}
+    assert not {p["prompt"] for p in trained} & {p["prompt"] for p in evaluated}
+    generate_calls = re.findall(r"01_generate\.py[^\n]*\n[^\n]*", LOOP)
+    assert len(generate_calls) == 2 and all('--prompts "$PROMPTS"' in c and '--limit "$LIMIT"' in c
+                                            for c in generate_calls)
+    assert LOOP.count("--prompts") == 3 and '--prompts "$EVAL_PROMPTS"' in LOOP
+    assert 'trained_on+=("$dir/responses.jsonl")' in LOOP and '--trained-on "${trained_on[@]}"' in LOOP
 
 PROMPTS = {
     "en": ["Say hello to me in one short sentence.", "Name one colour of the sky. Answer in one short sentence.",
@@ -74,7 +100,12 @@ def test_loop_runs_all_stages_and_resumes_after_kills(tmp_path):
     summary = json.loads((model / "train_summary.json").read_text())
     assert "eval_after" in summary and "eval_before" in summary
     assert read_records(model / "metrics.jsonl")[0]["rewards/accuracies"] is not None
-    assert json.loads((run / "eval" / "eval.json").read_text())
+    evaluation = json.loads((run / "eval" / "eval.json").read_text())
+    # Held out: 05 checked every evaluated prompt against the iteration's training records.
+    assert evaluation["held_out"] == {"trained_on": [str(iteration / "responses.jsonl")], "training_prompt_ids": 4,
+                                      "overlap": 0}
+    evaluated = read_records(run / "eval" / "predictions.jsonl")
+    assert evaluated and not {p["id"] for p in evaluated} & {r["id"] for r in responses}
     report = (run / "eval" / "report.md").read_text()
     assert "iter1/model" in report and "math" in report and "winrate" in report.lower().replace(" ", "")
     # 3. Kill between stages: remove 05's output and run again; only 05 runs, nothing else is redone.

@@ -7,8 +7,10 @@ check). The slow tests run the real embedded model.
 import importlib.util
 import json
 import os
+import types
 
 import pytest
+from tqdm import tqdm
 
 from conftest import REPO, make_tiny_model, read_records, run_script, run_torchrun
 
@@ -124,18 +126,64 @@ def test_a_copied_sentence_is_a_copy_even_among_translated_ones():
     assert not translate.worth_retrying("OK.", answer("OK.</translated>"), "es")
 
 
+def translate_one(monkeypatch, tokenizer, response, flags, reply):
+    """translate_records on one English record into Spanish, with the model replaced by reply(piece, temperature).
+    Returns (the finished record, [(temperature, [pieces sent])] per call)."""
+    calls = []
+
+    def generate(model, tokenizer, requests, batch_size, sampling, progress):
+        calls.append((sampling["temperature"], [piece for _, _, piece, _ in requests]))
+        return [answer(reply(piece, sampling["temperature"]) + "</translated>") for _, _, piece, _ in requests]
+
+    monkeypatch.setattr(translate, "generate_translations", generate)
+    args = translate.parse_args(flags)
+    args.translator = "stand-in"
+    model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=2048))
+    record = {"id": "a", "lang": "en", "prompt": "p", "responses": [response]}
+    [[finished]] = translate.translate_records([record], {("a", "en"): ["es"]}, model, tokenizer, args, {},
+                                              tqdm(disable=True), [0])
+    return finished, calls
+
+
+def test_pieces_are_translated_apart_and_failed_ones_asked_again_sampled(monkeypatch, tiny_model):
+    tokenizer = translate.common.load_tokenizer(tiny_model)
+    english = SENTENCES["en"][0] + " " + SENTENCES["en"][1]
+    spanish = dict(zip(SENTENCES["en"], SENTENCES["es"]))
+    # --piece-tokens 16: the two sentences go as two pieces and come back joined, in order.
+    finished, calls = translate_one(monkeypatch, tokenizer, english, ["--piece-tokens", "16", "--retries", "0"],
+                                    lambda piece, temperature: spanish[piece])
+    assert calls == [(0.0, SENTENCES["en"])]
+    assert finished["translations"]["es"] == [" ".join(SENTENCES["es"])]
+    assert finished["translation_info"]["pieces"] == [2] and finished["translation_info"]["retried"] == [0]
+    # Greedy copies the second sentence; the sampled retry translates it. Only that piece is asked again.
+    def copies_second(piece, temperature):
+        return piece if temperature == 0 and piece == SENTENCES["en"][1] else spanish[piece]
+    finished, calls = translate_one(monkeypatch, tokenizer, english, ["--piece-tokens", "16"], copies_second)
+    assert calls == [(0.0, SENTENCES["en"]), (0.7, [SENTENCES["en"][1]])]
+    assert finished["translations"]["es"] == [" ".join(SENTENCES["es"])]
+    assert finished["translation_info"]["retried"] == [1]
+    # Without retries the copy makes the whole text null, with its own reason.
+    finished, _ = translate_one(monkeypatch, tokenizer, english, ["--piece-tokens", "16", "--retries", "0"],
+                                copies_second)
+    assert finished["translations"]["es"] == [None] and finished["translation_info"]["es"] == ["copied"]
+    # --piece-tokens 0: the whole text in one call.
+    _, calls = translate_one(monkeypatch, tokenizer, english, ["--piece-tokens", "0", "--retries", "0"],
+                             lambda piece, temperature: " ".join(SENTENCES["es"]))
+    assert calls == [(0.0, [english])]
+
+
 def test_split_text_packs_paragraphs_then_cuts_finer():
     text = "First para.\n\nSecond para.\n\nA third paragraph that is long. It has two sentences."
-    fits = lambda piece: len(piece) <= 30  # noqa: E731
+    fits = lambda piece: len(piece) <= 31  # noqa: E731
     pieces = translate.split_text(text, fits)
     assert pieces == [("First para.\n\nSecond para.", "\n\n"),
-                      ("A third paragraph that is long", ". "),
+                      ("A third paragraph that is long.", " "),  # the full stop stays with its sentence
                       ("It has two sentences.", "")]
     assert "".join(piece + separator for piece, separator in pieces) == text
     assert translate.split_text("short", fits) == [("short", "")]
     # One finished job joins its pieces' translations with the original separators.
     job = {"target": "en", "pieces": pieces}
-    outputs = [answer("One.\n\nTwo.</translated>"), answer("Three is long</translated>"),
+    outputs = [answer("One.\n\nTwo.</translated>"), answer("Three is long.</translated>"),
                answer("It has two sentences.</translated>")]
     assert translate.finish_job(job, outputs) == ("One.\n\nTwo.\n\nThree is long. It has two sentences.", None)
     outputs[1] = answer("never closed")
