@@ -509,12 +509,11 @@ def write_report(path, columns, results, effect, held_out, judge_text, args):
                   f"language) or the texts the loop trained on ({', '.join(held_out['trained_on'])}).", ""]
     if effect:
         lines += effect_lines(effect, results, [c["label"] for c in columns if "proxy" not in c])
-    lines += ["## All metrics"]
-    lines += ["", f"Math: greedy, max {args.max_new_tokens} new tokens, the last number in the answer counts, "
-              "right within 1e-3 of gold. Language fidelity: share of answers detected (py3langid) in the prompt's "
-              "language; an answer of only numbers counts as faithful, an empty one does not. Consistency "
-              "(CrossIn): share of parallel problems answered with the same number in every language; `all` pools "
-              "the languages.", ""]
+    lines += ["## All metrics", "", (f"Math: greedy, max {args.max_new_tokens} new tokens, the last number in the "
+              "answer counts, right within 1e-3 of gold. Consistency (CrossIn): share of parallel problems answered "
+              "with the same number in every language. " if set(args.tasks) & set(MATH_TASKS) else "") +
+              "Language fidelity: share of answers detected (py3langid) in the prompt's language; an answer of only "
+              "numbers counts as faithful, an empty one does not. `all` pools the languages.", ""]
     if any("winrate vs first model" in results[label] for label in labels):
         lines += ["Win rate: share of pairwise judgements won against the first model, both orders, ties half.",
                   judge_text, ""]
