@@ -1,6 +1,7 @@
 """Stage 1: sample the policy's answers to the same prompts in every language.
 
-In:  prompts, as a directory of {lang}.jsonl files (default: the bundled data/prompts),
+In:  prompts, as a directory of {lang}.jsonl files (default: the bundled data/alpagasus, training
+     prompts; 05 evaluates on data/prompts, which no stage trains on),
      a JSONL file with "lang" + "prompt", an MGSM-style TSV, or a Hugging Face dataset.
 Out: responses.jsonl, one record per (id, language): the prompt's fields plus
      "responses" (N samples), "truncated" (per sample: hit --max-new-tokens),
@@ -24,7 +25,7 @@ import common
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", default="data/prompts",
+    parser.add_argument("--prompts", default="data/alpagasus",
                         help="prompt file, directory of {lang}.jsonl, TSV, or hub dataset name[:config]")
     parser.add_argument("--output", default="runs/demo/responses.jsonl", help="where to write the responses")
     parser.add_argument("--model", default=common.EMBEDDED_MODEL,

@@ -5,7 +5,9 @@ In:  models to compare (--models: the base model first, then each iteration's), 
 Out: in --output (default runs/demo/eval/):
      eval.json         per model, per metric, per language: score, n, 95% interval
      predictions.jsonl every prompt, response, extracted answer, judge verdicts
-     report.md         models as columns, metric x language as rows, deltas against the first model
+     report.md         first the effect (the last model minus the first on the targeted metric, language
+                       fidelity of answers to held-out prompts, paired by prompt, with 95% intervals),
+                       then models as columns, metric x language as rows, deltas against the first model
      report.png        per-language bars per model, one panel per metric (needs matplotlib)
 
     python 05_eval.py --models smollm2-135m runs/demo/model --tasks mgsm,math,winrate --limit 20
@@ -24,7 +26,8 @@ Tasks (--tasks):
 With --proxy-expert/--proxy-antiexpert one more column is evaluated: the first model
 proxy-tuned, logits = first + alpha * (expert - antiexpert).
 If a model directory holds train_summary.json (from 04_dpo.py), its held-out reward accuracy
-is reported too. Resumable: finished (model, task) work files in --output/work/ are reused;
+is reported too. --trained-on takes the loop's training records: an evaluated prompt among them stops
+the run. Resumable: finished (model, task) work files in --output/work/ are reused;
 a killed run continues. Runs under `torchrun --nproc_per_node=K` (prompts sharded, rank 0 reports).
 """
 import argparse

@@ -9,7 +9,9 @@
 # From iteration 2 on, REWARD=implicit (default) scores several samples per prompt with
 # the previous iteration's trained model against its reference (implicit cross-lingual
 # rewarding); REWARD=imbalance repeats iteration 1's method with the new policy.
-# Each trained model is the next iteration's policy. Everything lands in $RUN:
+# Each trained model is the next iteration's policy. 05 evaluates on EVAL_PROMPTS, which no iteration
+# trains on (it checks every iteration's responses.jsonl), and its report leads with the effect: the last
+# model minus the base on language fidelity of answers to those held-out prompts. Everything lands in $RUN:
 #   $RUN/iter1/{responses,translated,pairs,pairs.eval}.jsonl  $RUN/iter1/model/
 #   $RUN/iter2/...                                            $RUN/eval/report.md, report.png
 # Each stage skips work already done, so rerunning after an interruption continues.
