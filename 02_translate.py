@@ -244,18 +244,18 @@ def piece_limit(context, overhead, ratio):
     return max(8, int(room / (1 + LENGTH_FACTOR * max(1.0, ratio))))
 
 
-def make_jobs(record, targets, question_target, count_tokens, limit):
+def make_jobs(record, targets, question_target, count_tokens, limit, context_limit):
     """[{slot, target, pieces}] for one record: every response into every target (+ the question).
 
     slot is the response's index, or "prompt". pieces is split_text's [(piece, separator)],
     empty for an empty source text (nothing to translate), None for one over MAX_PIECES pieces long
-    (counted by characters, at most ~8 per token).
+    (counted by characters, at most ~8 per token) of context_limit tokens each, whatever the piece size.
     """
     texts = [(index, target, response) for target in targets for index, response in enumerate(record["responses"])]
     if question_target:
         texts.append(("prompt", question_target, record["prompt"]))
     fits = lambda piece: count_tokens(piece) <= limit  # noqa: E731
-    return [{"slot": slot, "target": target, "pieces": None if len(text) > 8 * MAX_PIECES * limit else
+    return [{"slot": slot, "target": target, "pieces": None if len(text) > 8 * MAX_PIECES * context_limit else
              split_text(text, fits) if text.strip() else []} for slot, target, text in texts]
 
 
@@ -335,8 +335,9 @@ def translate_records(records, plan, model, tokenizer, args, ratios, progress, t
         targets = plan[(str(record["id"]), record["lang"])]
         question_target = args.dominant if args.questions and targets and record["lang"] != args.dominant else None
         worst_ratio = max([ratios.get((record["lang"], t), 1.0) for t in targets] or [1.0])
-        limit = min(piece_limit(context, overhead, worst_ratio), args.piece_tokens or math.inf)
-        jobs = make_jobs(record, targets, question_target, count_tokens, limit)
+        context_limit = piece_limit(context, overhead, worst_ratio)
+        limit = min(context_limit, args.piece_tokens or math.inf)
+        jobs = make_jobs(record, targets, question_target, count_tokens, limit, context_limit)
         requests, owner = [], []  # owner[k] = (job index, piece index) of request k
         for job_index, job in enumerate(jobs):
             ratio = ratios.get((record["lang"], job["target"]), 1.0)

@@ -372,3 +372,12 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_records(double) == read_records(single)
     assert result.stdout.count("translate: records 6") == 1  # one summary, from rank 0
+
+
+def test_too_long_counts_context_sized_pieces_not_small_ones():
+    """A 30,000-character answer is cut into small pieces and translated; only a runaway one is too_long."""
+    count = lambda text: len(text) // 4  # noqa: E731
+    record = {"responses": ["Word. " * 5000, "x" * (8 * translate.MAX_PIECES * 600 + 1)], "prompt": "p"}
+    long_answer, runaway = translate.make_jobs(record, ["es"], None, count, 48, 600)
+    assert long_answer["pieces"] and all(count(piece) <= 48 for piece, _ in long_answer["pieces"])
+    assert runaway["pieces"] is None
