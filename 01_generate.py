@@ -41,6 +41,7 @@ def parse_args(argv=None):
                         help="prompts decoded at once (times --num-samples rows); finished answers leave the batch")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     parser.add_argument("--split", default="train", help="split to use when --prompts is a hub dataset")
+    common.add_server_flags(parser)
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     return parser.parse_args(argv)
 
@@ -62,41 +63,44 @@ def main(argv=None):
                 "max_new_tokens": args.max_new_tokens, "num_samples": args.num_samples, "seed": args.seed}
     settings = {"model": args.model, "prompts": common.content_key(prompts), "sampling": sampling}
     common.claim(args.output, settings, rank)
-    model, tokenizer = common.load_model(args.model, trust_remote_code=args.trust_remote_code)
+    engine, tokenizer, context = common.load_engine(args.model, args.server, args.server_model,
+                                                    args.server_concurrency, args.trust_remote_code)
     # Each rank samples its own share; offsetting the seed keeps ranks from drawing the same numbers.
     torch.manual_seed(args.seed + rank)
     counts = {"new_tokens": 0, "truncated": 0}
     started = time.perf_counter()
     # A prompt that leaves no room for the answer in the model's context is skipped (and counted), never run.
-    context = getattr(model.config, "max_position_embeddings", None) or 2048
-    prompt_ids = {(p["id"], p["lang"]): common.chat_prompt_ids(tokenizer, p["prompt"]) for p in prompts}
-    too_long = [p for p in prompts if len(prompt_ids[p["id"], p["lang"]]) + args.max_new_tokens > context]
+    texts = {(p["id"], p["lang"]): common.chat_prompt_text(tokenizer, p["prompt"]) for p in prompts}
+    lengths = {key: len(common.prompt_ids(tokenizer, text)) for key, text in texts.items()}
+    too_long = [p for p in prompts if lengths[p["id"], p["lang"]] + args.max_new_tokens > context]
     if too_long and rank == 0:
         print(f"skipped {len(too_long)} prompt(s) longer than the model's {context}-token context minus "
               f"--max-new-tokens (first: id {too_long[0]['id']}, {too_long[0]['lang']})")
-    prompts = [p for p in prompts if len(prompt_ids[p["id"], p["lang"]]) + args.max_new_tokens <= context]
+    prompts = [p for p in prompts if lengths[p["id"], p["lang"]] + args.max_new_tokens <= context]
 
     key = lambda record: (record["id"], record["lang"])  # noqa: E731
     already_done, mine = common.resume(args.output, prompts, key, rank, world_size)
-    batches = common.generate_batches(
-        model, tokenizer, [prompt_ids[key(p)] for p in mine], num_samples=args.num_samples,
+    batches = common.generate(
+        engine, tokenizer, [texts[key(p)] for p in mine], num_samples=args.num_samples,
         temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        desc=f"generate[rank {rank}]" if world_size > 1 else "generate")
+        desc=f"generate[rank {rank}]" if world_size > 1 else "generate", seed=args.seed)
     for batch in batches:  # each batch goes to disk as soon as it is done
         records = []
         for index, samples in batch:
             counts["new_tokens"] += sum(s["new_tokens"] for s in samples)
             counts["truncated"] += sum(s["truncated"] for s in samples)
             records.append({**mine[index], "responses": [s["text"] for s in samples],
-                            "truncated": [s["truncated"] for s in samples], "model": args.model, "sampling": sampling})
+                            "truncated": [s["truncated"] for s in samples], "model": args.model, "sampling": sampling,
+                            "engine": common.engine_name(engine)})
         common.save_batch(args.output, records, rank)
     common.finish(args.output, prompts, key, rank)
     languages = sorted({p["lang"] for p in prompts})
     print(common.summary_line(
         f"01_generate[rank {rank}]" if world_size > 1 else "01_generate", time.perf_counter() - started,
         counts["new_tokens"], prompts=len(prompts), languages=",".join(languages), resumed_from=already_done,
-        generated=len(mine), samples_truncated=counts["truncated"], skipped_too_long=len(too_long))
+        generated=len(mine), samples_truncated=counts["truncated"], skipped_too_long=len(too_long),
+        engine=common.engine_name(engine))
         + (f" -> {args.output}" if rank == 0 else ""))
     common.cleanup_distributed()
 

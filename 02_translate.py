@@ -3,7 +3,8 @@
 In:  responses.jsonl from 01_generate.py, one record per (id, lang) with "responses": [str, ...].
 Out: translated.jsonl, the same records, each with
        "translations":     {"<lang>": [str or null, ...]}  aligned with "responses"
-       "translation_info": {"<lang>": [null or why it failed, ...], "pieces": [int, ...], "translator": str}
+       "translation_info": {"<lang>": [null or why it failed, ...], "pieces": [int, ...], "translator": str,
+                           "engine": "in-process" or the server}
      and, with --questions, "prompt_en" (the prompt translated into the dominant language).
 Dominant-language records (English by default) are translated into every other language in
 the file; every other record is translated into the dominant language. These are the two
@@ -259,8 +260,8 @@ def make_jobs(record, targets, question_target, count_tokens, limit, context_lim
              split_text(text, fits) if text.strip() else []} for slot, target, text in texts]
 
 
-def generate_translations(model, tokenizer, requests, batch_size, sampling, progress):
-    """requests: [(prompt_ids, cap)]. Returns, in order, one generate_batches sample per request:
+def generate_translations(engine, tokenizer, requests, batch_size, sampling, progress):
+    """requests: [(prompt text, cap)]. Returns, in order, one common.generate sample per request:
     {"text": the model's output after <translated>, "truncated": hit the cap, "new_tokens"}.
 
     Requests are sorted by their cap, so a batch's rows need similar lengths and a short
@@ -271,8 +272,8 @@ def generate_translations(model, tokenizer, requests, batch_size, sampling, prog
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         cap = max(requests[i][1] for i in chunk)
-        for batch in common.generate_batches(model, tokenizer, [requests[i][0] for i in chunk], max_new_tokens=cap,
-                                             batch_size=len(chunk), show_progress=False, **sampling):
+        for batch in common.generate(engine, tokenizer, [requests[i][0] for i in chunk], max_new_tokens=cap,
+                                     batch_size=len(chunk), show_progress=False, **sampling):
             for position, samples in batch:
                 outputs[chunk[position]] = samples[0]
         progress.update(len(chunk))
@@ -295,7 +296,7 @@ def finish_job(job, outputs):
     return check_language("".join(parts).strip(), job["target"])
 
 
-def finish_record(record, targets, jobs, outputs, prompt_field, translator_name):
+def finish_record(record, targets, jobs, outputs, prompt_field, translator_name, engine_name):
     """The record with "translations", "translation_info" (and prompt_field) filled in."""
     n = len(record["responses"])
     translations = {target: [None] * n for target in targets}
@@ -314,20 +315,20 @@ def finish_record(record, targets, jobs, outputs, prompt_field, translator_name)
             info["pieces"][job["slot"]] = len(job["pieces"] or [])
             info["retried"][job["slot"]] = sum(1 for output in job_outputs if output and output.get("retried"))
     finished["translations"] = translations
-    finished["translation_info"] = {**info, "translator": translator_name}
+    finished["translation_info"] = {**info, "translator": translator_name, "engine": engine_name}
     return finished
 
 
-def translate_records(records, plan, model, tokenizer, args, ratios, progress, tokens_generated):
+def translate_records(records, plan, engine, tokenizer, context, args, ratios, progress, tokens_generated):
     """Yield lists of finished records, a block of about 4 batches of model calls at a time.
 
     plan: {(id, lang): targets}. tokens_generated: a one-element list, added to.
     """
     count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
-    context = getattr(model.config, "max_position_embeddings", None) or 2048
     longest_name = max(common.LANGUAGES, key=lambda code: len(common.LANGUAGES[code]))
     overhead = len(common.chat_prompt_ids(tokenizer, translation_request("", longest_name), assistant_prefix=OPEN_TAG))
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                    seed=args.seed)
     prompt_field = f"prompt_{args.dominant}"
 
     planned = []  # per record: its targets, jobs, model requests, and which (job, piece) each request is
@@ -343,9 +344,9 @@ def translate_records(records, plan, model, tokenizer, args, ratios, progress, t
             ratio = ratios.get((record["lang"], job["target"]), 1.0)
             for piece_index, (piece, _) in enumerate(job["pieces"] or []):
                 if piece.strip():
-                    ids = common.chat_prompt_ids(tokenizer, translation_request(piece, job["target"]),
-                                                 assistant_prefix=OPEN_TAG)
-                    requests.append((ids, max_new_tokens(count_tokens(piece), ratio), piece, job["target"]))
+                    text = common.chat_prompt_text(tokenizer, translation_request(piece, job["target"]),
+                                                   assistant_prefix=OPEN_TAG)
+                    requests.append((text, max_new_tokens(count_tokens(piece), ratio), piece, job["target"]))
                     owner.append((job_index, piece_index))
         planned.append({"record": record, "targets": targets, "jobs": jobs, "requests": requests, "owner": owner})
     progress.total = sum(len(item["requests"]) for item in planned)
@@ -359,12 +360,12 @@ def translate_records(records, plan, model, tokenizer, args, ratios, progress, t
         if sum(len(b["requests"]) for b in block) < 4 * args.batch_size and position + 1 < len(planned):
             continue
         requests = [request for b in block for request in b["requests"]]
-        results = generate_translations(model, tokenizer, requests, args.batch_size, sampling, progress)
-        for _ in range(args.retries):  # pieces that failed are asked again, sampled, for another attempt
+        results = generate_translations(engine, tokenizer, requests, args.batch_size, sampling, progress)
+        for attempt in range(args.retries):  # pieces that failed are asked again, sampled, for another attempt
             again = [k for k, (_, _, piece, target) in enumerate(requests) if worth_retrying(piece, results[k], target)]
             progress.total += len(again)
-            retry = dict(sampling, temperature=args.retry_temperature)
-            for k, sample in zip(again, generate_translations(model, tokenizer, [requests[k] for k in again],
+            retry = dict(sampling, temperature=args.retry_temperature, seed=args.seed + 1 + attempt)
+            for k, sample in zip(again, generate_translations(engine, tokenizer, [requests[k] for k in again],
                                                              args.batch_size, retry, progress)):
                 tokens_generated[0] += results[k]["new_tokens"]
                 results[k] = dict(sample, retried=results[k].get("retried", 0) + 1)
@@ -376,7 +377,8 @@ def translate_records(records, plan, model, tokenizer, args, ratios, progress, t
                 sample = next(results)
                 outputs[job_index][piece_index] = sample
                 tokens_generated[0] += sample["new_tokens"]
-            finished.append(finish_record(b["record"], b["targets"], b["jobs"], outputs, prompt_field, args.translator))
+            finished.append(finish_record(b["record"], b["targets"], b["jobs"], outputs, prompt_field, args.translator,
+                                          common.engine_name(engine)))
         yield finished
         block = []
 
@@ -448,6 +450,7 @@ def parse_args(argv=None):
                         help="sampling temperature of the retries (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (matters only when sampling)")
     parser.add_argument("--limit", type=int, default=None, help="translate only the first N ids (all their languages)")
+    common.add_server_flags(parser)
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow model code from the hub (off by default)")
     args = parser.parse_args(argv)
@@ -480,18 +483,20 @@ def main(argv=None):
                                                       "retries", "retry_temperature")}
     common.claim(args.output, {**settings, "input": common.content_key(records)}, rank)
     torch.manual_seed(args.seed + rank)
-    model, tokenizer = common.load_model(args.translator, trust_remote_code=args.trust_remote_code)
+    engine, tokenizer, context = common.load_engine(args.translator, args.server, args.server_model,
+                                                    args.server_concurrency, args.trust_remote_code)
     ratios = token_ratios(records, tokenizer)
     tokens_generated = [0]
     progress = tqdm(desc="translate", unit="text", disable=rank != 0, dynamic_ncols=True)
     key = lambda record: (str(record["id"]), record["lang"])  # noqa: E731
     already_done, mine = common.resume(args.output, records, key, rank, world_size)
-    for finished in translate_records(mine, plan, model, tokenizer, args, ratios, progress, tokens_generated):
+    for finished in translate_records(mine, plan, engine, tokenizer, context, args, ratios, progress,
+                                      tokens_generated):
         common.save_batch(args.output, finished, rank)
     common.finish(args.output, records, key, rank)
     progress.close()
 
-    counts = torch.tensor([len(mine), tokens_generated[0]], device=next(model.parameters()).device)
+    counts = torch.tensor([len(mine), tokens_generated[0]], device=common.pick_device()[0])
     if dist.is_initialized():
         dist.all_reduce(counts)
     if rank == 0:
@@ -507,7 +512,7 @@ def main(argv=None):
             null=sum(totals[reason] for reason in REASONS),
             **{reason: totals[reason] for reason in REASONS},
             records_with_no_target=untranslated))
-        print(f"wrote {args.output} (translator {args.translator})")
+        print(f"wrote {args.output} (translator {args.translator}, {common.engine_name(engine)})")
     common.cleanup_distributed()
 
 

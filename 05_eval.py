@@ -21,8 +21,10 @@ Tasks (--tasks):
               first translates the question into English, then answers that (question alignment).
   winrate     each model's answers judged against the first model's, in both orders (a judge
               that favours a slot cancels out), ties count half. Judge: a local model's
-              next-token log-probs of "A" vs "B" (--judge), or an OpenAI-compatible endpoint
-              (--judge-api, key from the environment variable named by --judge-api-key-env).
+              next-token log-probs of "A" vs "B" (--judge), or a model behind an OpenAI-compatible
+              server (--judge-server, key from $OPENAI_API_KEY).
+A column whose model one of the --server URLs lists (as its /v1/models names it) is answered by
+that server; the others in-process.
 With --proxy-expert/--proxy-antiexpert one more column is evaluated: the first model
 proxy-tuned, logits = first + alpha * (expert - antiexpert).
 If a model directory holds train_summary.json (from 04_dpo.py), its held-out reward accuracy
@@ -95,11 +97,14 @@ def parse_args(argv=None):
     add("--token-budget", type=int, default=8192, help="local judge: rows x longest row per batch")
     add("--seed", type=int, default=0, help="seed of the bootstrap intervals")
     add("--translate-test", action="store_true", help="also each math task translated into English, then answered")
+    common.add_server_flags(parser, server_model=False)  # a column whose model a --server lists is answered there
+    add("--answers-only", action="store_true", help="answer the tasks with the --server columns only, then stop "
+        "(no judging, no report); a later run without it reuses those answers (loop.sh: one server at a time)")
     add("--judge", default=common.EMBEDDED_MODEL, help="win-rate judge: a local model, or the model name sent to "
-        "--judge-api")
-    add("--judge-api", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    add("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable with the endpoint's API key")
-    add("--judge-max-tokens", type=int, default=8, help="longest judge reply over the API")
+        "--judge-server")
+    add("--judge-server", nargs="+", default=None, metavar="URL", help="OpenAI-compatible base URL(s) of the judge, "
+        f"e.g. http://127.0.0.1:8000/v1 (chat completions; key from ${common.SERVER_KEY_ENV})")
+    add("--judge-max-tokens", type=int, default=8, help="longest judge reply from --judge-server")
     add("--proxy-expert", default=None, help="small tuned model for proxy-tuned decoding")
     add("--proxy-antiexpert", default=None, help="the same small model untuned")
     add("--proxy-alpha", type=float, default=1.0, help="weight of (expert - antiexpert)")
@@ -113,6 +118,8 @@ def parse_args(argv=None):
         common.language_name(lang, "--langs")
     if (args.proxy_expert is None) != (args.proxy_antiexpert is None):
         raise common.InputError("--proxy-expert and --proxy-antiexpert go together")
+    if args.answers_only and not args.server:
+        raise common.InputError("--answers-only answers the columns a --server serves: give --server")
     if args.max_new_tokens < 1 or args.batch_size < 1 or any(n is not None and n < 1 for n in (args.limit,
                                                                                                args.judge_limit)):
         raise common.InputError("--max-new-tokens, --batch-size, --limit and --judge-limit must be at least 1")
@@ -171,8 +178,10 @@ def held_out_reward_accuracy(name):
 
 
 def load_generator(column, args):
-    """(generate(prompt_ids, desc) -> generate_batches-style iterator, tokenizer) for one column."""
-    model, tokenizer = common.load_model(column["model"], trust_remote_code=args.trust_remote_code)
+    """(generate(prompt texts, desc) -> common.generate's iterator, tokenizer, engine name) for one column."""
+    servers = column.get("servers")
+    engine, tokenizer, _ = common.load_engine(column["model"], servers, column.get("served_as"),
+                                              args.server_concurrency, args.trust_remote_code)
     small = []
     for flag, name in (("--proxy-expert", args.proxy_expert), ("--proxy-antiexpert", args.proxy_antiexpert)):
         # fp32 on every device: proxy-tuning adds their difference, which bf16 would round away.
@@ -183,8 +192,9 @@ def load_generator(column, args):
                                     "proxy-tuning needs one shared vocabulary")
         small.append(small_model)
     proxy = (small[0], small[1], args.proxy_alpha) if "proxy" in column else None
-    return (lambda ids, desc: common.generate_batches(model, tokenizer, ids, max_new_tokens=args.max_new_tokens,
-                                                      batch_size=args.batch_size, desc=desc, proxy=proxy)), tokenizer
+    return (lambda texts, desc: common.generate(engine, tokenizer, texts, max_new_tokens=args.max_new_tokens,
+                                                batch_size=args.batch_size, desc=desc, proxy=proxy)), tokenizer, \
+        common.engine_name(engine)
 
 
 def in_language(text, lang):
@@ -194,8 +204,8 @@ def in_language(text, lang):
 
 def answers(generate, tokenizer, items, messages, desc, counts):
     """One greedy answer to messages[i] for each items[i]; yields lists of (item, message, sample) per batch."""
-    ids = [common.chat_prompt_ids(tokenizer, message) for message in messages]
-    for batch in generate(ids, desc):
+    texts = [common.chat_prompt_text(tokenizer, message) for message in messages]
+    for batch in generate(texts, desc):
         counts["new_tokens"] += sum(samples[0]["new_tokens"] for _, samples in batch)
         yield [(items[index], messages[index], samples[0]) for index, samples in batch]
 
@@ -225,7 +235,8 @@ def task_records(generate, tokenizer, items, task, counts):
         records = []
         for item, message, sample in batch:
             text = sample["text"]
-            record = {**{k: item[k] for k in ("model", "task", "id", "lang")}, "prompt": message, "response": text,
+            record = {**{k: item[k] for k in ("model", "task", "id", "lang", "engine")}, "prompt": message,
+                      "response": text,
                       "truncated": sample["truncated"], "detected_language": common.detect_language(text),
                       "in_language": in_language(text, item["lang"])}
             if task != "winrate":
@@ -248,8 +259,8 @@ def predict(column, task_items, work, args, rank, world_size, counts):
     for task, problems in task_items.items():
         path = os.path.join(work, f"{column['slug']}.{task}.jsonl")
         if not os.path.exists(path):  # not finished in an earlier run
-            generate, tokenizer = generator = generator or load_generator(column, args)
-            items = [{**p, "model": column["label"], "task": task} for p in problems]
+            generate, tokenizer, engine = generator = generator or load_generator(column, args)
+            items = [{**p, "model": column["label"], "task": task, "engine": engine} for p in problems]
             key = lambda record: (record["model"], record["task"], record["id"], record["lang"])  # noqa: E731
             _, mine = common.resume(path, items, key, rank, world_size)
             for records in task_records(generate, tokenizer, mine, task, counts):
@@ -323,27 +334,13 @@ def local_judge(model, tokenizer, token_budget):
     return judge
 
 
-def api_judge(url, model_name, key, max_tokens):
-    """A judge behind an OpenAI-compatible chat completions endpoint (greedy; the reply is parsed for A or B)."""
-    endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
-
-    def ask(text):
-        reply = common.post_json(endpoint, {"model": model_name, "messages": [{"role": "user", "content": text}],
-                                            "temperature": 0, "max_tokens": max_tokens}, key, "--judge-api")
-        try:
-            return reply["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError) as error:
-            raise common.InputError(f"--judge-api {endpoint}: not a chat completions reply ({error!r})") from None
-
+def server_judge(server, max_tokens):
+    """A judge behind an OpenAI-compatible server (chat completions, greedy; the reply is parsed for A or B)."""
     def judge(texts):
-        verdicts = []
-        for text in texts:
-            reply = ask(text)
-            match = re.search(r"\b([AB])\b", reply)
-            verdicts.append({"choice": match.group(1) if match else None, "reply": reply})
-        return verdicts
+        replies = common.server_chat(server, texts, max_tokens)
+        return [{"choice": match.group(1) if match else None, "reply": reply}
+                for reply, match in ((reply, re.search(r"\b([AB])\b", reply)) for reply in replies)]
 
-    ask("Reply with the letter A.")
     return judge
 
 
@@ -366,12 +363,13 @@ def judge_column(judge, reference, answers, path, rank, world_size, counts, chun
 
 def judge_caveat(args, judge_model):
     """What the report says about the judge: which one, how it decides, and how far to trust it."""
-    if args.judge_api:
-        return (f"Judge: `{args.judge}` behind {args.judge_api} (chat completions, greedy, reply parsed for A/B). "
+    if args.judge_server:
+        return (f"Judge: `{args.judge}` behind {' '.join(args.judge_server)} (chat completions, greedy, reply parsed "
+                "for A/B). "
                 "LLM judges favour longer answers; position bias is cancelled by judging both orders.")
     millions = sum(p.numel() for p in judge_model.parameters()) / 1e6
     caveat = (f" **Caveat: a {millions:.0f}M-parameter judge is weak (its raw verdicts are mostly position bias); "
-              "treat these win rates as a smoke test, not evidence. Use --judge-api with a strong model.**")
+              "treat these win rates as a smoke test, not evidence. Use --judge-server with a strong model.**")
     return (f"Judge: local model `{args.judge}` ({millions:.0f}M parameters), next-token log-probs of 'A' vs 'B' "
             "after a pairwise prompt; the candidate's margin is summed over both orders, which cancels a fixed "
             "position bias, and its sign is the verdict." + (caveat if millions < 1000 else ""))
@@ -596,6 +594,21 @@ def make_columns(names, args):
     return columns
 
 
+def attach_servers(columns, urls):
+    """Give each column the --server URLs whose /v1/models lists its model (by name, or as the directory the
+    name resolves to, as loop.sh serves it); the other columns are answered in-process."""
+    for url in urls:
+        listed = common.served_models(url)
+        matched = 0
+        for column in columns:
+            name = next((n for n in (column["model"], common.resolve_model(column["model"])) if n in listed), None)
+            if name and "proxy" not in column:
+                column.setdefault("servers", []).append(url.rstrip("/"))
+                column["served_as"], matched = name, matched + 1
+        if not matched:
+            raise common.InputError(f"--server {url}: serves {listed}, none of --models (name them as it lists them)")
+
+
 def load_tasks(tasks, langs, args):
     """{task: items}, every input read and checked before any model loads, so a bad file fails in a second."""
     task_items = {}
@@ -630,7 +643,7 @@ def judge_all(columns, predictions, work, args, rank, world_size, counts, api):
     reference = {(r["id"], r["lang"]): r for r in common.first_ids(predictions[columns[0]["label"]]["winrate"],
                                                                   args.judge_limit)}
     judge, judge_model = (api, None) if api else load_local_judge(args)
-    judge_name = slug(f"{args.judge}@{args.judge_api}" if args.judge_api else args.judge)
+    judge_name = slug(f"{args.judge}@{args.judge_server[0]}" if args.judge_server else args.judge)
     judgements = {column["label"]: judge_column(  # resumable: judges only what is not on disk
         judge, reference, [r for r in predictions[column["label"]]["winrate"] if (r["id"], r["lang"]) in reference],
         os.path.join(work, f"{column['slug']}.judge-{judge_name}.jsonl"), rank, world_size, counts)
@@ -650,7 +663,9 @@ def write_outputs(output, columns, predictions, judgements, judge_text, task_ite
     write_report(os.path.join(output, "report.md"), columns, results, effect, held_out, judge_text, args)
     plotted = plot_report(os.path.join(output, "report.png"), columns, results, effect, langs)
     common.write_json(os.path.join(output, "eval.json"), {
-        "models": [{k: c[k] for k in ("label", "model", "description")} for c in columns], "tasks": list(task_items),
+        "models": [{**{k: c[k] for k in ("label", "model", "description")}, "engines": sorted(
+                    {row.get("engine", "in-process") for rows in predictions[c["label"]].values() for row in rows})}
+                   for c in columns], "tasks": list(task_items),
         "langs": langs, "judge": judge_text or None, "max_new_tokens": args.max_new_tokens, "held_out": held_out,
         "effect": effect, "results": results})
     print(f"wrote {os.path.join(output, 'eval.json')}, predictions.jsonl, report.md"
@@ -665,23 +680,28 @@ def main(argv=None):
         if len(names) == 1:
             print("runs/demo/model not found: evaluating the base model only")
     columns = make_columns(names, args)
+    attach_servers(columns, args.server or [])
     task_items = load_tasks(args.tasks, args.langs, args)
     held_out = check_held_out(task_items, args.trained_on)
     rank, world_size = common.setup_distributed()
     settings = {name: value for name, value in vars(args).items()
-                if name not in ("output", "batch_size", "token_budget", "trust_remote_code", "judge_api_key_env")}
+                if name not in ("output", "batch_size", "token_budget", "trust_remote_code", "server",
+                                "server_concurrency", "answers_only")}
     common.claim(os.path.join(args.output, "eval.json"), settings, rank, partial=False)
-    judging = "winrate" in args.tasks and len(columns) > 1
-    # One request now: a wrong URL or key fails before any generation.
-    api = api_judge(args.judge_api, args.judge, os.environ.get(args.judge_api_key_env), args.judge_max_tokens) \
-        if judging and args.judge_api else None
+    judging = "winrate" in args.tasks and len(columns) > 1 and not args.answers_only
+    # The judge's server is asked for its models now: a wrong URL, key or model name fails before any generation.
+    api = server_judge(common.connect(args.judge_server, args.judge, args.server_concurrency), args.judge_max_tokens) \
+        if judging and args.judge_server else None
     work = os.path.join(args.output, "work")
     counts = {"new_tokens": 0, "predictions": 0, "judged": 0, "no_number": 0, "unreadable_verdicts": 0}
     started = time.perf_counter()
 
     # 1. Predict: every column's answers to every task (work files, resumable).
     predictions = {column["label"]: predict(column, task_items, work, args, rank, world_size, counts)
-                   for column in columns}
+                   for column in columns if column.get("servers") or not args.answers_only}
+    if args.answers_only:
+        print(f"05_eval --answers-only: answered {', '.join(predictions)} ({counts['predictions']} now) in {work}")
+        return common.cleanup_distributed()
     # 2. Judge: each later column's win-rate answers against the first column's.
     judgements, judge_text = judge_all(columns, predictions, work, args, rank, world_size, counts, api) \
         if judging else ({}, "")

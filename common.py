@@ -6,15 +6,19 @@ Read top to bottom, this file is the vocabulary the scripts speak:
   2. languages                 LANGUAGES, detect_language, is_in_language
   3. prompts                   load_prompts (JSONL, directory, TSV, hub dataset), first_ids
   4. models                    load_model (hub id, local dir, the embedded default)
-  5. chat formatting           chat_prompt_ids, end_of_turn_ids
-  6. generation                generate_batches -> decode_batch (plain or proxy-tuned)
-  7. the batched logit scorer  tokenize_prompt_response, response_logps, score
-  8. small helpers             numbers, held-out split, distributed setup, summaries
+  5. chat formatting           chat_prompt_text, chat_prompt_ids, end_of_turn_ids
+  6. generation                generate -> generate_batches -> decode_batch (plain or proxy-tuned)
+  7. a serving engine          connect, server_generate (/v1/completions), server_chat, load_engine
+  8. the batched logit scorer  tokenize_prompt_response, response_logps, score
+  9. small helpers             numbers, held-out split, distributed setup, summaries
 """
+import collections
+import concurrent.futures
 import datetime
 import fcntl
 import glob
 import hashlib
+import http.client
 import importlib.util
 import json
 import os
@@ -82,29 +86,6 @@ def read_jsonl(path, required=()):
                                                               f"missing field '{field}'"))
         rows.append((line_number, record))
     return rows
-
-
-def post_json(url, body, api_key=None, what="--server", attempts=5, timeout=600):
-    """POST `body` to an OpenAI-compatible server and return its JSON reply; one clear line when it fails.
-
-    A busy server (429, 5xx), a refused connection or a timeout is retried with backoff (1, 2, 4, 8 s).
-    """
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
-    for attempt in range(attempts):
-        try:
-            request = urllib.request.Request(url, json.dumps(body).encode(), headers)
-            with urllib.request.urlopen(request, timeout=timeout) as reply:
-                return json.loads(reply.read())
-        except urllib.error.HTTPError as error:
-            if error.code not in (429, 500, 502, 503, 504) or attempt == attempts - 1:
-                detail = error.read().decode(errors="replace")[:200]
-                raise InputError(f"{what} {url}: HTTP {error.code} {error.reason} {detail}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:  # refused, unreachable, no reply
-            if attempt == attempts - 1:
-                raise InputError(f"{what} {url}: no reply ({getattr(error, 'reason', error)})") from None
-        except json.JSONDecodeError as error:
-            raise InputError(f"{what} {url}: the reply is not JSON ({error.msg})") from None
-        time.sleep(2 ** attempt)
 
 
 def write_atomic(path, write, binary=False):
@@ -508,22 +489,35 @@ def unwrap(model):
 # 5. Chat formatting
 
 
-def chat_prompt_ids(tokenizer, user_message, system=None, assistant_prefix=""):
-    """Token ids of a chat up to the start of the assistant's answer.
+def chat_prompt_text(tokenizer, user_message, system=None, assistant_prefix=""):
+    """The chat rendered up to the start of the assistant's answer, as text.
 
-    The chat template writes the BOS token itself where the model expects one, so
-    the text is tokenised without adding special tokens: adding them again is the
-    classic double-BOS bug. `assistant_prefix` primes the answer (02 uses it to
-    open the <translated> tag).
+    `assistant_prefix` primes the answer (02 uses it to open the <translated> tag).
     """
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + assistant_prefix
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + assistant_prefix
+
+
+def adds_bos(tokenizer):
     bos = tokenizer.bos_token_id
-    adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
-    if adds_bos and ids[:1] != [bos]:  # a template that leaves BOS to the tokenizer
-        ids = [bos] + ids
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
+def prompt_ids(tokenizer, text):
+    """Token ids of a rendered chat prompt.
+
+    The chat template writes the BOS token itself where the model expects one, so the text
+    is tokenised without adding special tokens: adding them again is the classic double-BOS bug.
+    """
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:  # a template that leaves BOS to the tokenizer
+        ids = [tokenizer.bos_token_id] + ids
     return ids
+
+
+def chat_prompt_ids(tokenizer, user_message, system=None, assistant_prefix=""):
+    """Token ids of a chat up to the start of the assistant's answer (chat_prompt_text, tokenised)."""
+    return prompt_ids(tokenizer, chat_prompt_text(tokenizer, user_message, system, assistant_prefix))
 
 
 def end_of_turn_ids(tokenizer):
@@ -678,8 +672,184 @@ def decode_samples(tokenizer, rows, stop_ids):
     return samples
 
 
+def generate(engine, tokenizer, prompts, num_samples=1, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
+             max_new_tokens=256, batch_size=16, desc="generate", show_progress=True, proxy=None, seed=0):
+    """Generate answers to rendered chat prompts (chat_prompt_text) on either engine; yields [(index, samples)].
+
+    engine: a model (the decode loop above, batch_size prompts at a time) or a Server (every prompt a request,
+    records yielded as their replies come). Samples are {"text", "truncated", "new_tokens"} either way.
+    """
+    if isinstance(engine, Server):
+        return server_generate(engine, tokenizer, prompts, num_samples, temperature, top_p, repetition_penalty,
+                               max_new_tokens, desc, show_progress, seed)
+    return generate_batches(engine, tokenizer, [prompt_ids(tokenizer, text) for text in prompts], num_samples,
+                            temperature, top_p, repetition_penalty, max_new_tokens, batch_size, desc, show_progress,
+                            proxy)
+
+
 # ----------------------------------------------------------------------------
-# 7. The batched logit scorer
+# 7. Generation on a serving engine
+#
+# At paper scale an OpenAI-compatible serving engine (vLLM, SGLang) generates several times faster than the
+# loop above: continuous batching keeps the GPU full, a paged KV cache keeps memory for many more rows. The
+# prompt stays ours: the chat template is rendered here, with the policy's own tokenizer, and sent as text
+# to /v1/completions, so the primed answer (02's <translated>), the end-of-turn stop and the token counts
+# are those of the in-process path. Each reply's prompt-token count is checked against our own count.
+
+Server = collections.namedtuple("Server", "urls model key concurrency")
+SERVER_KEY_ENV = "OPENAI_API_KEY"  # the API key, if the server wants one (vLLM --api-key), is read from here
+
+
+def add_server_flags(parser, server_model=True):
+    """--server, --server-model, --server-concurrency: the same flags in 01, 02 and 05."""
+    parser.add_argument("--server", nargs="+", default=None, metavar="URL",
+                        help="generate on OpenAI-compatible servers (vLLM, SGLang, transformers serve) at these "
+                             "base URLs, e.g. http://127.0.0.1:8000/v1, requests shared out among them; the chat "
+                             f"template is rendered here with the model's own tokenizer; key from ${SERVER_KEY_ENV}. "
+                             "A repetition penalty goes as the extra field vLLM and SGLang take; a server that "
+                             "rejects it (transformers serve) stops the run")
+    if server_model:
+        parser.add_argument("--server-model", default=None,
+                            help="model name to request (default: the one model the server lists)")
+    parser.add_argument("--server-concurrency", type=int, default=64,
+                        help="requests in flight (enough for a vLLM server to batch continuously)")
+
+
+def request_json(url, body=None, key=None, attempts=6, timeout=600):
+    """GET (body None) or POST JSON to a server; its JSON reply, or one clear line (InputError) when it fails.
+
+    A busy server (429, 5xx), a refused connection or a timeout is retried with backoff (1, 2, 4, ... s):
+    at scale these are normal, and a restarted server is back within the retries.
+    """
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    data = None if body is None else json.dumps(body).encode()
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=timeout) as reply:
+                return json.loads(reply.read())
+        except urllib.error.HTTPError as error:
+            if error.code not in (429, 500, 502, 503, 504) or attempt == attempts - 1:
+                detail = error.read().decode(errors="replace")[:300]
+                raise InputError(f"{url}: HTTP {error.code} {error.reason} {detail}") from None
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as error:  # refused,
+            # unreachable, cut off mid-reply, no reply
+            if attempt == attempts - 1:
+                raise InputError(f"{url}: no reply after {attempts} tries ({getattr(error, 'reason', error)})") \
+                    from None
+        except json.JSONDecodeError as error:
+            raise InputError(f"{url}: the reply is not JSON ({error.msg})") from None
+        time.sleep(2 ** attempt)
+
+
+def served_models(url, attempts=3):
+    """The model names a server lists at /v1/models (a server that is not there fails in a few seconds)."""
+    reply = request_json(url.rstrip("/") + "/models", key=os.environ.get(SERVER_KEY_ENV), attempts=attempts)
+    if not isinstance(reply, dict) or not isinstance(reply.get("data"), list):
+        raise InputError(f"--server {url}: /models is not a model list: {str(reply)[:200]}")
+    return [entry.get("id") for entry in reply["data"] if isinstance(entry, dict)]
+
+
+def connect(urls, model=None, concurrency=64):
+    """A Server for base URLs that all serve `model` (default: the one model they list); one line if not."""
+    if concurrency < 1:
+        raise InputError("--server-concurrency must be at least 1")
+    urls = [url.rstrip("/") for url in urls]
+    for url in urls:
+        listed = served_models(url)
+        if model is None and len(listed) != 1:
+            raise InputError(f"--server {url}: lists {len(listed)} models {listed[:5]}; name one with --server-model")
+        model = model or listed[0]
+        if model not in listed:
+            raise InputError(f"--server {url}: does not serve '{model}' (it lists: {', '.join(listed) or 'none'})")
+    return Server(urls, model, os.environ.get(SERVER_KEY_ENV), concurrency)
+
+
+def server_generate(server, tokenizer, prompts, num_samples, temperature, top_p, repetition_penalty,
+                    max_new_tokens, desc="generate", show_progress=True, seed=0):
+    """Every prompt a request to /v1/completions, `server.concurrency` in flight; yields [(index, samples)]
+    as each reply arrives, so a caller that saves each one loses only the requests in flight to a kill."""
+    stop = [tokenizer.convert_ids_to_tokens(token) for token in end_of_turn_ids(tokenizer)]
+    pool = concurrent.futures.ThreadPoolExecutor(server.concurrency)
+    futures = {pool.submit(server_samples, server, server.urls[index % len(server.urls)], tokenizer, text,
+                           num_samples, dict(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                             stop=stop, seed=int(content_key(seed, text), 16) % 2 ** 31),
+                           repetition_penalty): index for index, text in enumerate(prompts)}
+    try:
+        for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc=desc, unit="prompt",
+                           disable=not show_progress, dynamic_ncols=True):
+            yield [(futures[future], future.result())]
+    finally:  # on an error or a kill, drop the queue; only the requests in flight finish
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def server_samples(server, url, tokenizer, text, num_samples, body, repetition_penalty):
+    """num_samples answers to one prompt: [{"text", "truncated", "new_tokens"}], as decode_samples gives them."""
+    expected_tokens = len(prompt_ids(tokenizer, text))
+    if adds_bos(tokenizer) and text.startswith(tokenizer.bos_token):
+        text = text[len(tokenizer.bos_token):]  # the server's tokenizer adds BOS itself, as ours would
+    body = {"model": server.model, "prompt": text, **body}
+    if repetition_penalty != 1.0:  # not in the OpenAI API; vLLM and SGLang take it as an extra field
+        body["repetition_penalty"] = repetition_penalty
+    samples = []
+    while len(samples) < num_samples:  # a server that returns fewer choices than asked is asked for the rest
+        try:
+            reply = request_json(url + "/completions", {**body, "n": num_samples - len(samples),
+                                                        "seed": body["seed"] + len(samples)}, server.key)
+        except InputError as error:
+            if "repetition_penalty" not in str(error):
+                raise
+            raise InputError(f"{error}: this server takes no repetition penalty (vLLM and SGLang do, transformers "
+                             "serve does not); rerun with --repetition-penalty 1.0") from None
+        choices = reply.get("choices") if isinstance(reply, dict) else None
+        if not choices or not all(isinstance(choice, dict) and isinstance(choice.get("text"), str)
+                                  for choice in choices):
+            raise InputError(f"--server {url}: not a completions reply (no choices with text): {str(reply)[:200]}")
+        usage = reply.get("usage") or {}
+        if usage.get("prompt_tokens") not in (None, expected_tokens):
+            raise InputError(f"--server {url}: the server read the prompt as {usage['prompt_tokens']} tokens, we "
+                             f"count {expected_tokens}: is it serving the model whose tokenizer --model names?")
+        for choice in choices:
+            ended = choice.get("finish_reason") != "length"
+            tokens = usage["completion_tokens"] if len(choices) == 1 and "completion_tokens" in usage else \
+                len(tokenizer(choice["text"], add_special_tokens=False).input_ids) + ended
+            samples.append({"text": choice["text"].strip(), "truncated": not ended, "new_tokens": tokens})
+    return samples
+
+
+def server_chat(server, messages, max_tokens):
+    """Greedy replies to user messages from /v1/chat/completions, in order (05's judge behind an API)."""
+    def ask(index_message):
+        index, message = index_message
+        url = server.urls[index % len(server.urls)] + "/chat/completions"
+        reply = request_json(url, {"model": server.model, "messages": [{"role": "user", "content": message}],
+                                   "temperature": 0, "max_tokens": max_tokens}, server.key)
+        try:
+            return reply["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError) as error:
+            raise InputError(f"{url}: not a chat completions reply ({error!r}): {str(reply)[:200]}") from None
+
+    with concurrent.futures.ThreadPoolExecutor(server.concurrency) as pool:
+        return list(pool.map(ask, enumerate(messages)))
+
+
+def load_engine(name, servers=None, server_model=None, concurrency=64, trust_remote_code=False):
+    """(engine, tokenizer, context length): the model loaded here, or a Server; the tokenizer is `name`'s."""
+    if not servers:
+        model, tokenizer = load_model(name, trust_remote_code=trust_remote_code)
+        return model, tokenizer, getattr(model.config, "max_position_embeddings", None) or 2048
+    from transformers import AutoConfig
+    server, tokenizer = connect(servers, server_model, concurrency), load_tokenizer(name, trust_remote_code)
+    config = AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    return server, tokenizer, getattr(config, "max_position_embeddings", None) or 2048
+
+
+def engine_name(engine):
+    """What made a record: 'in-process', or the server's model and URL."""
+    return f"{engine.model} at {' '.join(engine.urls)}" if isinstance(engine, Server) else "in-process"
+
+
+# ----------------------------------------------------------------------------
+# 8. The batched logit scorer
 #
 # log pi(response | prompt) = sum over response tokens of log softmax(logits)[token].
 # One function, response_logps, computes it for 03 (scoring), for 04's reference before
@@ -884,7 +1054,7 @@ def score(model, tokenizer, prompts, responses, token_budget=8192, per_token=Fal
 
 
 # ----------------------------------------------------------------------------
-# 8. Small helpers
+# 9. Small helpers
 
 # A number as people write it: a minus sign only where it is not "10-2" subtraction, thousands
 # groups of exactly three digits after one separator ("1,234", "1 234 567", "1.234"), then

@@ -15,6 +15,14 @@
 #   $RUN/iter1/{responses,translated,pairs,pairs.eval}.jsonl  $RUN/iter1/model/
 #   $RUN/iter2/...                                            $RUN/eval/report.md, report.png
 # Each stage skips work already done, so rerunning after an interruption continues.
+#
+# On GPUs, let a serving engine generate: SERVE is the command that serves one model, with {model} and
+# {port} where the model's directory and a port go. loop.sh starts it for each iteration's policy (01 and
+# 02 send it their requests), waits for /health, and stops it before 04 trains; for 05 it serves each model
+# in turn (answers only; the judge and the report run after). Scoring (03, 04) stays in-process.
+#   SERVE="vllm serve {model} --port {port}" bash loop.sh
+#   SERVE="python -m sglang.launch_server --model-path {model} --port {port}" bash loop.sh
+#   SERVE="transformers serve {model} --port {port} --device cpu" GEN_ARGS="--repetition-penalty 1.0" bash loop.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -43,8 +51,46 @@ EVAL_MAX_NEW_TOKENS=${EVAL_MAX_NEW_TOKENS:-64}  # enough to tell the language of
 PYTHON=${PYTHON:-python}
 TRAIN=${TRAIN:-$PYTHON}                 # e.g. TRAIN="torchrun --nproc_per_node=8" on a multi-GPU machine
 TRAIN_ARGS=${TRAIN_ARGS:---batch-size 4 --grad-accum 1}  # extra flags for 04_dpo.py (4 pairs a step here)
+GEN_ARGS=${GEN_ARGS:-}                  # extra flags for 01_generate.py
+SERVE=${SERVE:-}                        # serve each policy with this command (above); empty: generate in-process
+SERVE_PORT=${SERVE_PORT:-8000}
+SERVE_WAIT=${SERVE_WAIT:-900}           # seconds a server may take to come up (a 70B model loads for minutes)
 
 stage() { echo; echo "== $(date +%H:%M:%S) iteration $1: $2"; }
+
+server_pid=""
+server=()  # the --server flag for 01, 02 and 05 while a server runs
+start_server() {  # $1: the model to serve, $2: its log file
+  [ -n "$SERVE" ] || return 0
+  local path command
+  path=$($PYTHON -c 'import sys, common; print(common.resolve_model(sys.argv[1]))' "$1")
+  command=${SERVE//\{model\}/$path}
+  echo "serving $path: ${command//\{port\}/$SERVE_PORT} (log: $2)"
+  ${command//\{port\}/$SERVE_PORT} > "$2" 2>&1 &
+  server_pid=$!
+  for _ in $(seq "$SERVE_WAIT"); do
+    if $PYTHON -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' \
+        "http://127.0.0.1:$SERVE_PORT/health" 2> /dev/null; then
+      server=(--server "http://127.0.0.1:$SERVE_PORT/v1")
+      return 0
+    fi
+    if ! kill -0 "$server_pid" 2> /dev/null; then
+      echo "the server exited before it was up; the end of $2:"; tail -n 20 "$2"; exit 1
+    fi
+    sleep 1
+  done
+  echo "the server was not up after $SERVE_WAIT s; the end of $2:"; tail -n 20 "$2"; exit 1
+}
+stop_server() {  # also on any exit, so a failed stage never leaves a server holding the GPU
+  if [ -n "$server_pid" ]; then
+    kill "$server_pid" 2> /dev/null || true
+    wait "$server_pid" 2> /dev/null || true
+  fi
+  server_pid=""
+  server=()
+}
+trap stop_server EXIT
+trap 'exit 130' INT TERM  # so that Ctrl-C or a kill runs the EXIT trap too
 keep=(); [ "$KEEP_TRUNCATED" = 1 ] && keep=(--keep-truncated)
 
 policy=$MODEL
@@ -54,13 +100,15 @@ trained_on=()  # every iteration's training prompts: 05 refuses to evaluate any 
 for iteration in $(seq 1 "$ITERS"); do
   dir=$RUN/iter$iteration
   mkdir -p "$dir"
+  start_server "$policy" "$dir/server.log"
   if [ "$iteration" -eq 1 ] || [ "$REWARD" = imbalance ]; then
     stage "$iteration" "01 generate (greedy, one answer per prompt)"
     $PYTHON 01_generate.py --model "$policy" --prompts "$PROMPTS" --langs "$LANGS" --limit "$LIMIT" \
-      --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --output "$dir/responses.jsonl"
+      --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --output "$dir/responses.jsonl" "${server[@]}" $GEN_ARGS
     stage "$iteration" "02 translate (the policy translates its own answers)"
     $PYTHON 02_translate.py --model "$policy" --input "$dir/responses.jsonl" --seed "$SEED" \
-      --output "$dir/translated.jsonl"
+      --output "$dir/translated.jsonl" "${server[@]}"
+    stop_server
     stage "$iteration" "03 reward (language-imbalance pairs)"
     $PYTHON 03_reward.py --method imbalance --input "$dir/translated.jsonl" --output "$dir/pairs.jsonl" \
       --eval-frac 0.15 --seed "$SEED" "${keep[@]}"
@@ -68,7 +116,8 @@ for iteration in $(seq 1 "$ITERS"); do
     stage "$iteration" "01 generate ($SAMPLES samples per prompt, temperature 0.9)"
     $PYTHON 01_generate.py --model "$policy" --prompts "$PROMPTS" --langs "$LANGS" --limit "$LIMIT" \
       --max-new-tokens "$MAX_NEW_TOKENS" --num-samples "$SAMPLES" --temperature 0.9 --seed "$SEED" \
-      --output "$dir/responses.jsonl"
+      --output "$dir/responses.jsonl" "${server[@]}" $GEN_ARGS
+    stop_server
     stage "$iteration" "03 reward (implicit: $policy against $reference)"
     $PYTHON 03_reward.py --method implicit --input "$dir/responses.jsonl" --output "$dir/pairs.jsonl" \
       --dpo-model "$policy" --ref-model "$reference" --eval-frac 0.15 --seed "$SEED" "${keep[@]}"
@@ -83,8 +132,17 @@ for iteration in $(seq 1 "$ITERS"); do
 done
 
 stage "all" "05 evaluate: ${models[*]}"
-$PYTHON 05_eval.py --models "${models[@]}" --tasks "$EVAL_TASKS" --langs "$LANGS" --prompts "$EVAL_PROMPTS" \
-  --limit "$EVAL_LIMIT" --judge-limit "$JUDGE_LIMIT" --max-new-tokens "$EVAL_MAX_NEW_TOKENS" --batch-size 64 \
-  --seed "$SEED" --trained-on "${trained_on[@]}" --output "$RUN/eval"
+evaluate=(05_eval.py --models "${models[@]}" --tasks "$EVAL_TASKS" --langs "$LANGS" --prompts "$EVAL_PROMPTS"
+  --limit "$EVAL_LIMIT" --judge-limit "$JUDGE_LIMIT" --max-new-tokens "$EVAL_MAX_NEW_TOKENS" --batch-size 64
+  --seed "$SEED" --trained-on "${trained_on[@]}" --output "$RUN/eval")
+if [ -n "$SERVE" ]; then  # each model answers on its own server, one at a time; then judge and report
+  mkdir -p "$RUN/eval"
+  for k in "${!models[@]}"; do
+    start_server "${models[$k]}" "$RUN/eval/server$k.log"
+    $PYTHON "${evaluate[@]}" "${server[@]}" --answers-only
+    stop_server
+  done
+fi
+$PYTHON "${evaluate[@]}"
 echo
 echo "done: $RUN/eval/report.md"

@@ -49,8 +49,8 @@ def measure(variant, num_texts, batch_size):
     jobs = [job for pair in zip(jobs, [(p["prompt"], p["lang"], "en") for p in others]) for job in pair][:num_texts]
     requests = []
     for text, source, target in jobs:
-        ids = common.chat_prompt_ids(tokenizer, translate.translation_request(text, target),
-                                     assistant_prefix=translate.OPEN_TAG)
+        ids = common.chat_prompt_text(tokenizer, translate.translation_request(text, target),
+                                      assistant_prefix=translate.OPEN_TAG)
         cap = translate.max_new_tokens(len(tokenizer(text, add_special_tokens=False).input_ids),
                                        ratios.get((source, target), 1.0))
         requests.append((ids, cap))
@@ -62,7 +62,7 @@ def measure(variant, num_texts, batch_size):
     else:  # one cap for all, batches as they come
         largest = max(cap for _, cap in requests)
         results = [None] * len(requests)
-        for batch in common.generate_batches(model, tokenizer, [ids for ids, _ in requests], max_new_tokens=largest,
+        for batch in common.generate(model, tokenizer, [ids for ids, _ in requests], max_new_tokens=largest,
                                              batch_size=batch_size, show_progress=False, **sampling):
             for index, samples in batch:
                 results[index] = samples[0]

@@ -8,7 +8,9 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -118,3 +120,28 @@ def test_loop_runs_all_stages_and_resumes_after_kills(tmp_path):
     assert os.path.getmtime(model / "model.safetensors") == model_written
     assert os.path.getmtime(iteration / "responses.jsonl") == responses_written
     assert (run / "eval" / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_loop_generates_on_the_servers_it_starts_and_stops(tmp_path):
+    """SERVE: loop.sh serves each iteration's policy for 01 and 02 (transformers serve here, vLLM at scale),
+    and each model in turn for 05's answers; every record names its server, and no server outlives the run."""
+    from test_server import free_port
+    port = free_port()
+    serve = (f"{os.path.join(os.path.dirname(sys.executable), 'transformers')} serve {{model}} --host 127.0.0.1 "
+             "--port {port} --device cpu")
+    environment = dict(loop_environment(tmp_path), SERVE=serve, SERVE_PORT=str(port), EVAL_TASKS="winrate",
+                       GEN_ARGS="--repetition-penalty 1.0", PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    with open(tmp_path / "log", "w") as log:
+        assert start_loop(environment, log).wait(timeout=1800) == 0, (tmp_path / "log").read_text()[-3000:]
+    run, url = tmp_path / "run", f"http://127.0.0.1:{port}/v1"
+    embedded = common.embedded_model_dir()
+    assert {r["engine"] for r in read_records(run / "iter1" / "responses.jsonl")} == {f"{embedded} at {url}"}
+    assert {r["translation_info"]["engine"] for r in read_records(run / "iter1" / "translated.jsonl")} == \
+        {f"{embedded} at {url}"}
+    served = [f"{embedded} at {url}", f"{run / 'iter1' / 'model'} at {url}"]
+    assert [m["engines"] for m in json.loads((run / "eval" / "eval.json").read_text())["models"]] == \
+        [[served[0]], [served[1]]]
+    assert (run / "eval" / "server1.log").exists() and (run / "iter1" / "model" / "model.safetensors").exists()
+    with pytest.raises(OSError):  # the last server was stopped
+        socket.create_connection(("127.0.0.1", port), timeout=2)

@@ -7,7 +7,6 @@ check). The slow tests run the real embedded model.
 import importlib.util
 import json
 import os
-import types
 
 import pytest
 from tqdm import tqdm
@@ -131,17 +130,16 @@ def translate_one(monkeypatch, tokenizer, response, flags, reply):
     Returns (the finished record, [(temperature, [pieces sent])] per call)."""
     calls = []
 
-    def generate(model, tokenizer, requests, batch_size, sampling, progress):
+    def generate(engine, tokenizer, requests, batch_size, sampling, progress):
         calls.append((sampling["temperature"], [piece for _, _, piece, _ in requests]))
         return [answer(reply(piece, sampling["temperature"]) + "</translated>") for _, _, piece, _ in requests]
 
     monkeypatch.setattr(translate, "generate_translations", generate)
     args = translate.parse_args(flags)
     args.translator = "stand-in"
-    model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=2048))
     record = {"id": "a", "lang": "en", "prompt": "p", "responses": [response]}
-    [[finished]] = translate.translate_records([record], {("a", "en"): ["es"]}, model, tokenizer, args, {},
-                                              tqdm(disable=True), [0])
+    [[finished]] = translate.translate_records([record], {("a", "en"): ["es"]}, "stand-in engine", tokenizer, 2048,
+                                              args, {}, tqdm(disable=True), [0])
     return finished, calls
 
 
