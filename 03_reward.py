@@ -60,6 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the crossin mix")
     parser.add_argument("--eval-frac", type=float, default=0.0,
                         help="hold out this share of prompt ids into <output>.eval.jsonl (at least one id)")
+    parser.add_argument("--conversational", action="store_true", help="write TRL's conversational form (prompt "
+                        "and answers as chat messages): what TRL needs to train with the chat template, as 04 does")
     parser.add_argument("--keep-truncated", action="store_true",
                         help="also use answers that hit max_new_tokens in 01 (skipped by default)")
     parser.add_argument("--dominant", default="en", help="the teacher language")
@@ -489,8 +491,9 @@ def main(argv=None):
     if rank != 0:  # rank 0 alone writes
         common.cleanup_distributed()
         return
-    train, held_out = common.split_by_id(rows, args.eval_frac, args.seed)
     summary, table = summarise(rows, skipped)
+    train, held_out = common.split_by_id([common.conversational(r) if args.conversational else r for r in rows],
+                                         args.eval_frac, args.seed)
     common.write_json(sidecar(args.output, "summary"), {
         "method": args.method, "input": args.input, "rows": len(train), "eval_rows": len(held_out),
         "per_language": summary, **({"length_control": alphas} if alphas is not None else {})})

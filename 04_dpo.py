@@ -1,7 +1,9 @@
 """04: train the policy on preference pairs with DPO (sigmoid, IPO, hinge, +NLL), or on SFT rows.
 
 In:  --input pairs.jsonl from 03_reward.py: one {"prompt", "chosen", "rejected", ...} per line
-     (with --loss sft: {"prompt", "completion"} rows). prompt is the raw user message.
+     (with --loss sft: {"prompt", "completion"} rows). prompt is the raw user message; TRL's
+     conversational form (the prompt as [system,] user messages, each answer as one assistant message) is
+     read too, and means the same.
 Out: --output directory (default runs/demo/model/), loadable by any Hugging Face tool:
        config.json, model.safetensors, tokenizer files   the trained policy (save_pretrained, fp32)
        metrics.jsonl          one line per optimizer step, with TRL's metric names
@@ -54,7 +56,9 @@ def parse_args(argv=None):
     add("--output", default="runs/demo/model", help="output directory (model, metrics, summary, checkpoints)")
     add("--model", default=common.EMBEDDED_MODEL, help="policy to train: hub id, local dir, or the embedded default")
     add("--reference", default=None, help="reference model for DPO (default: --model as it was before training)")
-    add("--loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge", "sft"], help="DPO, IPO, SLiC hinge, or NLL")
+    add("--loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge", "sft"], help="DPO, IPO, SLiC hinge, or NLL. "
+        "IPO here uses summed log-probs; TRL's divides each log-ratio by the response length, so one beta means "
+        "two different objectives")
     add("--beta", type=float, default=0.1, help="DPO temperature: how far the policy may move from the reference")
     add("--label-smoothing", type=float, default=0.0, help="sigmoid loss only: assumed share of flipped labels (cDPO)")
     add("--nll-weight", type=float, default=0.0, help="+ this x per-token NLL of the chosen response (DPO+NLL: 1.0)")
@@ -118,6 +122,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     With delta = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected):
       sigmoid  -(1 - e) log sigmoid(beta delta) - e log sigmoid(-beta delta)   DPO; e = label_smoothing (cDPO)
       ipo      (delta - 1 / (2 beta))^2                                        IPO, Azar et al. 2023
+               (summed log-probs, as in the paper; TRL's IPO averages them per token)
       hinge    max(0, 1 - beta delta)                                          SLiC, Zhao et al. 2023
       + nll_weight * sum(-policy_chosen_logps) / tokens_in_batch               DPO+NLL, Pang et al. 2024
     """
@@ -156,12 +161,10 @@ def read_examples(path, args, tokenizer, report=True):
     examples, skipped = [], {"too_long": [], "identical": []}
     for line_number, record in rows:
         where = f"{path}:{line_number}"
-        for field in fields:
-            if not isinstance(record[field], str) or not record[field].strip():
-                raise common.InputError(f"{where}: field '{field}' must be a non-empty string")
-        sequences = [common.tokenize_prompt_response(tokenizer, record["prompt"], record[f]) for f in fields[1:]]
+        (prompt, system), *answers = [common.row_text(record[field], field, where) for field in fields]
+        sequences = [common.tokenize_prompt_response(tokenizer, prompt, answer, system) for answer, _ in answers]
         length = max(len(ids) for ids, _ in sequences)
-        reason = ("identical" if args.loss != "sft" and record["chosen"] == record["rejected"] else  # teaches nothing
+        reason = ("identical" if args.loss != "sft" and answers[0] == answers[1] else  # teaches nothing
                   "too_long" if length > args.max_length else None)
         if reason:
             skipped[reason].append(where)
@@ -244,10 +247,17 @@ def micro_batch_loss(model, batch, args, pairs_in_batch, tokens_in_batch):
     policy = logps.detach()
     return loss, {"loss": loss.detach(), "rewards/chosen": chosen_rewards.sum(),
                   "rewards/rejected": rejected_rewards.sum(),
-                  "rewards/accuracies": (chosen_rewards > rejected_rewards).double().sum(),  # a tie is not a win
+                  "rewards/accuracies": wins(chosen_rewards, rejected_rewards, policy[:n], policy[n:], args.beta),
                   "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
                   "logps/chosen": policy[:n].sum(), "logps/rejected": policy[n:].sum(),
                   "nll_loss": -policy[:n].sum() / tokens_in_batch}
+
+
+def wins(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps, beta):
+    """How many pairs the chosen reward wins. A margin within fp32 noise of the summed log-probs (1e-6 of
+    their size) is a tie, not a win: at step 1, where policy == reference, no pair is won (as in TRL)."""
+    noise = 1e-6 * beta * (policy_chosen_logps.abs() + policy_rejected_logps.abs())
+    return (chosen_rewards - rejected_rewards > noise).double().sum()
 
 
 def reduce_metrics(sums, pairs):
@@ -548,8 +558,10 @@ def main(argv=None):
                 f"{latest_checkpoint(args.output) or 'none'}. Try a lower --lr or --beta.")
         state.update(step=step + 1, final_step=metrics, train_seconds=state.get("train_seconds", 0) + seconds,
                      train_tokens=state.get("train_tokens", 0) + metrics["tokens"])
-        record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), **metrics, "lr": lr,
-                  "tokens/s": round(metrics["tokens"] / seconds, 1)}
+        # TRL's names where the quantity is TRL's (learning_rate, cumulative num_tokens); tokens/s is ours.
+        record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "learning_rate": lr,
+                  **{name: value for name, value in metrics.items() if name != "tokens"},
+                  "num_tokens": state["train_tokens"], "tokens/s": round(metrics["tokens"] / seconds, 1)}
         if rank == 0:
             with open(metrics_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")

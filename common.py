@@ -861,6 +861,28 @@ def engine_name(engine):
 # runs on response positions only, a chunk at a time, and log-prob = logit - logsumexp(logits).
 
 
+def conversational(row):
+    """A pair or SFT row in TRL's conversational form: the prompt as a user message, each answer as an assistant
+    message. TRL reads a string prompt as plain text, without the chat template; this form means to TRL what
+    the string form means to 04."""
+    return {**row, "prompt": [{"role": "user", "content": row["prompt"]}],
+            **{f: [{"role": "assistant", "content": row[f]}] for f in ("chosen", "rejected", "completion") if f in row}}
+
+
+def row_text(value, field, where):
+    """(text, system message or None) of a row's field in either form: a string, or TRL's conversational form
+    ([system,] user for the prompt; one assistant message for an answer). One line for anything else."""
+    if isinstance(value, str) and value.strip():
+        return value, None
+    roles = [m.get("role") for m in value if isinstance(m, dict)] if isinstance(value, list) else None
+    expected = (["user"], ["system", "user"]) if field == "prompt" else (["assistant"],)
+    if roles in expected and len(roles) == len(value) and all(isinstance(m.get("content"), str) and m["content"].strip()
+                                                              for m in value):
+        return value[-1]["content"], value[0]["content"] if len(value) == 2 else None
+    raise InputError(f"{where}: field '{field}' must be a non-empty string or one turn of messages "
+                     f"(roles {' or '.join('+'.join(r) for r in expected)})")
+
+
 def tokenize_prompt_response(tokenizer, prompt, response, system=None):
     """Token ids of the rendered chat prompt + response + end-of-turn, and the prompt's length.
 

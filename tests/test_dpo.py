@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import common
 from conftest import REPO, read_records, run_script, run_torchrun
 
 spec = importlib.util.spec_from_file_location("dpo", os.path.join(REPO, "04_dpo.py"))
@@ -130,9 +131,10 @@ def test_step_one_loss_is_ln2_and_outputs_load(tmp_path, tiny_model):
     first = read_records(output / "metrics.jsonl")[0]
     assert abs(first["loss"] - math.log(2)) < 1e-5
     assert abs(first["rewards/margins"]) < 1e-5 and first["rewards/accuracies"] == 0.0
-    for name in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "lr", "grad_norm",
-                 "tokens/s"):
+    for name in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "learning_rate",
+                 "grad_norm", "num_tokens", "tokens/s"):
         assert name in first
+    assert "lr" not in first and "tokens" not in first  # TRL's names, and num_tokens counts from the start
     summary = json.loads((output / "train_summary.json").read_text())
     assert summary["steps"] == 1 and summary["train_pairs"] == 8 and summary["reference_scored_now"] == 8
     assert summary["tokens_per_second"] > 0
@@ -336,3 +338,33 @@ def test_sft_loss_decreases(tmp_path, tiny_model):
     assert all(later < earlier for earlier, later in zip(losses, losses[1:]))
     summary = json.loads((output / "train_summary.json").read_text())
     assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"] - 1.0
+
+
+def test_a_reward_tie_within_float_noise_is_not_a_win():
+    """Step 1, policy == reference: margins are float noise (here 1e-5 on log-probs of -150) and win nothing."""
+    policy_chosen, policy_rejected = torch.tensor([-150.0, -150.0, -80.0]), torch.tensor([-120.0, -90.0, -60.0])
+    chosen_rewards = 0.1 * torch.tensor([1e-5, -1e-5, 0.5])  # beta * (policy - reference)
+    rejected_rewards = torch.zeros(3)
+    assert dpo.wins(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected, 0.1).item() == 1.0
+    assert dpo.wins(rejected_rewards, chosen_rewards, policy_rejected, policy_chosen, 0.1).item() == 0.0
+
+
+def test_trl_conversational_pairs_train_exactly_as_plain_ones(tmp_path, tiny_model):
+    """03 --conversational writes TRL's form (prompt and answers as chat messages); 04 reads it as the same pairs:
+    the same step-1 log-probs and the same update. A row in neither form stops at its line."""
+    plain = write_pairs(tmp_path / "plain.jsonl")
+    rows = read_records(plain)
+    with open(tmp_path / "chat.jsonl", "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(common.conversational(row), ensure_ascii=False) + "\n" for row in rows)
+    assert read_records(tmp_path / "chat.jsonl")[0]["chosen"] == [{"role": "assistant", "content": rows[0]["chosen"]}]
+    flags = ["--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3", "--max-steps", "2"]
+    plain_out, _ = train(tmp_path, tiny_model, plain, "plain", *flags)
+    chat_out, _ = train(tmp_path, tiny_model, str(tmp_path / "chat.jsonl"), "chat", *flags)
+    for name in ("loss", "logps/chosen", "logps/rejected"):
+        assert [m[name] for m in read_records(chat_out / "metrics.jsonl")] == \
+            [m[name] for m in read_records(plain_out / "metrics.jsonl")]
+    bad = dict(rows[1], prompt=[{"role": "assistant", "content": "hi"}])
+    with open(tmp_path / "bad.jsonl", "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in (rows[0], bad))
+    _, result = train(tmp_path, tiny_model, str(tmp_path / "bad.jsonl"), "bad", check=False)
+    assert result.returncode == 2 and "bad.jsonl:2: field 'prompt' must be" in result.stderr

@@ -154,6 +154,11 @@ def test_eval_split_by_id(tmp_path):
     assert (summary["rows"], summary["eval_rows"]) == (30, 10)
     run(tmp_path, many, "--method", "imbalance", "--eval-frac", "0.25", "--seed", "3", name="again")
     assert read_records(tmp_path / "again.eval.jsonl") == held_out  # deterministic by seed
+    # --conversational: the same rows and split, in TRL's conversational form.
+    chat, _ = run(tmp_path, many, "--method", "imbalance", "--eval-frac", "0.25", "--seed", "3", "--conversational",
+                  name="chat")
+    assert chat == [common.conversational(row) for row in rows]
+    assert chat[0]["prompt"] == [{"role": "user", "content": rows[0]["prompt"]}]
 
 
 def test_command_line_and_rerun(tmp_path):
