@@ -13,7 +13,11 @@ The defaults are the language-imbalance paper's: one greedy sample, repetition
 penalty 1.1. For implicit cross-lingual rewarding sample several, e.g.
 --num-samples 10 --temperature 0.9. Under `torchrun --nproc_per_node=K` the prompts
 are split across ranks and rank 0 merges the output. A killed run, rerun with the
-same command, continues where it stopped.
+same command, continues where it stopped. At scale, --server sends the same prompts (rendered
+here with --model's tokenizer) to an OpenAI-compatible serving engine instead:
+
+    vllm serve <model dir> --port 8000 &
+    python 01_generate.py --model <model dir> --server http://127.0.0.1:8000/v1 --num-samples 10 --temperature 0.9
 """
 import argparse
 import time

@@ -15,6 +15,7 @@ and joined back ("pieces": how many). A piece that failed is asked again, sample
 "retried": how many pieces were).
 
     python 02_translate.py --input runs/demo/responses.jsonl --output runs/demo/translated.jsonl
+    python 02_translate.py ... --server http://127.0.0.1:8000/v1 --batch-size 4096   # on a serving engine
 
 How a translation is made (the mechanism of the papers' code, in our own words): the source
 text goes inside <sentence> tags, the model is asked for its answer inside <translated>

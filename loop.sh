@@ -51,7 +51,7 @@ EVAL_MAX_NEW_TOKENS=${EVAL_MAX_NEW_TOKENS:-64}  # enough to tell the language of
 PYTHON=${PYTHON:-python}
 TRAIN=${TRAIN:-$PYTHON}                 # e.g. TRAIN="torchrun --nproc_per_node=8" on a multi-GPU machine
 TRAIN_ARGS=${TRAIN_ARGS:---batch-size 4 --grad-accum 1}  # extra flags for 04_dpo.py (4 pairs a step here)
-GEN_ARGS=${GEN_ARGS:-}                  # extra flags for 01_generate.py
+GEN_ARGS=${GEN_ARGS:-}                  # extra flags for 01 (e.g. --repetition-penalty 1.0 for a server without one)
 SERVE=${SERVE:-}                        # serve each policy with this command (above); empty: generate in-process
 SERVE_PORT=${SERVE_PORT:-8000}
 SERVE_WAIT=${SERVE_WAIT:-900}           # seconds a server may take to come up (a 70B model loads for minutes)

@@ -299,7 +299,8 @@ def test_bad_pairs_name_file_and_line(tmp_path, tiny_model):
     tokenizer = dpo.common.load_tokenizer(tiny_model)
     for name, rows, message in [("empty.jsonl", [good, good, dict(good, chosen="")], ":3: field 'chosen' is empty"),
                                 ("blank.jsonl", [dict(good, rejected="   ")],
-                                 ":1: field 'rejected' must be a non-empty string")]:
+                                 ":1: field 'rejected' must be a non-empty string or one turn of messages "
+                                 "(roles assistant)")]:
         with pytest.raises(dpo.common.InputError) as error:
             dpo.read_examples(rows_file(name, rows), args, tokenizer)
         assert str(error.value) == f"{tmp_path / name}{message}"
