@@ -14,7 +14,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = ["bench_generate", "bench_translate", "bench_scorer", "bench_dpo", "bench_eval"]
+BENCHMARKS = ["bench_generate", "bench_translate", "bench_scorer", "bench_dpo", "bench_eval", "bench_serve"]
 
 
 def load(name):
