@@ -162,11 +162,13 @@ def test_05_answers_and_judges_through_a_server(lively_server, served_model, tin
 class NotCompletions(http.server.BaseHTTPRequestHandler):
     """A server that lists a model but answers every request with JSON that has no choices (a proxy's error page,
     a different API): the client must say so, not crash or write an empty answer."""
+    keys = []  # the Authorization header of each POST
 
     def do_GET(self):
         self.reply({"object": "list", "data": [{"id": "m", "object": "model"}]})
 
     def do_POST(self):
+        NotCompletions.keys.append(self.headers.get("Authorization"))
         self.reply({"object": "error", "message": "upstream unavailable"})
 
     def reply(self, value):
@@ -191,9 +193,10 @@ def test_server_faults_are_one_line_and_a_killed_server_loses_nothing(served_mod
     stub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotCompletions)
     threading.Thread(target=stub.serve_forever, daemon=True).start()
     odd = run_script("01_generate.py", *flags, "--limit", "1", "--server", f"http://127.0.0.1:{stub.server_port}/v1",
-                     "--output", tmp_path / "odd.jsonl")
+                     "--output", tmp_path / "odd.jsonl", env={"OPENAI_API_KEY": "sk-test"})
     stub.shutdown()
     assert_one_line_error(odd, "not a completions reply")
+    assert NotCompletions.keys[0] == "Bearer sk-test"  # the API key goes as vLLM's --api-key expects it
     assert not os.path.exists(tmp_path / "odd.jsonl")
 
     port = free_port()
