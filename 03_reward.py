@@ -60,8 +60,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the crossin mix")
     parser.add_argument("--eval-frac", type=float, default=0.0,
                         help="hold out this share of prompt ids into <output>.eval.jsonl (at least one id)")
-    parser.add_argument("--conversational", action="store_true", help="write TRL's conversational form (prompt "
-                        "and answers as chat messages): what TRL needs to train with the chat template, as 04 does")
+    parser.add_argument("--conversational", action="store_true", help="write TRL's form: chat messages (README)")
     parser.add_argument("--keep-truncated", action="store_true",
                         help="also use answers that hit max_new_tokens in 01 (skipped by default)")
     parser.add_argument("--dominant", default="en", help="the teacher language")

@@ -28,6 +28,8 @@ The reference log-probs are computed before training by the same function, in th
 as the first epoch's (so step 1 is exactly ln 2), and cached, so no reference model is held while the
 policy trains. A killed run continues from its latest checkpoint when rerun (same data order, same
 final weights).
+IPO (--loss ipo) uses the summed log-probs of each response, as the IPO paper writes it; TRL's IPO divides
+each log-ratio by the response length, so one beta means two different objectives there.
 """
 import argparse
 import contextlib
@@ -56,9 +58,7 @@ def parse_args(argv=None):
     add("--output", default="runs/demo/model", help="output directory (model, metrics, summary, checkpoints)")
     add("--model", default=common.EMBEDDED_MODEL, help="policy to train: hub id, local dir, or the embedded default")
     add("--reference", default=None, help="reference model for DPO (default: --model as it was before training)")
-    add("--loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge", "sft"], help="DPO, IPO, SLiC hinge, or NLL. "
-        "IPO here uses summed log-probs; TRL's divides each log-ratio by the response length, so one beta means "
-        "two different objectives")
+    add("--loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge", "sft"], help="DPO, IPO, SLiC hinge, or NLL (IPO: see above)")
     add("--beta", type=float, default=0.1, help="DPO temperature: how far the policy may move from the reference")
     add("--label-smoothing", type=float, default=0.0, help="sigmoid loss only: assumed share of flipped labels (cDPO)")
     add("--nll-weight", type=float, default=0.0, help="+ this x per-token NLL of the chosen response (DPO+NLL: 1.0)")
