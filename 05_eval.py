@@ -1,7 +1,8 @@
-"""Stage 5: did the loop help? Math accuracy, win rate, language fidelity, consistency, a report.
+"""Stage 5: did the loop help? Math, multiple choice, win rate, language fidelity, consistency, alignment.
 
 In:  models to compare (--models: the base model first, then each iteration's), MGSM TSVs,
-     the bundled math set (data/math/{lang}.jsonl with question/answer), instruction prompts.
+     the bundled math set (data/math/{lang}.jsonl with question/answer), the bundled multiple-choice
+     set (data/choice/{lang}.jsonl with question/choices/answer), instruction prompts.
 Out: in --output (default runs/demo/eval/):
      eval.json         per model, per metric, per language: score, n, 95% interval
      predictions.jsonl every prompt, response, extracted answer, judge verdicts
@@ -10,7 +11,7 @@ Out: in --output (default runs/demo/eval/):
                        then models as columns, metric x language as rows, deltas against the first model
      report.png        per-language bars per model, one panel per metric (needs matplotlib)
 
-    python 05_eval.py --models smollm2-135m runs/demo/model --tasks mgsm,math,winrate --limit 20
+    python 05_eval.py --models smollm2-135m runs/demo/model --tasks mgsm,winrate,choice,alignment --limit 20
 
 Tasks (--tasks):
   mgsm, math  greedy step-by-step answer in the problem's language; the last number in the
@@ -19,12 +20,22 @@ Tasks (--tasks):
               (CrossIn: share of parallel problems answered alike in every language) and its
               harmonic mean with accuracy. --translate-test adds `mgsm-tt`/`math-tt`: the model
               first translates the question into English, then answers that (question alignment).
-  winrate     each model's answers judged against the first model's, in both orders (a judge
-              that favours a slot cancels out), ties count half. Judge: a local model's
-              next-token log-probs of "A" vs "B" (--judge), or a model behind an OpenAI-compatible
-              server (--judge-server, key from $OPENAI_API_KEY).
+              --math-mode code: the model writes a Python program instead, run in a separate, limited
+              process (no files, network, environment; time and memory limits); its last printed number counts.
+  winrate     each model's answers judged against the first model's (or --reference-answers, e.g. X-AlpacaEval's
+              GPT-4-turbo answers), in both orders (a judge that favours a slot cancels out), ties count half.
+              Judge: a local model's next-token log-probs of "A" vs "B" (--judge), or a model behind an
+              OpenAI-compatible server (--judge-server, key from $OPENAI_API_KEY). Also the length-controlled
+              win rate (AlpacaEval 2): the judge's preference fitted against the answers' length difference
+              and read at zero difference.
+  choice      multiple choice (question, choices, answer: letter or index; xCSQA's shape too): the option
+              whose letter the model gives the highest log-prob as its answer's first token. Accuracy,
+              and consistency (the same option chosen in every language).
+  alignment   for the parallel MGSM questions, the cosine between each language's mean hidden state and
+              English's, per layer (the question-alignment paper's analysis).
 A column whose model one of the --server URLs lists (as its /v1/models names it) is answered by
-that server; the others in-process.
+that server; the others in-process (choice and alignment read a model's log-probs or hidden states, so they
+always run in-process, and not for the proxy-tuned column, which has no single model).
 With --proxy-expert/--proxy-antiexpert one more column is evaluated: the first model
 proxy-tuned, logits = first + alpha * (expert - antiexpert).
 If a model directory holds train_summary.json (from 04_dpo.py), its held-out reward accuracy
@@ -36,6 +47,9 @@ import argparse
 import math
 import os
 import re
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -46,7 +60,9 @@ import common
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 MATH_TASKS = ("mgsm", "math")
-TASKS = MATH_TASKS + ("winrate",)
+SCORED_TASKS = ("choice", "alignment")  # read the model's own log-probs or hidden states: in-process only
+TASKS = MATH_TASKS + ("winrate",) + SCORED_TASKS
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # The step-by-step line appended to a math problem, in the problem's language (data, like the problems).
 MATH_INSTRUCTIONS = common.read_json(os.path.join(REPO, "data", "math", "instructions.json"))
@@ -63,6 +79,9 @@ correct and complete, and written in the language of the instruction.
 {answer_b}
 
 Which answer is better? Reply with one letter: A or B."""
+CHOICE_PROMPT = "{question}\n\n{options}\n\nAnswer with the letter of the correct option."
+CODE_INSTRUCTION = ("Write a short Python program that computes the answer and prints it as a number. Reply with "
+                    "the program only, in a ```python block.")
 
 
 # What the loop targets, chosen before the demo runs that report it (README, "What the demo shows"): is the
@@ -86,6 +105,12 @@ def parse_args(argv=None):
         help="MGSM: directory of mgsm_{lang}.tsv, JSONL with question/answer, or hub dataset")
     add("--math", default="data/math", help="math set: directory of {lang}.jsonl, a JSONL file, or hub dataset")
     add("--prompts", default="data/prompts", help="instruction prompts for the win rate")
+    add("--choice", default="data/choice", help="multiple-choice set: directory of {lang}.jsonl, a file, or hub "
+        "dataset (name:config[:split]; {lang} in it is replaced by each language)")
+    add("--math-mode", choices=("cot", "code"), default="cot", help="math answers: step-by-step text, or a Python "
+        "program run in a sandboxed child process")
+    add("--reference-answers", default=None, metavar="DIR_OR_FILE", help="win rate against these answers (JSONL "
+        "with id, prompt, response; one {lang}.jsonl per language) instead of the first model's")
     add("--trained-on", nargs="*", default=[], metavar="FILE", help="the loop's training records (each iteration's "
         "responses.jsonl): an evaluated prompt whose id or text is among them stops the run before any model loads")
     add("--output", default="runs/demo/eval", help="output directory")
@@ -116,6 +141,8 @@ def parse_args(argv=None):
         raise common.InputError(f"--tasks: unknown task(s) {','.join(unknown) or '(none)'} (known: {','.join(TASKS)})")
     for lang in args.langs:
         common.language_name(lang, "--langs")
+    if "alignment" in args.tasks and ("en" not in args.langs or len(args.langs) < 2):
+        raise common.InputError("--tasks alignment compares each language with English: --langs needs en and another")
     if (args.proxy_expert is None) != (args.proxy_antiexpert is None):
         raise common.InputError("--proxy-expert and --proxy-antiexpert go together")
     if args.answers_only and not args.server:
@@ -138,6 +165,48 @@ def check_gold(answer, where):
     if value is None or not math.isfinite(value):
         raise common.InputError(f"{where}: gold answer {answer!r} is not a number")
     return float(value)
+
+
+def check_choice(record, where):
+    """A multiple-choice record, made uniform in place: `choices` a list of option texts, `answer` the right one's
+    index. Accepts options as texts or {label, text} records (as columns too, the way datasets stores them), the
+    answer as a letter or an index, and xCSQA's shape: question {stem, choices}, answerKey."""
+    if isinstance(record.get("question"), dict):  # xCSQA
+        record["choices"] = record["question"].get("choices")
+        record["question"] = record["question"].get("stem")
+    choices, answer = record.get("choices"), record.pop("answerKey", record.get("answer"))
+    if isinstance(choices, dict) and isinstance(choices.get("text"), list):  # {"label": [...], "text": [...]}
+        choices = choices["text"]
+    choices = [c.get("text") if isinstance(c, dict) else c for c in choices] if isinstance(choices, list) else None
+    if not choices or not 2 <= len(choices) <= len(LETTERS) or not all(isinstance(c, str) and c.strip()
+                                                                        for c in choices):
+        raise common.InputError(f"{where}: 'choices' must list 2 to 26 non-empty options")
+    index = answer if isinstance(answer, int) and not isinstance(answer, bool) else \
+        LETTERS.find(answer.strip().upper()) if isinstance(answer, str) and len(answer.strip()) == 1 else -1
+    if not 0 <= index < len(choices):
+        raise common.InputError(f"{where}: answer {answer!r} is not one of the {len(choices)} options "
+                                f"(a letter A-{LETTERS[len(choices) - 1]} or an index 0-{len(choices) - 1})")
+    record.update(choices=choices, answer=index)
+
+
+def load_reference_answers(source, items, langs, judge_limit):
+    """{(id, lang): answer record} from --reference-answers: one for every prompt that will be judged, asked with
+    the same text, or the run stops here, before any model loads."""
+    def check(record, where):
+        record.setdefault("response", record.pop("output", None))  # AlpacaEval's files call it "output"
+        if not isinstance(record["response"], str):
+            raise common.InputError(f"{where}: a reference answer needs a 'response' text")
+    answers = {(r["id"], r["lang"]): r for r in common.load_prompts(source, langs=langs, check=check)}
+    judged = common.first_ids(items, judge_limit)
+    missing = [f"'{item['id']}' ({item['lang']})" for item in judged if (item["id"], item["lang"]) not in answers]
+    if missing:
+        raise common.InputError(f"--reference-answers {source}: no answer for {len(missing)} judged prompt(s), e.g. "
+                                f"{', '.join(missing[:3])}; its ids and languages must be those of --prompts")
+    for item in judged:
+        if answers[item["id"], item["lang"]]["prompt"].strip() != item["prompt"].strip():
+            raise common.InputError(f"--reference-answers {source}: the answer to '{item['id']}' ({item['lang']}) "
+                                    "was asked a different prompt than --prompts has under that id")
+    return answers
 
 
 def unique_labels(names):
@@ -178,7 +247,8 @@ def held_out_reward_accuracy(name):
 
 
 def load_generator(column, args):
-    """(generate(prompt texts, desc) -> common.generate's iterator, tokenizer, engine name) for one column."""
+    """What answers one column's tasks: {generate(prompt texts, desc) -> common.generate's iterator, tokenizer,
+    engine (its name), model (in-process, or None for a server column until a scored task loads it)}."""
     servers = column.get("servers")
     engine, tokenizer, _ = common.load_engine(column["model"], servers, column.get("served_as"),
                                               args.server_concurrency, args.trust_remote_code)
@@ -192,9 +262,19 @@ def load_generator(column, args):
                                     "proxy-tuning needs one shared vocabulary")
         small.append(small_model)
     proxy = (small[0], small[1], args.proxy_alpha) if "proxy" in column else None
-    return (lambda texts, desc: common.generate(engine, tokenizer, texts, max_new_tokens=args.max_new_tokens,
-                                                batch_size=args.batch_size, desc=desc, proxy=proxy)), tokenizer, \
-        common.engine_name(engine)
+    generate = lambda texts, desc: common.generate(  # noqa: E731
+        engine, tokenizer, texts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, desc=desc,
+        proxy=proxy)
+    return {"generate": generate,
+            "tokenizer": tokenizer, "engine": common.engine_name(engine),
+            "model": None if column.get("servers") else engine}
+
+
+def in_process_model(tools, column, args):
+    """The column's model loaded here: a server column's too, for the tasks that read log-probs or hidden states."""
+    if tools["model"] is None:
+        tools["model"] = common.load_model(column["model"], trust_remote_code=args.trust_remote_code)[0]
+    return tools["model"]
 
 
 def in_language(text, lang):
@@ -210,18 +290,22 @@ def answers(generate, tokenizer, items, messages, desc, counts):
         yield [(items[index], messages[index], samples[0]) for index, samples in batch]
 
 
-def math_message(question, lang):
-    """The user turn for a math problem: the problem, then the step-by-step line in its language."""
-    return f"{question}\n\n{MATH_INSTRUCTIONS.get(lang, MATH_INSTRUCTIONS['en'])}"
+def math_message(question, lang, mode):
+    """The user turn for a math problem: the problem, then the step-by-step line in its language (or, in code
+    mode, the request for a program, in English: it is code that is asked for)."""
+    instruction = CODE_INSTRUCTION if mode == "code" else MATH_INSTRUCTIONS.get(lang, MATH_INSTRUCTIONS["en"])
+    return f"{question}\n\n{instruction}"
 
 
-def task_records(generate, tokenizer, items, task, counts):
-    """Yields lists of prediction records for one task's items, a batch at a time.
+def task_records(tools, items, task, mode, counts):
+    """Yields lists of prediction records for one generated task's items, a batch at a time.
 
-    Every record has the answer and its language; a math record also the last number and whether it is right.
+    Every record has the answer and its language; a math record also the last number and whether it is right
+    (in code mode, the last number the model's program printed).
     A translate-test task (`-tt`) first translates the questions into English (with the question-translation
     prompt QAlign trains in 03), then answers the English question.
     """
+    generate, tokenizer = tools["generate"], tools["tokenizer"]
     english = {id(item): item["prompt"] for item in items}
     if task.endswith("-tt"):
         to_translate = [item for item in items if item["lang"] != "en"]
@@ -229,18 +313,23 @@ def task_records(generate, tokenizer, items, task, counts):
                     f"{item['prompt']}" for item in to_translate]
         for batch in answers(generate, tokenizer, to_translate, requests, "translate", counts):
             english.update({id(item): sample["text"] for item, _, sample in batch})
-    messages = [item["prompt"] if task == "winrate" else math_message(english[id(item)], "en") if task.endswith("-tt")
-                else math_message(item["prompt"], item["lang"]) for item in items]
+    messages = [item["prompt"] if task == "winrate" else math_message(english[id(item)], "en", mode)
+                if task.endswith("-tt") else math_message(item["prompt"], item["lang"], mode) for item in items]
     for batch in answers(generate, tokenizer, items, messages, "answer", counts):
         records = []
         for item, message, sample in batch:
             text = sample["text"]
             record = {**{k: item[k] for k in ("model", "task", "id", "lang", "engine")}, "prompt": message,
-                      "response": text,
-                      "truncated": sample["truncated"], "detected_language": common.detect_language(text),
-                      "in_language": in_language(text, item["lang"])}
+                      "response": text, "truncated": sample["truncated"]}
+            if task == "winrate" or mode == "cot":  # a program's language is Python
+                record.update(detected_language=common.detect_language(text),
+                              in_language=in_language(text, item["lang"]))
             if task != "winrate":
-                prediction = common.extract_last_number(text)
+                output = text
+                if mode == "code":
+                    record["program"] = extract_program(text)
+                    record["program_status"], output = run_program(record["program"])
+                prediction = common.extract_last_number(output)
                 counts["no_number"] += prediction is None
                 record.update(answer=item["answer"], prediction=prediction,
                               correct=common.same_number(prediction, item["answer"]))
@@ -255,20 +344,152 @@ def predict(column, task_items, work, args, rank, world_size, counts):
 
     The model is loaded only if some task is unfinished, and freed on return, before the next column's.
     """
-    generator, predictions = None, {}
+    tools, predictions = None, {}
     for task, problems in task_items.items():
+        if task in SCORED_TASKS and ("proxy" in column or args.answers_only):
+            continue  # proxy-tuning is a way to decode, with no one model to score; answers-only: the later run
         path = os.path.join(work, f"{column['slug']}.{task}.jsonl")
         if not os.path.exists(path):  # not finished in an earlier run
-            generate, tokenizer, engine = generator = generator or load_generator(column, args)
-            items = [{**p, "model": column["label"], "task": task, "engine": engine} for p in problems]
+            tools = tools or load_generator(column, args)
+            items = [{**p, "model": column["label"], "task": task, "engine": "in-process" if task in SCORED_TASKS
+                      else tools["engine"]} for p in problems]
             key = lambda record: (record["model"], record["task"], record["id"], record["lang"])  # noqa: E731
             _, mine = common.resume(path, items, key, rank, world_size)
-            for records in task_records(generate, tokenizer, mine, task, counts):
+            if task == "choice":
+                batches = choice_records(in_process_model(tools, column, args), tools["tokenizer"], mine, args)
+            elif task == "alignment":
+                batches = alignment_records(in_process_model(tools, column, args), tools["tokenizer"], mine, args)
+            else:
+                batches = task_records(tools, mine, task, args.math_mode, counts)
+            for records in batches:
                 common.save_batch(path, records, rank)
             counts["predictions"] += len(mine)
             common.finish(path, items, key, rank)
         predictions[task] = [record for _, record in common.read_jsonl(path)]
     return predictions
+
+
+# ----------------------------------------------------------------------------
+# Programs (--math-mode code)
+#
+# A model-written program never runs in this process. It runs in a child `python -I -S` (isolated: no
+# environment variables, user site or current directory on the path), with an empty environment, in an
+# empty temporary directory, under rlimits (CPU seconds, address space, output size, open files) and a
+# wall-clock timeout. Before the program starts, an audit hook refuses every file open, every import of a
+# module not loaded already, sockets, subprocesses and os calls. This stops a program that loops, allocates
+# without bound, reads or writes files or opens sockets; it is not a hardened sandbox against code written to
+# escape (run untrusted models' code in a container or VM as well).
+
+PROGRAM_SECONDS, PROGRAM_BYTES = 5, 512 * 2 ** 20
+SANDBOX = f"""
+import resource, sys
+import collections, decimal, fractions, functools, itertools, math, random, statistics  # what a program may use
+for limit, value in ((resource.RLIMIT_CPU, {PROGRAM_SECONDS}), (resource.RLIMIT_AS, {PROGRAM_BYTES}),
+                     (resource.RLIMIT_FSIZE, 2 ** 20), (resource.RLIMIT_NOFILE, 16), (resource.RLIMIT_CORE, 0)):
+    resource.setrlimit(limit, (value, value))
+program = sys.stdin.read()
+REFUSED = ("open", "import", "os.", "socket.", "subprocess.", "ctypes.", "shutil.", "fcntl.", "mmap.", "pty.")
+def refuse(event, args):
+    if event.startswith(REFUSED):
+        raise PermissionError("not allowed here: " + event)
+sys.addaudithook(refuse)
+exec(compile(program, "<program>", "exec"), {{"__name__": "__main__"}})
+"""
+
+
+def extract_program(text):
+    """The program in an answer: its first ``` block (closed or cut off), else the whole answer."""
+    match = re.search(r"```[^\n]*\n(.*?)(?:```|$)", text, re.DOTALL)
+    return match.group(1) if match else text
+
+
+def run_program(program):
+    """(status, what it printed) for a model-written program run in the sandbox above. status: "ok", "timeout",
+    "killed by signal N" (CPU time or output size) or "error: <its last line of stderr>" (an exception,
+    MemoryError and the sandbox's PermissionError among them). A program that fails prints nothing that counts."""
+    with tempfile.TemporaryDirectory() as empty, tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        try:
+            result = subprocess.run([sys.executable, "-I", "-S", "-c", SANDBOX], input=program.encode(), env={},
+                                    cwd=empty, stdout=stdout, stderr=stderr, timeout=PROGRAM_SECONDS + 1)
+        except subprocess.TimeoutExpired:  # subprocess.run has killed it
+            return "timeout", ""
+        stdout.seek(0), stderr.seek(0)
+        printed, errors = stdout.read(2 ** 20).decode(errors="replace"), stderr.read().decode(errors="replace")
+    if result.returncode < 0:
+        return f"killed by signal {-result.returncode}", ""
+    if result.returncode:
+        return "error: " + (errors.strip().splitlines() or [f"exit status {result.returncode}"])[-1][:200], ""
+    return "ok", printed
+
+
+# ----------------------------------------------------------------------------
+# Scored tasks: the model's own log-probs (choice) and hidden states (alignment)
+
+
+def letter_scorer(model, tokenizer, letters, token_budget):
+    """score(user messages) -> [n, len(letters)] log-probs of each letter as the first token of the answer,
+    from the scorer 03 and 04 use. There is always an answer and nothing to parse: the judge reads "A" vs "B"
+    this way, the multiple-choice task the options' letters (as lm-evaluation-harness scores choices)."""
+    ids = [tokenizer(letter, add_special_tokens=False).input_ids for letter in letters]
+    if any(len(letter_ids) != 1 for letter_ids in ids):
+        raise common.InputError(f"the tokenizer does not have single tokens for the letters {', '.join(letters)}")
+
+    def score(texts):
+        prompts = [common.chat_prompt_ids(tokenizer, text) for text in texts]
+        logps, _ = common.score_sequences(model, [(prompt + letter_ids, len(prompt)) for prompt in prompts
+                                                  for letter_ids in ids], token_budget, show_progress=False)
+        return logps.view(len(texts), len(letters))
+
+    return score
+
+
+def choice_message(item):
+    options = "\n".join(f"{LETTERS[k]}. {text}" for k, text in enumerate(item["choices"]))
+    return CHOICE_PROMPT.format(question=item["prompt"], options=options)
+
+
+def choice_records(model, tokenizer, items, args, chunk=16):
+    """Yields prediction records for multiple-choice items: the option whose letter scores highest."""
+    score = letter_scorer(model, tokenizer, LETTERS[:max((len(i["choices"]) for i in items), default=2)],
+                          args.token_budget)
+    for start in tqdm(range(0, len(items), chunk), desc="choice", unit="batch", disable=not items, dynamic_ncols=True):
+        part, records = items[start:start + chunk], []
+        for item, logps in zip(part, score([choice_message(item) for item in part]).tolist()):
+            logps = logps[:len(item["choices"])]
+            prediction = int(np.argmax(logps))
+            records.append({**{k: item[k] for k in ("model", "task", "id", "lang", "engine", "choices", "answer")},
+                            "prompt": choice_message(item), "prediction": prediction,
+                            "correct": prediction == item["answer"], "letter_logps": logps})
+        yield records
+
+
+def mean_hidden_states(model, tokenizer, texts):
+    """[n, layers + 1, hidden] float32: each text's hidden states (the embeddings, then every layer's output),
+    averaged over its own tokens: not the BOS token, which every text shares, nor padding."""
+    ids = [common.prompt_ids(tokenizer, text) for text in texts]  # the plain question: no chat template to share
+    input_ids, mask = common.pad_right(ids, pad_id=0)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        states = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                       output_hidden_states=True).hidden_states
+    weights = mask.to(device, torch.float32)
+    if common.adds_bos(tokenizer):
+        weights[:, 0] = 0
+    weights = (weights / weights.sum(1, keepdim=True))[:, :, None]
+    return torch.stack([(layer.float() * weights).sum(1) for layer in states], 1).cpu()
+
+
+def alignment_records(model, tokenizer, items, args):
+    """Yields, per non-English question, the cosine between its mean hidden state and its English original's at
+    every layer: how close the model holds the two languages' versions of one question."""
+    for start in tqdm(range(0, len(items), args.batch_size), desc="alignment", unit="batch", disable=not items,
+                      dynamic_ncols=True):
+        part = items[start:start + args.batch_size]
+        states = mean_hidden_states(model, tokenizer, [item["prompt"] for item in part] +
+                                    [item["english"] for item in part])
+        cosines = torch.nn.functional.cosine_similarity(states[:len(part)], states[len(part):], dim=-1)
+        yield [{**{k: item[k] for k in ("model", "task", "id", "lang", "engine", "prompt")}, "cosine": row}
+               for item, row in zip(part, cosines.tolist())]
 
 
 # ----------------------------------------------------------------------------
@@ -314,19 +535,13 @@ def load_local_judge(args):
 
 
 def local_judge(model, tokenizer, token_budget):
-    """A judge that compares the log-probabilities of "A" and "B" as the next token after the pairwise prompt,
-    from the scorer 03 and 04 use. Cheaper and steadier than parsing a generated reply: there is always a verdict.
-    """
-    letters = [tokenizer("A", add_special_tokens=False).input_ids, tokenizer("B", add_special_tokens=False).input_ids]
-    if any(len(ids) != 1 for ids in letters):
-        raise common.InputError("--judge: the tokenizer does not have single tokens for 'A' and 'B'")
+    """A judge that compares the log-probabilities of "A" and "B" as the next token after the pairwise prompt.
+    Cheaper and steadier than parsing a generated reply: there is always a verdict."""
+    score = letter_scorer(model, tokenizer, "AB", token_budget)
 
     def judge(texts):
-        prompts = [common.chat_prompt_ids(tokenizer, text) for text in texts]
-        logps, _ = common.score_sequences(model, [(ids + letter, len(ids)) for ids in prompts for letter in letters],
-                                          token_budget, show_progress=False)
         verdicts = []
-        for logp_a, logp_b in logps.view(-1, 2).tolist():
+        for logp_a, logp_b in score(texts).tolist():
             choice = "A" if logp_a > logp_b else "B" if logp_b > logp_a else "tie"
             verdicts.append({"choice": choice, "logp_a": logp_a, "logp_b": logp_b})
         return verdicts
@@ -345,7 +560,8 @@ def server_judge(server, max_tokens):
 
 
 def judge_column(judge, reference, answers, path, rank, world_size, counts, chunk=16):
-    """Judge one column's win-rate answers against the reference column's; resumable like the predictions."""
+    """Judge one column's win-rate answers against the reference answers ({(id, lang): record}); resumable like
+    the predictions."""
     key = lambda record: (record["model"], record["id"], record["lang"])  # noqa: E731
     _, mine = common.resume(path, answers, key, rank, world_size)
     for start in tqdm(range(0, len(mine), chunk), desc="judge", unit="batch", disable=not mine, dynamic_ncols=True):
@@ -354,7 +570,8 @@ def judge_column(judge, reference, answers, path, rank, world_size, counts, chun
                                        item["response"]) for item in part])
         counts["unreadable_verdicts"] += sum(v["choice"] is None for _, verdicts in results for v in verdicts)
         common.save_batch(path, [{"model": item["model"], "task": "judge", "id": item["id"], "lang": item["lang"],
-                                  "score": score, "verdicts": verdicts}
+                                  "score": score, "verdicts": verdicts, "length_difference": len(item["response"]) -
+                                  len(reference[(item["id"], item["lang"])]["response"])}  # characters
                                  for item, (score, verdicts) in zip(part, results)], rank)
     counts["judged"] += len(mine)
     common.finish(path, answers, key, rank)
@@ -394,19 +611,64 @@ def entry(values, seed):
     return {"score": float(np.mean(values)), "n": len(values), "ci": [low, high]}
 
 
+def by_language(rows, langs):
+    """{lang: its rows} for each language present, then "all": every row."""
+    groups = {lang: [r for r in rows if r["lang"] == lang] for lang in langs}
+    return {**{lang: group for lang, group in groups.items() if group}, **({"all": rows} if rows else {})}
+
+
 def per_language(rows, field, langs, seed):
-    table = {lang: entry([float(r[field]) for r in rows if r["lang"] == lang], seed)
-             for lang in langs if any(r["lang"] == lang for r in rows)}
-    if rows:
-        table["all"] = entry([float(r[field]) for r in rows], seed)
-    return table
+    return {lang: entry([float(r[field]) for r in group], seed) for lang, group in by_language(rows, langs).items()}
+
+
+def alignment_by_layer(predictions, langs, seed):
+    """{label: {lang: [entry per layer]}}: the alignment task's cosines, layer by layer (0: the embeddings)."""
+    return {label: {lang: [entry([r["cosine"][layer] for r in group], seed) for layer in range(len(group[0]["cosine"]))]
+                    for lang, group in by_language(tasks["alignment"], [g for g in langs if g != "en"]).items()}
+            for label, tasks in predictions.items() if tasks.get("alignment")}
+
+
+def length_controlled(scores, length_differences, seed, samples=1000, slope_ridge=0.1):
+    """AlpacaEval 2's length-controlled win rate, with its interval: {"score", "n", "ci", "overlap"}.
+
+    Long answers win a judge's votes, so the raw win rate rewards length. Fit the judge's preference
+    (score 0, 0.5 or 1 for the candidate) with a logistic model, P(win) = sigmoid(w0 + w1 * tanh(d / std(d))),
+    d the candidate's answer length minus the reference's (characters), and read it at d = 0: sigmoid(w0),
+    what the preference would be if both answers were equally long. AlpacaEval 2 also fits an
+    instruction-difficulty term across many models; with the few models of one run it is left out.
+    The fit is Newton's method on the log-likelihood (fractional targets allowed) with a weak ridge on the
+    slope only: where the lengths hardly vary, the data cannot tell length from quality, and the estimate stays
+    near the raw win rate instead of extrapolating. "overlap" is the share of prompts on the rarer side of
+    d = 0: near 0, equal length is outside the data and the estimate is an extrapolation. The interval refits
+    on resampled prompts.
+    """
+    scores, differences = np.asarray(scores, dtype=float), np.asarray(length_differences, dtype=float)
+    ridge = np.diag([1e-6, slope_ridge])  # the intercept's 1e-6 keeps the Newton matrix invertible
+
+    def fit(y, d):
+        spread = d.std()
+        x = np.stack([np.ones_like(d), np.tanh(d / spread) if spread > 0 else np.zeros_like(d)], axis=1)
+        w = np.zeros(2)
+        for _ in range(100):
+            p = 0.5 * (1 + np.tanh(x @ w / 2))  # sigmoid, without overflow
+            step = np.linalg.solve((x.T * (p * (1 - p))) @ x + ridge, x.T @ (y - p) - ridge @ w)
+            w += np.clip(step, -5, 5)  # a bounded Newton step cannot overshoot into overflow
+            if np.abs(step).max() < 1e-10:
+                break
+        return 0.5 * (1 + np.tanh(w[0] / 2))
+
+    picks = np.random.default_rng(seed).integers(0, len(scores), size=(samples, len(scores)))
+    boot = [fit(scores[p], differences[p]) for p in picks]
+    return {"score": float(fit(scores, differences)), "n": len(scores),
+            "ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+            "overlap": float(min(np.mean(differences > 0), np.mean(differences < 0)))}
 
 
 def consistency(rows, langs, seed, samples=1000):
     """CrossIn cross-lingual consistency over parallel problems, and its harmonic mean with accuracy.
 
-    A problem is consistent when it got a number in every language and the numbers agree
-    (within 1e-3). Accuracy here is over the same problems and languages. Intervals
+    A problem is consistent when it got an answer in every language and the answers agree
+    (numbers within 1e-3, or the same option). Accuracy here is over the same problems and languages. Intervals
     resample problems (each with all its languages) so the two stay paired.
     """
     by_id = {}
@@ -431,19 +693,26 @@ def consistency(rows, langs, seed, samples=1000):
                 "ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]}}}
 
 
-def compute_results(columns, predictions, judgements, langs, seed):
+def compute_results(columns, predictions, judgements, langs, seed, opponent="first model"):
     """{label: {metric: {lang: {"score", "n", "ci"}}}}; metrics are named "<task> <what>"."""
     results = {}
     for column in columns:
         label, metrics = column["label"], {}
         for task, rows in predictions[label].items():
-            if task.split("-")[0] in MATH_TASKS:
+            if task.split("-")[0] in MATH_TASKS + ("choice",):
                 metrics[f"{task} accuracy"] = per_language(rows, "correct", langs, seed)
                 for name, table in consistency(rows, langs, seed).items():
                     metrics[f"{task} {name}"] = table
             if task == "winrate" and label in judgements:
-                metrics["winrate vs first model"] = per_language(judgements[label], "score", langs, seed)
-            if not task.endswith("-tt"):  # translate-test answers are in English by design
+                metrics[f"winrate vs {opponent}"] = per_language(judgements[label], "score", langs, seed)
+                metrics[f"winrate vs {opponent}, length-controlled"] = {
+                    lang: length_controlled([r["score"] for r in group], [r["length_difference"] for r in group], seed)
+                    for lang, group in by_language(judgements[label], langs).items()}
+            if task == "alignment":
+                rows = [dict(r, mean_cosine=float(np.mean(r["cosine"]))) for r in rows]
+                metrics["alignment cosine with English (mean over layers)"] = per_language(rows, "mean_cosine",
+                                                                                          langs, seed)
+            if rows and "in_language" in rows[0] and not task.endswith("-tt"):  # -tt answers are English by design
                 metrics[f"{task} language fidelity"] = per_language(rows, "in_language", langs, seed)
         if column.get("held_out"):
             metrics["held-out reward accuracy (04)"] = {"all": column["held_out"]}
@@ -497,7 +766,21 @@ def cell(value, base=None):
     return text
 
 
-def write_report(path, columns, results, effect, held_out, judge_text, args):
+def alignment_lines(alignment, most=9):
+    """The per-layer alignment table: a row per model and language, a column per layer (at most `most`, evenly
+    spaced, the first and last always), each cell the mean cosine; eval.json has every layer with intervals."""
+    layers = len(next(iter(next(iter(alignment.values())).values())))
+    shown = sorted({round(k * (layers - 1) / (most - 1)) for k in range(most)}) if layers > most else range(layers)
+    lines = ["## Representation alignment", "", "Cosine between each question's mean hidden state and its English "
+             "original's, by layer (0: the embeddings). Higher: the model holds the two versions closer.", "",
+             "| model | lang | " + " | ".join(f"layer {k}" for k in shown) + " |", "|---|---|" + "---|" * len(shown)]
+    for label, table in alignment.items():
+        lines += [f"| `{label}` | {lang} | " + " | ".join(f"{values[k]['score']:.3f}" for k in shown) + " |"
+                  for lang, values in table.items()]
+    return lines + [""]
+
+
+def write_report(path, columns, results, effect, alignment, held_out, judge_text, args):
     labels = [c["label"] for c in columns]
     rows = [(metric, lang) for metric in metric_names(results, labels) for lang in args.langs + ["all"]
             if any(lang in results[label].get(metric, {}) for label in labels)]
@@ -510,14 +793,32 @@ def write_report(path, columns, results, effect, held_out, judge_text, args):
                   f"language) or the texts the loop trained on ({', '.join(held_out['trained_on'])}).", ""]
     if effect:
         lines += effect_lines(effect, results, [c["label"] for c in columns if "proxy" not in c])
+    opponent = "the reference answers" if args.reference_answers else "the first model"
     lines += ["## All metrics", "", (f"Math: greedy, max {args.max_new_tokens} new tokens, the last number in the "
-              "answer counts, right within 1e-3 of gold. Consistency (CrossIn): share of parallel problems answered "
-              "with the same number in every language. " if set(args.tasks) & set(MATH_TASKS) else "") +
+              + ("output of the model's program (run in a sandboxed child process) " if args.math_mode == "code" else
+                 "answer ") + "counts, right within 1e-3 of gold. Consistency (CrossIn): share of parallel problems "
+              "answered alike (the same number, the same option) in every language. "
+              if set(args.tasks) & set(MATH_TASKS + ("choice",)) else "") +
+              ("Multiple choice: the option whose letter gets the highest log-prob as the answer's first token. "
+               if "choice" in args.tasks else "") +
               "Language fidelity: share of answers detected (py3langid) in the prompt's language; an answer of only "
-              "numbers counts as faithful, an empty one does not. `all` pools the languages.", ""]
-    if any("winrate vs first model" in results[label] for label in labels):
-        lines += ["Win rate: share of pairwise judgements won against the first model, both orders, ties half.",
+              "numbers counts as faithful, an empty one does not. `all` pools the languages." +
+              (" Alignment: the cosine x100 (mean over layers) of a question's mean hidden state and its English "
+               "original's." if "alignment" in args.tasks else ""), ""]
+    if any(metric.startswith("winrate vs") for label in labels for metric in results[label]):
+        extrapolated = [f"`{label}` {lang}" for label in labels for metric, table in results[label].items()
+                        if metric.endswith("length-controlled") for lang, value in table.items()
+                        if value["overlap"] < 0.1]
+        lines += [f"Win rate: share of pairwise judgements won against {opponent}, both orders, ties half. "
+                  "Length-controlled (AlpacaEval 2): the judge's preference fitted by logistic regression on "
+                  "tanh(length difference / its std) and read at equal length." + (
+                      " Under 10% of prompts had answers on both sides of equal length, so equal length is outside "
+                      f"the data and these are extrapolations: {', '.join(extrapolated)}." if extrapolated else ""),
                   judge_text, ""]
+    skipped = [c["label"] for c in columns if "proxy" in c]
+    if skipped and set(args.tasks) & set(SCORED_TASKS):
+        lines += [f"`{skipped[0]}`: no choice or alignment: proxy-tuning combines three models' logits while "
+                  "decoding, so there is no one model whose log-probs or hidden states to read.", ""]
     lines += ["| metric | lang | " + " | ".join(f"`{label}`" for label in labels) + " |",
               "|---|---|" + "---|" * len(labels)]
     for metric, lang in rows:
@@ -525,12 +826,13 @@ def write_report(path, columns, results, effect, held_out, judge_text, args):
         cells = [cell(results[label].get(metric, {}).get(lang), base if k > 0 else None)
                  for k, label in enumerate(labels)]
         lines.append(f"| {metric} | {lang} | " + " | ".join(cells) + " |")
+    lines += [""] + (alignment_lines(alignment) if alignment else [])
     common.write_atomic(path, lambda handle: handle.write("\n".join(lines) + "\n"))
 
 
-def plot_report(path, columns, results, effect, langs):
+def plot_report(path, columns, results, effect, alignment, langs):
     """The effect first (last - first model, per language), then one panel per metric: bars per model, whiskers
-    for the intervals."""
+    for the intervals; last, the alignment by layer: a line per model (colour) and language (line style)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -544,12 +846,22 @@ def plot_report(path, columns, results, effect, langs):
     panels = [(f"effect: {metric}\n{trained[-1]} - {trained[0]}, 95% interval", {"difference": table})
               for metric, table in effect.items()]
     panels += [(metric, {label: results[label].get(metric, {}) for label in labels}) for metric in metrics]
+    panels += [("alignment with English, by layer", None)] if alignment else []
     if not panels:
         return False
     figure, axes = plt.subplots(math.ceil(len(panels) / 2), 2, figsize=(13, 3.4 * math.ceil(len(panels) / 2)),
                                 squeeze=False)
     groups = langs + ["all"]
     for axis, (title, series) in zip(axes.flat, panels):
+        if series is None:
+            for k, table in enumerate(alignment.values()):
+                for j, (lang, values) in enumerate((lang, v) for lang, v in table.items() if lang != "all"):
+                    style = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)))[j % 5]
+                    axis.plot([v["score"] for v in values], color=f"C{k % 10}", linestyle=style,
+                              label=f"{list(alignment)[k]} {lang}")
+            axis.set(xlabel="layer (0: embeddings)", ylabel="cosine", title=title)
+            axis.legend(fontsize=6, ncol=2)
+            continue
         for k, (label, table) in enumerate(series.items()):  # model k: colour k, the k-th bar of every group
             values = [(i + (k - (len(series) - 1) / 2) * 0.8 / len(series), table[lang])
                       for i, lang in enumerate(groups) if lang in table]
@@ -563,7 +875,7 @@ def plot_report(path, columns, results, effect, langs):
             axis.axhline(0, color="grey", linewidth=0.8)
         else:
             axis.set(ylabel="%", ylim=(0, 100))
-        if title == "winrate vs first model":
+        if title.startswith("winrate vs"):
             axis.axhline(50, color="grey", linewidth=0.8, linestyle="--")
     for axis in list(axes.flat)[len(panels):]:
         axis.axis("off")
@@ -588,7 +900,8 @@ def make_columns(names, args):
                                        f"({args.proxy_expert} - {args.proxy_antiexpert})"})
     # Work files are named after what the column is and what it answers: a changed --models, --limit, --langs,
     # data source or answer length never reuses them.
-    answers = [args.limit, args.langs, args.max_new_tokens, args.mgsm, args.math, args.prompts]
+    answers = [args.limit, args.langs, args.max_new_tokens, args.mgsm, args.math, args.prompts, args.choice,
+               args.math_mode]
     for column in columns:
         column["slug"] = f"{slug(column['label'])}-{common.content_key(column['description'], answers)[:8]}"
     return columns
@@ -619,6 +932,15 @@ def load_tasks(tasks, langs, args):
                 check=lambda record, where: record.update(answer=check_gold(record.get("answer"), where)))
             if args.translate_test:
                 task_items[f"{task}-tt"] = task_items[task]
+        elif task == "choice":  # every record checked and made uniform, by file and line
+            task_items[task] = common.load_prompts(args.choice, langs=langs, limit=args.limit, check=check_choice)
+        elif task == "alignment":  # MGSM's parallel questions, each non-English one beside its English original
+            questions = common.load_prompts(args.mgsm, langs=langs, limit=args.limit)
+            english = {q["id"]: q["prompt"] for q in questions if q["lang"] == "en"}
+            task_items[task] = [{**q, "english": english.get(q["id"])} for q in questions if q["lang"] != "en"]
+            for q in task_items[task]:
+                if q["english"] is None:
+                    raise common.InputError(f"{args.mgsm}: question '{q['id']}' ({q['lang']}) has no English version")
         else:
             task_items[task] = common.load_prompts(args.prompts, langs=langs, limit=args.limit)
     return task_items
@@ -638,36 +960,41 @@ def check_held_out(task_items, trained_on):
     return {"trained_on": trained_on, "training_prompt_ids": len(ids), "overlap": 0} if trained_on else None
 
 
-def judge_all(columns, predictions, work, args, rank, world_size, counts, api):
-    """({label: judgements} for every column after the first, the judge's description for the report)."""
-    reference = {(r["id"], r["lang"]): r for r in common.first_ids(predictions[columns[0]["label"]]["winrate"],
-                                                                  args.judge_limit)}
+def judge_all(columns, predictions, reference_answers, work, args, rank, world_size, counts, api):
+    """({label: judgements}, the judge's description for the report): every column against --reference-answers,
+    or every column after the first against the first."""
+    reference = reference_answers or {(r["id"], r["lang"]): r for r in common.first_ids(
+        predictions[columns[0]["label"]]["winrate"], args.judge_limit)}
     judge, judge_model = (api, None) if api else load_local_judge(args)
-    judge_name = slug(f"{args.judge}@{args.judge_server[0]}" if args.judge_server else args.judge)
+    judge_name = slug(f"{args.judge}@{args.judge_server[0]}" if args.judge_server else args.judge) + \
+        (f"-vs-{common.content_key(sorted((k, r['response']) for k, r in reference.items()))[:8]}"
+         if reference_answers else "")
     judgements = {column["label"]: judge_column(  # resumable: judges only what is not on disk
-        judge, reference, [r for r in predictions[column["label"]]["winrate"] if (r["id"], r["lang"]) in reference],
+        judge, reference, [r for r in common.first_ids(predictions[column["label"]]["winrate"], args.judge_limit)],
         os.path.join(work, f"{column['slug']}.judge-{judge_name}.jsonl"), rank, world_size, counts)
-        for column in columns[1:]}
+        for column in (columns if reference_answers else columns[1:])}
     return judgements, judge_caveat(args, judge_model)
 
 
 def write_outputs(output, columns, predictions, judgements, judge_text, task_items, held_out, langs, args):
     """eval.json, predictions.jsonl, report.md and report.png; eval.json last: its presence means done."""
-    results = compute_results(columns, predictions, judgements, langs, args.seed)
+    results = compute_results(columns, predictions, judgements, langs, args.seed,
+                              "reference answers" if args.reference_answers else "first model")
+    alignment = alignment_by_layer(predictions, langs, args.seed)
     effect = compute_effect(columns, predictions, langs, args.seed)
     verdicts = {(r["model"], r["id"], r["lang"]): {"judge_score": r["score"], "judge_verdicts": r["verdicts"]}
                 for rows in judgements.values() for r in rows}
     common.write_jsonl(os.path.join(output, "predictions.jsonl"), [
         {**row, **(verdicts.get((label, row["id"], row["lang"]), {}) if task == "winrate" else {})}
         for label, by_task in predictions.items() for task, rows in by_task.items() for row in rows])
-    write_report(os.path.join(output, "report.md"), columns, results, effect, held_out, judge_text, args)
-    plotted = plot_report(os.path.join(output, "report.png"), columns, results, effect, langs)
+    write_report(os.path.join(output, "report.md"), columns, results, effect, alignment, held_out, judge_text, args)
+    plotted = plot_report(os.path.join(output, "report.png"), columns, results, effect, alignment, langs)
     common.write_json(os.path.join(output, "eval.json"), {
         "models": [{**{k: c[k] for k in ("label", "model", "description")}, "engines": sorted(
                     {row.get("engine", "in-process") for rows in predictions[c["label"]].values() for row in rows})}
                    for c in columns], "tasks": list(task_items),
         "langs": langs, "judge": judge_text or None, "max_new_tokens": args.max_new_tokens, "held_out": held_out,
-        "effect": effect, "results": results})
+        "effect": effect, "results": results, "alignment_by_layer": alignment})
     print(f"wrote {os.path.join(output, 'eval.json')}, predictions.jsonl, report.md"
           + (", report.png" if plotted else ""))
 
@@ -682,13 +1009,16 @@ def main(argv=None):
     columns = make_columns(names, args)
     attach_servers(columns, args.server or [])
     task_items = load_tasks(args.tasks, args.langs, args)
+    reference_answers = load_reference_answers(args.reference_answers, task_items["winrate"], args.langs,
+                                               args.judge_limit) if args.reference_answers and "winrate" in task_items \
+        else None
     held_out = check_held_out(task_items, args.trained_on)
     rank, world_size = common.setup_distributed()
     settings = {name: value for name, value in vars(args).items()
                 if name not in ("output", "batch_size", "token_budget", "trust_remote_code", "server",
                                 "server_concurrency", "answers_only")}
     common.claim(os.path.join(args.output, "eval.json"), settings, rank, partial=False)
-    judging = "winrate" in args.tasks and len(columns) > 1 and not args.answers_only
+    judging = "winrate" in args.tasks and (len(columns) > 1 or reference_answers) and not args.answers_only
     # The judge's server is asked for its models now: a wrong URL, key or model name fails before any generation.
     api = server_judge(common.connect(args.judge_server, args.judge, args.server_concurrency), args.judge_max_tokens) \
         if judging and args.judge_server else None
@@ -702,9 +1032,9 @@ def main(argv=None):
     if args.answers_only:
         print(f"05_eval --answers-only: answered {', '.join(predictions)} ({counts['predictions']} now) in {work}")
         return common.cleanup_distributed()
-    # 2. Judge: each later column's win-rate answers against the first column's.
-    judgements, judge_text = judge_all(columns, predictions, work, args, rank, world_size, counts, api) \
-        if judging else ({}, "")
+    # 2. Judge: each later column's win-rate answers against the first column's (or all against --reference-answers).
+    judgements, judge_text = judge_all(columns, predictions, reference_answers, work, args, rank, world_size, counts,
+                                       api) if judging else ({}, "")
     # 3. Write eval.json, predictions.jsonl and the report.
     if rank == 0:
         write_outputs(args.output, columns, predictions, judgements, judge_text, task_items, held_out, args.langs, args)

@@ -338,7 +338,8 @@ def load_prompts(source, langs=None, limit=None, split="train", check=None):
     - `x.jsonl` (or `x.json`, one JSON array): records with `lang` and `prompt` (or `instruction`, `question`).
     - a directory: `{lang}.jsonl`, `{lang}.json` or `*_{lang}.tsv` files; the language is the file name.
     - `x.tsv`: MGSM-style question<TAB>answer, language from the file name.
-    - anything else: a Hugging Face dataset name, `name` or `name:config`.
+    - anything else: a Hugging Face dataset name, `name`, `name:config` or `name:config:split`; `{lang}` in
+      it stands for each of `langs` (one config per language, as MGSM and xCSQA have).
     `langs` keeps those languages (in that order); `limit` keeps the first `limit`
     ids, the same ids in every language, so the set stays parallel. check(record, where), if given,
     sees every raw record with its file and line (or hub index), and may raise InputError.
@@ -352,13 +353,16 @@ def load_prompts(source, langs=None, limit=None, split="train", check=None):
         if not files:
             raise InputError(f"{source}: no {{lang}}.jsonl, {{lang}}.json or *_{{lang}}.tsv files"
                              + (f" for languages {','.join(langs)}" if langs else ""))
-        prompts = [_normalise_prompt(record, _language_of_file(f) if f != source else None, default_id, where, check)
+        # A record without a `lang` field is in its file's language (`de.json`, `mgsm_de.tsv`), if the name says one.
+        prompts = [_normalise_prompt(record, _language_of_file(f) if _language_of_file(f) in LANGUAGES else None,
+                                     default_id, where, check)
                    for f in files for where, record, default_id in _raw_records(f)]
     elif os.path.exists(os.path.dirname(source) or ".") and os.sep in source or source.endswith((".jsonl", ".json",
                                                                                               ".tsv")):
         raise InputError(f"{source}: no such file")
     else:
-        prompts = _load_hub_prompts(source, split, check)
+        names = [source.replace("{lang}", code) for code in langs or []] if "{lang}" in source else [source]
+        prompts = [prompt for name in names for prompt in _load_hub_prompts(name, split, check)]
     if langs:
         missing = [code for code in langs if not any(p["lang"] == code for p in prompts)]
         if missing:
@@ -377,13 +381,14 @@ def load_prompts(source, langs=None, limit=None, split="train", check=None):
 
 def _load_hub_prompts(name, split, check):
     import datasets
-    dataset_name, _, config = name.partition(":")
+    parts = name.split(":", 2)  # name, name:config or name:config:split
+    dataset_name, config, split = parts + ["", split][len(parts) - 1:]
     try:
         dataset = datasets.load_dataset(dataset_name, config or None, split=split)
     except Exception as error:  # the hub's many failure types all mean the same thing to a user
         raise InputError(f"{name}: not a file or directory, and loading it as a Hugging Face "
                          f"dataset failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
-    lang = config if config in LANGUAGES else None
+    lang = _language_of_file(config) if _language_of_file(config) in LANGUAGES else None  # es, X-CSQA-es
     return [_normalise_prompt(row, row.get("lang", lang), f"{dataset_name}-{index}", f"{name}[{index}]", check)
             for index, row in enumerate(dataset)]
 

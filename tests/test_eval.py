@@ -170,7 +170,8 @@ def test_math_scoring_with_fixed_answers(tiny_model):
         yield [(k, [{"text": replies[items[k]["id"]], "truncated": False, "new_tokens": 3}]) for k in range(len(items))]
 
     counts = {"new_tokens": 0, "no_number": 0}
-    records = [r for batch in eval05.task_records(fake_generate, tokenizer, items, "math", counts) for r in batch]
+    records = [r for batch in eval05.task_records({"generate": fake_generate, "tokenizer": tokenizer}, items,
+                                                                     "math", "cot", counts) for r in batch]
     assert [r["prediction"] for r in records] == [18.0, 1234.5, None, 18.0021]
     assert [r["correct"] for r in records] == [True, True, False, False]
     assert counts == {"new_tokens": 12, "no_number": 1}
@@ -191,7 +192,8 @@ def test_translate_test_answers_the_english_translation(tiny_model):
         yield [(k, [{"text": text, "truncated": False, "new_tokens": 5}]) for k in range(len(prompts))]
 
     counts = {"new_tokens": 0, "no_number": 0}
-    records = [r for batch in eval05.task_records(fake_generate, tokenizer, items, "math-tt", counts) for r in batch]
+    records = [r for batch in eval05.task_records({"generate": fake_generate, "tokenizer": tokenizer}, items,
+                                                                     "math-tt", "cot", counts) for r in batch]
     assert [desc for desc, _ in calls] == ["translate", "answer"]
     assert len(calls[0][1]) == 1 and "Translate the following question from Spanish into English" in calls[0][1][0]
     assert all(eval05.MATH_INSTRUCTIONS["en"] in prompt for prompt in calls[1][1])
@@ -358,6 +360,245 @@ def test_proxy_repetition_penalty_and_sampling(untied_models, one_thread):
 
 
 # ----------------------------------------------------------------------------
+# Inputs in the shapes the papers ship: X-AlpacaEval's JSON arrays, reference answers, xCSQA
+
+
+def test_json_array_prompts_take_the_language_from_the_file_name(tmp_path):
+    """X-AlpacaEval ships one JSON array per language, `de.json`, with no lang field: as a file and as a folder."""
+    records = [{"id": 1, "dataset": "helpful_base", "instruction": "Wie backe ich Brot?"},
+               {"id": 2, "dataset": "oasst", "instruction": "Nenne eine Farbe."}]
+    (tmp_path / "de.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "en.json").write_text(json.dumps([{"id": 1, "instruction": "How do I bake bread?"}]), encoding="utf-8")
+    single = common.load_prompts(str(tmp_path / "de.json"))
+    assert [(p["id"], p["lang"], p["prompt"], p["dataset"]) for p in single] == [
+        ("1", "de", "Wie backe ich Brot?", "helpful_base"), ("2", "de", "Nenne eine Farbe.", "oasst")]
+    folder = common.load_prompts(str(tmp_path), langs=["en", "de"], limit=1)
+    assert [(p["id"], p["lang"]) for p in folder] == [("1", "en"), ("1", "de")]
+    (tmp_path / "prompts.json").write_text(json.dumps([{"id": 1, "instruction": "Hi"}]), encoding="utf-8")
+    with pytest.raises(common.InputError, match=r"prompts.json\[0\]: no 'lang' field"):
+        common.load_prompts(str(tmp_path / "prompts.json"))  # a name that is no language says nothing
+
+
+def test_length_controlled_win_rate_by_hand():
+    rng = np.random.default_rng(0)
+    # Equal lengths: the model reduces to its intercept, whose fit is the mean score.
+    scores = rng.choice([0.0, 0.5, 1.0], size=40, p=[0.2, 0.2, 0.6])
+    equal = eval05.length_controlled(scores, np.zeros(40), seed=0)
+    assert equal["score"] == pytest.approx(scores.mean(), abs=1e-3) and equal["n"] == 40
+    # Preference that depends on length alone, P(win) = sigmoid(2 tanh(d / std d)), with the candidate mostly
+    # longer: the raw win rate is high, the length-controlled one is 50%, the value at d = 0.
+    differences = rng.normal(300, 400, size=200)
+    x = np.tanh(differences / differences.std())
+    by_length = 1 / (1 + np.exp(-2 * x))
+    assert by_length.mean() > 0.65
+    controlled = eval05.length_controlled(by_length, differences, seed=0)
+    assert controlled["score"] == pytest.approx(0.5, abs=2e-3)
+    assert controlled["ci"][0] <= controlled["score"] <= controlled["ci"][1]
+    assert controlled["overlap"] == pytest.approx(min(np.mean(differences > 0), np.mean(differences < 0)))
+    # A column that wins everything stays finite and near 100%.
+    assert eval05.length_controlled(np.ones(10), differences[:10], seed=0)["score"] > 0.99
+    # Answers always far shorter than the reference's: the length term cannot be told from quality, so the
+    # estimate stays at the raw rate instead of extrapolating to a length no answer had; overlap says so.
+    shorter = eval05.length_controlled([1, 0, 0, 0, 0, 1, 0, 0, 0, 0], rng.normal(-1800, 300, size=10), seed=0)
+    assert shorter["score"] == pytest.approx(0.2, abs=0.02) and shorter["overlap"] == 0.0
+
+
+def test_reference_answers_must_match_the_judged_prompts(tmp_path):
+    prompts = common.load_prompts(write_prompt_fixture(tmp_path / "prompts"), langs=["en", "es"])
+    answers = tmp_path / "answers"
+    answers.mkdir()
+    rows = {"en": [("p-0", "Name a colour.", "Blue."), ("p-1", "Say hello.", "Hello!")],
+            "es": [("p-0", "Nombra un color.", "Azul."), ("p-1", "Di hola.", "¡Hola!")]}
+    for lang, triples in rows.items():
+        (answers / f"{lang}.jsonl").write_text("".join(json.dumps({"id": i, "prompt": p, "response": r}) + "\n"
+                                                      for i, p, r in triples), encoding="utf-8")
+    loaded = eval05.load_reference_answers(str(answers), prompts, ["en", "es"], None)
+    assert loaded["p-1", "es"]["response"] == "¡Hola!" and len(loaded) == 4
+    (answers / "es.jsonl").write_text(json.dumps({"id": "p-0", "prompt": "Nombra un color.", "response": "Azul."}) +
+                                      "\n", encoding="utf-8")
+    with pytest.raises(common.InputError, match=r"no answer for 1 judged prompt\(s\), e.g. 'p-1' \(es\)"):
+        eval05.load_reference_answers(str(answers), prompts, ["en", "es"], None)
+    assert len(eval05.load_reference_answers(str(answers), prompts, ["en", "es"], 1)) == 3  # p-1 is not judged
+    (answers / "es.jsonl").write_text(json.dumps({"id": "p-0", "prompt": "Otra cosa.", "response": "Azul."}) + "\n",
+                                      encoding="utf-8")
+    with pytest.raises(common.InputError, match=r"answer to 'p-0' \(es\) was asked a different prompt"):
+        eval05.load_reference_answers(str(answers), prompts, ["en", "es"], 1)
+
+
+def test_judging_against_reference_answers_judges_every_column(tmp_path):
+    """With --reference-answers the first model is judged too, and the length difference is the reference's."""
+    args = eval05.parse_args(["--judge", "unused", "--judge-server", "http://x/v1", "--reference-answers", "r"])
+    columns = [{"label": "base", "slug": "base"}, {"label": "trained", "slug": "trained"}]
+    answer = lambda model, i, text: {"model": model, "id": i, "lang": "en", "prompt": "q", "response": text}  # noqa: E731
+    predictions = {"base": {"winrate": [answer("base", "a", "short"), answer("base", "b", "a long answer")]},
+                   "trained": {"winrate": [answer("trained", "a", "a much longer answer"), answer("trained", "b", "")]}}
+    reference = {("a", "en"): {"response": "ref"}, ("b", "en"): {"response": "reference"}}
+
+    def longer_wins(texts):  # prompt text: [Answer A] ... [Answer B] ...
+        verdicts = []
+        for text in texts:
+            first, second = text.split("[Answer A]\n")[1].split("\n\n[Answer B]\n")
+            second = second.split("\n\nWhich answer")[0]
+            verdicts.append({"choice": "A" if len(first) > len(second) else "B"})
+        return verdicts
+
+    counts = {"unreadable_verdicts": 0, "judged": 0}
+    judgements, _ = eval05.judge_all(columns, predictions, reference, str(tmp_path), args, 0, 1, counts, longer_wins)
+    assert set(judgements) == {"base", "trained"} and counts["judged"] == 4
+    by_key = {(r["model"], r["id"]): r for rows in judgements.values() for r in rows}
+    assert by_key["base", "a"]["score"] == 1.0 and by_key["base", "a"]["length_difference"] == 5 - 3
+    assert by_key["trained", "b"]["score"] == 0.0 and by_key["trained", "b"]["length_difference"] == -9
+    results = eval05.compute_results(columns, predictions, judgements, ["en"], 0, "reference answers")
+    assert results["base"]["winrate vs reference answers"]["en"]["score"] == 1.0
+    assert results["trained"]["winrate vs reference answers"]["all"]["score"] == 0.5
+    assert "winrate vs reference answers, length-controlled" in results["trained"]
+
+
+@pytest.mark.parametrize("record, choices, answer", [
+    ({"question": "Q?", "choices": ["x", "y", "z"], "answer": "c"}, ["x", "y", "z"], 2),
+    ({"question": "Q?", "choices": ["x", "y"], "answer": 0}, ["x", "y"], 0),
+    ({"question": {"stem": "Q?", "choices": [{"label": "A", "text": "x"}, {"label": "B", "text": "y"}]},
+      "answerKey": "B"}, ["x", "y"], 1),  # xCSQA's JSONL
+    ({"question": {"stem": "Q?", "choices": {"label": ["A", "B"], "text": ["x", "y"]}}, "answerKey": "A"},
+     ["x", "y"], 0),  # xCSQA as datasets stores it
+])
+def test_choice_records_in_every_shape(record, choices, answer):
+    record = json.loads(json.dumps(record))
+    eval05.check_choice(record, "f.jsonl:1")
+    assert (record["question"], record["choices"], record["answer"]) == ("Q?", choices, answer)
+
+
+def test_bad_choice_records_name_file_and_line(tmp_path):
+    path = tmp_path / "en.jsonl"
+    path.write_text('{"id": "a", "question": "Q?", "choices": ["x", "y"], "answer": "B"}\n'
+                    '{"id": "b", "question": "Q?", "choices": ["x", "y"], "answer": "C"}\n', encoding="utf-8")
+    with pytest.raises(common.InputError, match=r"en.jsonl:2: answer 'C' is not one of the 2 options"):
+        common.load_prompts(str(path), check=eval05.check_choice)
+    path.write_text('{"id": "a", "question": "Q?", "choices": ["x"], "answer": 0}\n', encoding="utf-8")
+    with pytest.raises(common.InputError, match=r"en.jsonl:1: 'choices' must list 2 to 26"):
+        common.load_prompts(str(path), check=eval05.check_choice)
+
+
+def test_bundled_choice_set_is_parallel_and_balanced():
+    items = common.load_prompts(os.path.join(REPO, "data", "choice"), langs=["en", "es", "de", "fr", "ru", "zh"],
+                                check=eval05.check_choice)
+    by_id = {}
+    for item in items:
+        by_id.setdefault(item["id"], set()).add((item["answer"], len(item["choices"])))
+    assert len(items) == 120 and len(by_id) == 20 and all(len(answers) == 1 for answers in by_id.values())
+    assert sorted(next(iter(a))[0] for a in by_id.values()) == sorted([0, 1, 2, 3] * 5)  # no letter favoured
+
+def test_hub_choice_sets_one_config_per_language(monkeypatch):
+    """`NAME:CONFIG:SPLIT` with `{lang}`: one load per language, the language read from the config name, and rows
+    in the shape datasets gives xCSQA (options as columns). The hub itself is out of reach of the tests."""
+    import datasets
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        options = {"label": ["A", "B"], "text": ["x", "y"]}
+        return [{"id": "q1", "question": {"stem": f"Q ({config})?", "choices": options}, "answerKey": "B"}]
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    items = common.load_prompts("INK-USC/xcsr:X-CSQA-{lang}:validation", langs=["en", "de"], check=eval05.check_choice)
+    assert calls == [("INK-USC/xcsr", "X-CSQA-en", "validation"), ("INK-USC/xcsr", "X-CSQA-de", "validation")]
+    assert [(i["id"], i["lang"], i["prompt"], i["answer"]) for i in items] == [
+        ("q1", "en", "Q (X-CSQA-en)?", 1), ("q1", "de", "Q (X-CSQA-de)?", 1)]
+    common.load_prompts("some/set:de", langs=["de"], check=eval05.check_choice)  # name:config: the caller's split
+    assert calls[-1] == ("some/set", "de", "train")
+
+def test_choice_picks_the_letter_with_the_highest_next_token_log_prob(tiny_model):
+    """Each option's letter log-prob equals an unpadded forward's next-token log-prob; the pick is the argmax."""
+    model, tokenizer = common.load_model(tiny_model)
+    items = common.load_prompts(os.path.join(REPO, "data", "choice"), langs=["en", "zh"], limit=3,
+                                check=eval05.check_choice)
+    items = [dict(item, model="m", task="choice", engine="in-process") for item in items]
+    args = eval05.parse_args(["--token-budget", "100000"])
+    records = [r for batch in eval05.choice_records(model, tokenizer, items, args) for r in batch]
+    letter_ids = [tokenizer(letter, add_special_tokens=False).input_ids[0] for letter in "ABCD"]
+    for item, record in zip(items, records):
+        ids = torch.tensor([common.chat_prompt_ids(tokenizer, eval05.choice_message(item))])
+        with torch.inference_mode():
+            logps = model(input_ids=ids).logits[0, -1].double().log_softmax(-1)[letter_ids]
+        assert record["letter_logps"] == pytest.approx(logps.tolist(), abs=1e-4)
+        assert record["prediction"] == int(logps.argmax()) and record["correct"] == (record["prediction"] ==
+                                                                                     item["answer"])
+        assert "A. " in record["prompt"] and "D. " in record["prompt"]
+    # Consistency on options: the same index in every language.
+    rows = [{"id": i, "lang": lang, "prediction": p, "correct": p == 0} for i, lang, p in
+            [("q0", "en", 0), ("q0", "zh", 0), ("q1", "en", 1), ("q1", "zh", 2)]]
+    assert eval05.consistency(rows, ["en", "zh"], seed=0)["consistency"]["all"]["score"] == 0.5
+
+
+def test_mean_hidden_states_ignore_padding_and_bos(tiny_model):
+    """A batch's padded rows give the same means as one text at a time; the same text aligns perfectly."""
+    model, tokenizer = common.load_model(tiny_model)
+    texts = ["How many eggs are in 2 boxes?", "¿Cuántos huevos hay en 2 cajas? Una caja tiene 6 huevos."]
+    batched = eval05.mean_hidden_states(model, tokenizer, texts)
+    assert batched.shape == (2, model.config.num_hidden_layers + 1, model.config.hidden_size)
+    for row, text in enumerate(texts):
+        ids = torch.tensor([common.prompt_ids(tokenizer, text)])
+        with torch.inference_mode():
+            states = model(input_ids=ids, output_hidden_states=True).hidden_states
+        start = 1 if common.adds_bos(tokenizer) else 0
+        expected = torch.stack([layer[0, start:].float().mean(0) for layer in states])
+        assert torch.allclose(batched[row], expected, atol=1e-5)
+    args = eval05.parse_args(["--batch-size", "4"])
+    item = {"model": "m", "task": "alignment", "id": "q", "lang": "es", "engine": "in-process", "prompt": texts[1]}
+    same, other = [r for batch in eval05.alignment_records(
+        model, tokenizer, [dict(item, english=texts[1]), dict(item, english=texts[0])], args) for r in batch]
+    assert same["cosine"] == pytest.approx([1.0] * (model.config.num_hidden_layers + 1), abs=1e-5)
+    cosine = torch.nn.functional.cosine_similarity(batched[1], batched[0], dim=-1)
+    assert other["cosine"] == pytest.approx(cosine.tolist(), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# --math-mode code: model-written programs run in a limited child process
+
+
+def test_programs_run_in_a_limited_child_process(tmp_path):
+    assert eval05.run_program("print(6 * 7)") == ("ok", "42\n")
+    status, printed = eval05.run_program("import os\nprint(os.getpid())")
+    assert status == "ok" and int(printed) != os.getpid()  # never in our process
+    assert eval05.run_program("import os\nprint(sorted(os.environ))")[1] in ("[]\n", "['LC_CTYPE']\n")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("42")
+    cases = {"while True:\n    pass": ("killed by signal", "timeout"),  # CPU time, or wall clock on a busy machine
+             "import time\ntime.sleep(60)": "timeout",              # wall-clock limit
+             "x = []\nwhile True:\n    x.append(' ' * 10 ** 7)": "error: MemoryError",
+             f"print(open({str(secret)!r}).read())": "error: PermissionError: not allowed here: open",
+             "open('out.txt', 'w').write('x')": "error: PermissionError: not allowed here: open",
+             "import socket\nprint(1)": "error: PermissionError: not allowed here: import",
+             "import os\nos.system('true')\nprint(1)": "error: PermissionError: not allowed here: os.system",
+             "while True:\n    print('1' * 1000)": "error: OSError: [Errno 27] File too large"}
+    for program, status in cases.items():
+        result = eval05.run_program(program)
+        assert result[0].startswith(status) and result[1] == "", (program, result)  # str.startswith takes tuples
+
+
+def test_code_mode_counts_a_stopped_program_as_wrong(tiny_model):
+    tokenizer = common.load_tokenizer(tiny_model)
+    replies = {"m0": "Here:\n```python\napples = 3 + 4\nprint(apples)\n```", "m1": "```python\nwhile True: pass\n```",
+               "m2": "```python\nprint(open('/etc/hostname').read(), 7)\n```", "m3": "```py\nprint(12)"}  # cut off
+    items = [{"model": "x", "task": "math", "engine": "in-process", "id": i, "lang": "en", "prompt": "q",
+              "answer": gold} for i, gold in [("m0", 7), ("m1", 7), ("m2", 7), ("m3", 12)]]
+    seen = []
+
+    def fake_generate(prompts, desc):
+        seen.extend(prompts)
+        yield [(k, [{"text": replies[items[k]["id"]], "truncated": False, "new_tokens": 3}]) for k in range(len(items))]
+
+    counts = {"new_tokens": 0, "no_number": 0}
+    records = [r for batch in eval05.task_records({"generate": fake_generate, "tokenizer": tokenizer}, items, "math",
+                                                  "code", counts) for r in batch]
+    assert [r["correct"] for r in records] == [True, False, False, True]
+    assert records[0]["program_status"] == records[3]["program_status"] == "ok"
+    assert records[1]["program_status"].startswith(("killed", "timeout")) and records[2]["program_status"].startswith(
+        "error: PermissionError")
+    assert records[0]["program"] == "apples = 3 + 4\nprint(apples)\n" and "in_language" not in records[0]
+    assert all(eval05.CODE_INSTRUCTION in prompt for prompt in seen) and counts["no_number"] == 2
+
+
+# ----------------------------------------------------------------------------
 # The script end to end (tiny models)
 
 
@@ -449,6 +690,44 @@ def test_two_model_run_writes_every_output(two_model_run):
     assert "05_eval: models 3, tasks 3, predictions made now 36, judged now 8" in result.stdout
 
 
+def test_choice_alignment_and_reference_win_rate_end_to_end(tmp_path, untied_models, tiny_model):
+    """The tasks the papers report beyond math, in one run: every metric in eval.json, the report and the plot;
+    a rerun reuses every (model, task) work file."""
+    answers = tmp_path / "answers"
+    answers.mkdir()
+    for lang, texts in {"en": ["Name a colour.", "Say hello."], "es": ["Nombra un color.", "Di hola."]}.items():
+        (answers / f"{lang}.jsonl").write_text("".join(json.dumps({"id": f"p-{k}", "prompt": text, "response": "Sí."})
+                                                       + "\n" for k, text in enumerate(texts)), encoding="utf-8")
+    output = tmp_path / "eval"
+    args = ["--models", *untied_models, "--tasks", "winrate,choice,alignment", "--langs", "en,es", "--limit", "2",
+            "--mgsm", os.path.join(SHARED_DATA, "mgsm"), "--prompts", write_prompt_fixture(tmp_path / "prompts"),
+            "--reference-answers", answers, "--max-new-tokens", "8", "--judge", tiny_model, "--output", output]
+    result = run_script("05_eval.py", *args, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.load(open(output / "eval.json"))
+    layers = common.load_model(untied_models[0])[0].config.num_hidden_layers + 1
+    for label in (m["label"] for m in summary["models"]):
+        metrics = summary["results"][label]
+        assert metrics["choice accuracy"]["en"]["n"] == 2 and metrics["choice consistency"]["all"]["n"] == 2
+        assert metrics["winrate vs reference answers"]["all"]["n"] == 4  # the first model is judged too
+        assert metrics["winrate vs reference answers, length-controlled"]["all"]["n"] == 4
+        alignment = metrics["alignment cosine with English (mean over layers)"]
+        assert set(alignment) == {"es", "all"} and alignment["es"]["n"] == 2
+        by_layer = summary["alignment_by_layer"][label]["es"]
+        assert len(by_layer) == layers and -1 <= by_layer[-1]["score"] <= 1
+        assert alignment["es"]["score"] == pytest.approx(np.mean([v["score"] for v in by_layer]))
+    predictions = read_records(output / "predictions.jsonl")
+    choice = [p for p in predictions if p["task"] == "choice"]
+    assert len(choice) == 8 and all(p["correct"] == (p["prediction"] == p["answer"]) for p in choice)
+    report = open(output / "report.md", encoding="utf-8").read()
+    assert "## Representation alignment" in report and "| winrate vs reference answers, length-controlled |" in report
+    assert "| choice accuracy | es |" in report
+    assert open(output / "report.png", "rb").read(4) == b"\x89PNG"
+    os.remove(output / "eval.json")
+    again = run_script("05_eval.py", *args, env=ONE_THREAD)
+    assert again.returncode == 0 and "predictions made now 0, judged now 0" in again.stdout, again.stderr[-2000:]
+
+
 def test_rerun_resumes_from_a_killed_run(two_model_run):
     """Part files of a killed run are kept; the rerun only makes what is missing."""
     output, args, _, base, _ = two_model_run
@@ -518,14 +797,23 @@ def test_bad_inputs(tmp_path, tiny_model):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(tmp_path, untied_models):
-    """Under torchrun the problems are split across ranks; the merged predictions equal a 1-process run."""
-    args = ["--models", *untied_models, "--tasks", "math", "--langs", "en,es", "--math",
-            write_math_fixture(tmp_path / "math"), "--max-new-tokens", "6"]
+    """Under torchrun the problems are split across ranks; the merged predictions equal a 1-process run (the
+    scored tasks' floats to rounding: a rank's batches pad differently)."""
+    args = ["--models", *untied_models, "--tasks", "math,choice,alignment", "--langs", "en,es", "--math",
+            write_math_fixture(tmp_path / "math"), "--mgsm", os.path.join(SHARED_DATA, "mgsm"), "--limit", "3",
+            "--max-new-tokens", "6"]
     single = run_script("05_eval.py", *args, "--output", tmp_path / "one", env=ONE_THREAD)
     assert single.returncode == 0, single.stderr[-3000:]
     double = run_torchrun("05_eval.py", 2, *args, "--output", tmp_path / "two")
     assert double.returncode == 0, double.stderr[-3000:]
-    assert read_records(tmp_path / "two" / "predictions.jsonl") == read_records(tmp_path / "one" / "predictions.jsonl")
+    one, two = (read_records(tmp_path / run / "predictions.jsonl") for run in ("one", "two"))
+    floats = ("letter_logps", "cosine")
+    assert [{k: v for k, v in r.items() if k not in floats} for r in two] == \
+        [{k: v for k, v in r.items() if k not in floats} for r in one]
+    assert {r["task"] for r in one} == {"math", "choice", "alignment"}
+    for a, b in zip(one, two):
+        for field in floats:
+            assert a.get(field) == pytest.approx(b.get(field), abs=1e-4)
     assert "05_eval[rank 1]" in double.stdout
 
 
