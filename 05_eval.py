@@ -277,6 +277,12 @@ def in_process_model(tools, column, args):
     return tools["model"]
 
 
+def in_chunks(items, size, desc):
+    """`items`, `size` at a time, with a progress bar."""
+    for start in tqdm(range(0, len(items), size), desc=desc, unit="batch", disable=not items, dynamic_ncols=True):
+        yield items[start:start + size]
+
+
 def in_language(text, lang):
     """Language fidelity of one answer: an empty answer is not in any language; only numbers pass."""
     return bool(text.strip()) and common.is_in_language(text, lang)
@@ -452,8 +458,8 @@ def choice_records(model, tokenizer, items, args, chunk=16):
     """Yields prediction records for multiple-choice items: the option whose letter scores highest."""
     score = letter_scorer(model, tokenizer, LETTERS[:max((len(i["choices"]) for i in items), default=2)],
                           args.token_budget)
-    for start in tqdm(range(0, len(items), chunk), desc="choice", unit="batch", disable=not items, dynamic_ncols=True):
-        part, records = items[start:start + chunk], []
+    for part in in_chunks(items, chunk, "choice"):
+        records = []
         for item, logps in zip(part, score([choice_message(item) for item in part]).tolist()):
             logps = logps[:len(item["choices"])]
             prediction = int(np.argmax(logps))
@@ -482,9 +488,7 @@ def mean_hidden_states(model, tokenizer, texts):
 def alignment_records(model, tokenizer, items, args):
     """Yields, per non-English question, the cosine between its mean hidden state and its English original's at
     every layer: how close the model holds the two languages' versions of one question."""
-    for start in tqdm(range(0, len(items), args.batch_size), desc="alignment", unit="batch", disable=not items,
-                      dynamic_ncols=True):
-        part = items[start:start + args.batch_size]
+    for part in in_chunks(items, args.batch_size, "alignment"):
         states = mean_hidden_states(model, tokenizer, [item["prompt"] for item in part] +
                                     [item["english"] for item in part])
         cosines = torch.nn.functional.cosine_similarity(states[:len(part)], states[len(part):], dim=-1)
@@ -564,8 +568,7 @@ def judge_column(judge, reference, answers, path, rank, world_size, counts, chun
     the predictions."""
     key = lambda record: (record["model"], record["id"], record["lang"])  # noqa: E731
     _, mine = common.resume(path, answers, key, rank, world_size)
-    for start in tqdm(range(0, len(mine), chunk), desc="judge", unit="batch", disable=not mine, dynamic_ncols=True):
-        part = mine[start:start + chunk]
+    for part in in_chunks(mine, chunk, "judge"):
         results = judge_pairs(judge, [(item["prompt"], reference[(item["id"], item["lang"])]["response"],
                                        item["response"]) for item in part])
         counts["unreadable_verdicts"] += sum(v["choice"] is None for _, verdicts in results for v in verdicts)
@@ -596,19 +599,18 @@ def judge_caveat(args, judge_model):
 # Metrics and report
 
 
-def bootstrap_interval(values, samples=1000, seed=0):
-    """95% bootstrap interval of the mean of `values` (0/1 or fractions)."""
-    values = np.asarray(values, dtype=float)
-    if len(values) == 0:
-        return (math.nan, math.nan)
-    generator = np.random.default_rng(seed)
-    means = values[generator.integers(0, len(values), size=(samples, len(values)))].mean(axis=1)
-    return (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+def bootstrap(n, statistic, seed, samples=1000):
+    """{"score", "n", "ci"}: statistic(item indices) over all n items, and its 95% bootstrap interval, the
+    statistic recomputed on `samples` resamples of the items (with replacement). Every metric's interval."""
+    boot = [statistic(picks) for picks in np.random.default_rng(seed).integers(0, n, size=(samples, n))]
+    return {"score": float(statistic(np.arange(n))), "n": n,
+            "ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]}
 
 
 def entry(values, seed):
-    low, high = bootstrap_interval(values, seed=seed)
-    return {"score": float(np.mean(values)), "n": len(values), "ci": [low, high]}
+    """The mean of `values` (0/1 or fractions) with its interval."""
+    values = np.asarray(values, dtype=float)
+    return bootstrap(len(values), lambda picks: values[picks].mean(), seed)
 
 
 def by_language(rows, langs):
@@ -657,14 +659,11 @@ def length_controlled(scores, length_differences, seed, samples=1000, slope_ridg
                 break
         return 0.5 * (1 + np.tanh(w[0] / 2))
 
-    picks = np.random.default_rng(seed).integers(0, len(scores), size=(samples, len(scores)))
-    boot = [fit(scores[p], differences[p]) for p in picks]
-    return {"score": float(fit(scores, differences)), "n": len(scores),
-            "ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+    return {**bootstrap(len(scores), lambda picks: fit(scores[picks], differences[picks]), seed, samples),
             "overlap": float(min(np.mean(differences > 0), np.mean(differences < 0)))}
 
 
-def consistency(rows, langs, seed, samples=1000):
+def consistency(rows, langs, seed):
     """CrossIn cross-lingual consistency over parallel problems, and its harmonic mean with accuracy.
 
     A problem is consistent when it got an answer in every language and the answers agree
@@ -685,12 +684,8 @@ def consistency(rows, langs, seed, samples=1000):
     def harmonic(cons, acc):
         return 0.0 if cons + acc == 0 else 2 * cons * acc / (cons + acc)
 
-    picks = np.random.default_rng(seed).integers(0, len(parallel), size=(samples, len(parallel)))
-    boot = [harmonic(same[p].mean(), correct[p].mean()) for p in picks]
-    return {"consistency": {"all": entry(same, seed)},
-            "consistency x accuracy (harmonic mean)": {"all": {
-                "score": harmonic(same.mean(), correct.mean()), "n": len(parallel),
-                "ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]}}}
+    return {"consistency": {"all": entry(same, seed)}, "consistency x accuracy (harmonic mean)": {
+        "all": bootstrap(len(parallel), lambda picks: harmonic(same[picks].mean(), correct[picks].mean()), seed)}}
 
 
 def compute_results(columns, predictions, judgements, langs, seed, opponent="first model"):

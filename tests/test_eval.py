@@ -68,7 +68,7 @@ def test_accuracy_and_interval():
     assert table["en"]["score"] == 0.5 and table["en"]["n"] == 4
     assert table["es"]["score"] == 0.25 and table["es"]["n"] == 4   # 18.0005 is within 1e-3 of 18
     assert table["all"]["score"] == 3 / 8 and table["all"]["n"] == 8
-    assert table["en"]["ci"] == list(eval05.bootstrap_interval([1, 1, 0, 0], seed=0))
+    assert table["en"] == eval05.bootstrap(4, lambda picks: np.array([1, 1, 0, 0])[picks].mean(), seed=0)
     low, high = table["all"]["ci"]
     assert 0 <= low < 3 / 8 < high <= 1
     perfect = eval05.per_language([prediction("a", "en", 1, 1)] * 5, "correct", ["en"], seed=0)
@@ -108,7 +108,7 @@ def test_effect_is_the_paired_difference_of_the_last_model_and_the_first():
     table = effect["winrate language fidelity"]
     assert table["es"]["score"] == pytest.approx(2 / 3) and table["es"]["n"] == 3
     assert table["de"]["score"] == 0.0 and table["all"]["score"] == pytest.approx(1 / 3) and table["all"]["n"] == 6
-    assert table["es"]["ci"] == list(eval05.bootstrap_interval([1, 1, 0], seed=0))  # the differences resampled
+    assert table["es"] == eval05.entry([1, 1, 0], seed=0)  # the differences resampled
     results = {label: {"winrate language fidelity": eval05.per_language(
         [{"lang": lang, "v": float(values[k])} for (_, lang), values in fidelity.items()], "v", ["es", "de"], 0)}
         for k, label in enumerate(labels)}
