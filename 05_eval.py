@@ -459,12 +459,12 @@ def choice_records(model, tokenizer, items, args, chunk=16):
     score = letter_scorer(model, tokenizer, LETTERS[:max((len(i["choices"]) for i in items), default=2)],
                           args.token_budget)
     for part in in_chunks(items, chunk, "choice"):
-        records = []
-        for item, logps in zip(part, score([choice_message(item) for item in part]).tolist()):
+        records, messages = [], [choice_message(item) for item in part]
+        for item, message, logps in zip(part, messages, score(messages).tolist()):
             logps = logps[:len(item["choices"])]
             prediction = int(np.argmax(logps))
             records.append({**{k: item[k] for k in ("model", "task", "id", "lang", "engine", "choices", "answer")},
-                            "prompt": choice_message(item), "prediction": prediction,
+                            "prompt": message, "prediction": prediction,
                             "correct": prediction == item["answer"], "letter_logps": logps})
         yield records
 
