@@ -7,8 +7,8 @@ Out: translated.jsonl, the same records, each with
                            "engine": "in-process" or the server}
      and, with --questions, "prompt_en" (the prompt translated into the dominant language).
 Dominant-language records (English by default) are translated into every other language in
-the file; every other record is translated into the dominant language. These are the two
-directions the language-imbalance pairs of 03 are built from. A text is cut at paragraph, line
+the file; every other record is translated into the dominant language (unless --no-into-dominant).
+These are the two directions the language-imbalance pairs of 03 are built from. A text is cut at paragraph, line
 and sentence boundaries into pieces of at most --piece-tokens source tokens (and always where the
 model's context needs it); the pieces of every text in a block are translated together in batches
 and joined back ("pieces": how many). A piece that failed is asked again, sampled (--retries;
@@ -215,8 +215,9 @@ def token_ratios(records, tokenizer):
     return {pair: target_tokens / max(source_tokens, 1) for pair, (target_tokens, source_tokens) in sums.items()}
 
 
-def plan_targets(records, dominant, targets):
-    """{(id, lang): [target languages]}: dominant records go into every target, the others into dominant."""
+def plan_targets(records, dominant, targets, into_dominant=True):
+    """{(id, lang): [target languages]}: dominant records go into every target, the others into dominant
+    (unless into_dominant is False: then they are left untranslated)."""
     present = list(dict.fromkeys(record["lang"] for record in records))
     others = [code for code in (targets or present) if code != dominant]
     plan = {}
@@ -225,7 +226,7 @@ def plan_targets(records, dominant, targets):
         if record["lang"] == dominant:
             plan[key] = others
         else:
-            plan[key] = [dominant] if record["lang"] in others else []
+            plan[key] = [dominant] if record["lang"] in others and into_dominant else []
     return plan
 
 
@@ -430,6 +431,10 @@ def parse_args(argv=None):
     parser.add_argument("--targets", default=None,
                         help="comma-separated other languages to work with (default: every language in the input); "
                              "dominant records go into each, their records into the dominant language")
+    parser.add_argument("--into-dominant", action=argparse.BooleanOptionalAction, default=True,
+                        help="also translate the other languages' answers into the dominant language, for 03's "
+                             "dominant-language pairs (default: yes; --no-into-dominant: only out of it, as the CPU "
+                             "demo does, where a 135M model copies its source instead: README)")
     parser.add_argument("--questions", action="store_true",
                         help="also translate each non-dominant prompt into the dominant language (field prompt_en)")
     parser.add_argument("--batch-size", type=int, default=64,
@@ -476,12 +481,12 @@ def main(argv=None):
         raise common.InputError(f"{args.input}: no records to translate")
     records = [record for _, record in rows]
     args.translator = pick_translator(rows, args.input, args.translator)
-    plan = plan_targets(records, args.dominant, args.targets)
+    plan = plan_targets(records, args.dominant, args.targets, args.into_dominant)
 
     rank, world_size = common.setup_distributed()
-    settings = {name: getattr(args, name) for name in ("translator", "dominant", "targets", "questions", "temperature",
-                                                      "top_p", "repetition_penalty", "seed", "piece_tokens",
-                                                      "retries", "retry_temperature")}
+    settings = {name: getattr(args, name) for name in ("translator", "dominant", "targets", "into_dominant",
+                                                      "questions", "temperature", "top_p", "repetition_penalty",
+                                                      "seed", "piece_tokens", "retries", "retry_temperature")}
     common.claim(args.output, {**settings, "input": common.content_key(records)}, rank)
     torch.manual_seed(args.seed + rank)
     engine, tokenizer, context = common.load_engine(args.translator, args.server, args.server_model,

@@ -136,8 +136,9 @@ def read_input(path, method, dominant, limit):
 def check_parallel(records, path, dominant, needs_translations):
     """Every X record needs the dominant record of its id, and the reverse.
 
-    needs_translations: "both" (the dominant record into every X, every X into the
-    dominant language), "dominant" (only the first) or None.
+    needs_translations: "both" (the dominant record into every X; every X record has run through 02, whose
+    --no-into-dominant leaves its translation into the dominant language out), "dominant" (only the first)
+    or None.
     """
     languages = {lang for _, lang in records}
     for (record_id, lang), (where, record) in records.items():
@@ -155,8 +156,8 @@ def check_parallel(records, path, dominant, needs_translations):
             if (record_id, dominant) not in records:
                 raise common.InputError(f"{where}: id '{record_id}' in '{lang}' has no '{dominant}' record "
                                         f"with the same id in {path}")
-            if needs_translations == "both" and dominant not in record.get("translations", {}):
-                raise common.InputError(f"{where}: no translations into '{dominant}' (run 02_translate.py)")
+            if needs_translations == "both" and "translations" not in record:
+                raise common.InputError(f"{where}: no translations (run 02_translate.py)")
 
 
 def answer_is_right(text, answer):
@@ -174,16 +175,18 @@ def imbalance_rows(records, langs, dominant, keep_truncated, check_answer):
         if lang == dominant:
             continue
         _, teacher = records[(record_id, dominant)]
+        into_dominant = native["translations"].get(dominant)  # None: 02 ran with --no-into-dominant
         for i in range(min(len(native["responses"]), len(teacher["responses"]))):
             cut = not keep_truncated and (native["truncated"][i] or teacher["truncated"][i])
             candidates = [  # (prompt record, chosen, rejected, which side is a translation, its source language)
                 (native, teacher["translations"][lang][i], native["responses"][i], "chosen", dominant),
-                (teacher, teacher["responses"][i], native["translations"][dominant][i], "rejected", lang)]
+                (teacher, teacher["responses"][i], into_dominant and into_dominant[i], "rejected", lang)]
             for prompt_record, chosen, rejected, translated, source in candidates:
                 pair_lang = prompt_record["lang"]
                 if pair_lang not in langs:
                     continue
-                reason = ("truncated" if cut else
+                reason = ("not_translated" if translated == "rejected" and into_dominant is None else
+                          "truncated" if cut else
                           "null_translation" if chosen is None or rejected is None else
                           "identical" if chosen.strip() == rejected.strip() else
                           "wrong_answer" if check_answer and prompt_record.get("answer") is not None

@@ -5,7 +5,7 @@
 #   ITERS=1 LIMIT=4 bash loop.sh      # smaller
 #
 # Iteration 1 builds language-imbalance pairs (English answers, self-translated, are
-# preferred over native answers in the other languages, and the reverse into English).
+# preferred over native answers in the other languages; with INTO_ENGLISH=1 also the reverse into English).
 # From iteration 2 on, REWARD=implicit (default) scores several samples per prompt with
 # the previous iteration's trained model against its reference (implicit cross-lingual
 # rewarding); REWARD=imbalance repeats iteration 1's method with the new policy.
@@ -36,6 +36,8 @@ LIMIT=${LIMIT:-24}                      # prompt ids per language used for train
 SEED=${SEED:-0}                         # sampling, held-out pair split, data order, bootstrap
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}   # answer length while generating training data (96 moved nothing: README)
 KEEP_TRUNCATED=${KEEP_TRUNCATED:-1}     # 1: also pair answers cut at MAX_NEW_TOKENS (the CPU demo cuts many)
+INTO_ENGLISH=${INTO_ENGLISH:-0}         # 1: 02 also translates the other answers into English, for English pairs
+                                        # (the papers do; a 135M model copies its source instead: 3 of 72, README)
 REWARD=${REWARD:-implicit}              # method from iteration 2 on: implicit | imbalance
 SAMPLES=${SAMPLES:-3}                   # samples per prompt for implicit rewarding (paper: 10)
 EPOCHS=${EPOCHS:-1}                     # DPO epochs per iteration
@@ -92,6 +94,7 @@ stop_server() {  # also on any exit, so a failed stage never leaves a server hol
 trap stop_server EXIT
 trap 'exit 130' INT TERM  # so that Ctrl-C or a kill runs the EXIT trap too
 keep=(); [ "$KEEP_TRUNCATED" = 1 ] && keep=(--keep-truncated)
+into=(); [ "$INTO_ENGLISH" = 1 ] || into=(--no-into-dominant)
 
 policy=$MODEL
 reference=""
@@ -107,7 +110,7 @@ for iteration in $(seq 1 "$ITERS"); do
       --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --output "$dir/responses.jsonl" "${server[@]}" $GEN_ARGS
     stage "$iteration" "02 translate (the policy translates its own answers)"
     $PYTHON 02_translate.py --model "$policy" --input "$dir/responses.jsonl" --seed "$SEED" \
-      --output "$dir/translated.jsonl" "${server[@]}"
+      --output "$dir/translated.jsonl" "${into[@]}" "${server[@]}"
     stop_server
     stage "$iteration" "03 reward (language-imbalance pairs)"
     $PYTHON 03_reward.py --method imbalance --input "$dir/translated.jsonl" --output "$dir/pairs.jsonl" \

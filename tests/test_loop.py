@@ -94,9 +94,12 @@ def test_loop_runs_all_stages_and_resumes_after_kills(tmp_path):
     responses = read_records(iteration / "responses.jsonl")
     assert sorted((r["id"], r["lang"]) for r in responses) == [(f"s{i}", lang) for i in range(4) for lang in ("en", "es")]
     translated = read_records(iteration / "translated.jsonl")
-    assert all(len(r["translations"][("es" if r["lang"] == "en" else "en")]) == 1 for r in translated)
+    # The default INTO_ENGLISH=0: English answers go into Spanish; the Spanish ones are not translated back.
+    assert all(list(r["translations"]) == (["es"] if r["lang"] == "en" else []) for r in translated)
+    assert all(len(r["translations"]["es"]) == 1 for r in translated if r["lang"] == "en")
     pairs = read_records(iteration / "pairs.jsonl") + read_records(iteration / "pairs.eval.jsonl")
-    assert pairs and all(p["method"] == "imbalance" and p["chosen"] != p["rejected"] for p in pairs)
+    assert pairs and all(p["method"] == "imbalance" and p["chosen"] != p["rejected"] and p["lang"] == "es"
+                         for p in pairs)
     model = iteration / "model"
     assert (model / "model.safetensors").exists() and (model / "config.json").exists()
     summary = json.loads((model / "train_summary.json").read_text())
@@ -131,6 +134,7 @@ def test_loop_generates_on_the_servers_it_starts_and_stops(tmp_path):
     serve = (f"{os.path.join(os.path.dirname(sys.executable), 'transformers')} serve {{model}} --host 127.0.0.1 "
              "--port {port} --device cpu")
     environment = dict(loop_environment(tmp_path), SERVE=serve, SERVE_PORT=str(port), EVAL_TASKS="winrate",
+                       INTO_ENGLISH="1",
                        GEN_ARGS="--repetition-penalty 1.0", PYTHON=sys.executable, OMP_NUM_THREADS="1")
     with open(tmp_path / "log", "w") as log:
         assert start_loop(environment, log).wait(timeout=1800) == 0, (tmp_path / "log").read_text()[-3000:]
@@ -139,6 +143,9 @@ def test_loop_generates_on_the_servers_it_starts_and_stops(tmp_path):
     assert {r["engine"] for r in read_records(run / "iter1" / "responses.jsonl")} == {f"{embedded} at {url}"}
     assert {r["translation_info"]["engine"] for r in read_records(run / "iter1" / "translated.jsonl")} == \
         {f"{embedded} at {url}"}
+    # INTO_ENGLISH=1: both directions, as the papers translate.
+    assert all(list(r["translations"]) == ["es" if r["lang"] == "en" else "en"]
+               for r in read_records(run / "iter1" / "translated.jsonl"))
     served = [f"{embedded} at {url}", f"{run / 'iter1' / 'model'} at {url}"]
     assert [m["engines"] for m in json.loads((run / "eval" / "eval.json").read_text())["models"]] == \
         [[served[0]], [served[1]]]

@@ -74,6 +74,21 @@ def test_imbalance_rows(tmp_path):
         "de": {"made": 1, "skipped": {"null_translation": 1, "truncated": 1}}}
 
 
+def test_imbalance_without_translations_into_english(tmp_path):
+    """02 --no-into-dominant: the X prompts' pairs are made as before; the English prompts' are skipped, counted."""
+    records = [dict(r, translations={}) if r["lang"] != "en" else r for r in TRANSLATED]
+    rows, summary = run(tmp_path, records, "--method", "imbalance")
+    assert [(r["id"], r["lang"]) for r in rows] == [("q1", "es"), ("q3", "es"), ("q3", "de")]
+    assert summary["per_language"] == {
+        "en": {"made": 0, "skipped": {"not_translated": 6}},
+        "es": {"made": 2, "skipped": {"identical": 1}},
+        "de": {"made": 1, "skipped": {"null_translation": 1, "truncated": 1}}}
+    # An X record that never went through 02 at all is still an error, naming its line.
+    with pytest.raises(common.InputError, match=r"input.jsonl:4: no translations \(run 02_translate.py\)"):
+        run(tmp_path, [{k: v for k, v in r.items() if k != "translations"} if r["lang"] == "es" else r
+                       for r in records], "--method", "imbalance")
+
+
 def test_imbalance_check_answer(tmp_path):
     """q3's English answer says 7, gold is 6: with --check-answer its pairs go, in both directions.
 

@@ -198,6 +198,9 @@ def test_plan_targets_both_directions_and_targets_flag():
     # Another dominant language.
     assert translate.plan_targets(records, "es", None)[("a", "en")] == ["es"]
     assert translate.plan_targets(records, "es", None)[("a", "es")] == ["en", "de", "ru"]
+    # --no-into-dominant: only out of the dominant language.
+    assert translate.plan_targets(records, "en", None, into_dominant=False) == {
+        ("a", "en"): ["es", "de", "ru"], ("a", "es"): [], ("a", "de"): [], ("a", "ru"): []}
 
 
 def test_length_cap_and_token_ratios(tiny_model):
