@@ -41,7 +41,7 @@ INTO_ENGLISH=${INTO_ENGLISH:-0}         # 1: 02 also translates the other answer
 REWARD=${REWARD:-implicit}              # method from iteration 2 on: implicit | imbalance
 SAMPLES=${SAMPLES:-3}                   # samples per prompt for implicit rewarding (paper: 10)
 EPOCHS=${EPOCHS:-1}                     # DPO epochs per iteration
-LR=${LR:-1e-5}                          # DPO learning rate (a 135M model needs more than an 8B one's 5e-7)
+LR=${LR:-3e-5}                          # DPO learning rate (a 135M model needs more than an 8B one's 5e-7; README)
 NLL_WEIGHT=${NLL_WEIGHT:-1}             # DPO+NLL, as the papers train (0: plain DPO)
 # 05: answers to every held-out prompt (language fidelity, the effect the report leads with), win rate on the
 # first JUDGE_LIMIT. Math is left out of the CPU demo: no 135M model reaches an answer in this many tokens,
