@@ -435,16 +435,15 @@ def run_program(program):
 def letter_scorer(model, tokenizer, letters, token_budget):
     """score(user messages) -> [n, len(letters)] log-probs of each letter as the first token of the answer,
     from the scorer 03 and 04 use. There is always an answer and nothing to parse: the judge reads "A" vs "B"
-    this way, the multiple-choice task the options' letters (as lm-evaluation-harness scores choices)."""
+    this way, the multiple-choice task the options' letters (as lm-evaluation-harness scores choices).
+    One forward per message reads every letter at the answer's first position."""
     ids = [tokenizer(letter, add_special_tokens=False).input_ids for letter in letters]
     if any(len(letter_ids) != 1 for letter_ids in ids):
         raise common.InputError(f"the tokenizer does not have single tokens for the letters {', '.join(letters)}")
 
     def score(texts):
         prompts = [common.chat_prompt_ids(tokenizer, text) for text in texts]
-        logps, _ = common.score_sequences(model, [(prompt + letter_ids, len(prompt)) for prompt in prompts
-                                                  for letter_ids in ids], token_budget, show_progress=False)
-        return logps.view(len(texts), len(letters))
+        return common.next_token_logps(model, prompts, [letter_ids[0] for letter_ids in ids], token_budget)
 
     return score
 

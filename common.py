@@ -1063,6 +1063,33 @@ def score_sequences(model, sequences, token_budget=8192, desc="score", show_prog
     return summed, per_token
 
 
+@torch.inference_mode()
+def next_token_logps(model, sequences, candidates, token_budget=8192):
+    """log p(token | ids) of each candidate token after each id list: [n, len(candidates)] float64.
+
+    The same path as response_logps (the decoder's states, the output layer, the model's final logit
+    transform, an fp32 log-softmax), but one forward per id list reads every candidate at its last
+    position: what a judge's "A" vs "B" or a multiple-choice question's letters need, at 1/k the cost
+    of scoring each candidate as its own sequence. Batches are length-sorted under `token_budget`.
+    """
+    inner = unwrap(model)
+    output_layer, transform = inner.get_output_embeddings(), final_logit_transform(inner.config)
+    _check_scoring_path(model, transform)
+    device = next(inner.parameters()).device
+    was_training = model.training
+    model.eval()
+    logps = torch.zeros(len(sequences), len(candidates), dtype=torch.float64)
+    for batch in length_batches([len(ids) for ids in sequences], token_budget):
+        input_ids = pad_right([sequences[i] for i in batch], pad_id=0)[0].to(device)
+        last = torch.tensor([len(sequences[i]) - 1 for i in batch], device=device)
+        states = _last_hidden_states(model, input_ids)[torch.arange(len(batch), device=device), last]  # [b, hidden]
+        logits = transform(output_layer(states)).float()
+        chosen = logits[:, candidates] - torch.logsumexp(logits, dim=-1, keepdim=True)
+        logps[batch] = chosen.double().cpu()
+    model.train(was_training)
+    return logps
+
+
 def score(model, tokenizer, prompts, responses, token_budget=8192, per_token=False, system=None,
           desc="score", show_progress=True, chunk_rows=None):
     """Summed log-probability of each response given its prompt, batched (no gradients).

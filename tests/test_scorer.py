@@ -117,6 +117,25 @@ def test_order_is_restored(model_and_tokenizer, reference):
         assert counts[position].item() == len(reference[index][1])
 
 
+@pytest.mark.parametrize("architecture", ["llama", "gemma2"])
+@pytest.mark.parametrize("token_budget", [1, 10 ** 6])
+def test_next_token_logps_match_reference(tmp_path, architecture, token_budget):
+    """Every candidate after every prompt, from one forward per prompt, equals the reference's log-prob of that
+    candidate scored as the next token (Gemma 2: its soft-capped logits), padded or alone, in the order given."""
+    from conftest import make_tiny_model
+    model, tokenizer = common.load_model(make_tiny_model(tmp_path, architecture=architecture),
+                                         device=torch.device("cpu"), dtype=torch.float32)
+    prompts = [common.chat_prompt_ids(tokenizer, text) for text in PROMPTS]
+    candidates = [tokenizer(letter, add_special_tokens=False).input_ids[0] for letter in "ABCD"]
+    model.train()
+    logps = common.next_token_logps(model, prompts, candidates, token_budget=token_budget)
+    assert model.training and logps.shape == (len(PROMPTS), 4) and logps.dtype == torch.float64
+    for row, ids in enumerate(prompts):
+        for column, token in enumerate(candidates):
+            expected, _ = reference_score(model, ids + [token], len(ids))
+            assert logps[row, column].item() == pytest.approx(expected, abs=1e-5)
+
+
 def test_score_leaves_training_mode(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     model.train()
