@@ -3,8 +3,8 @@
 In:  responses.jsonl from 01_generate.py, one record per (id, lang) with "responses": [str, ...].
 Out: translated.jsonl, the same records, each with
        "translations":     {"<lang>": [str or null, ...]}  aligned with "responses"
-       "translation_info": {"<lang>": [null or why it failed, ...], "pieces": [int, ...], "translator": str,
-                           "engine": "in-process" or the server}
+       "translation_info": {"<lang>": [null or why it failed, ...], "pieces": [int, ...],
+                           "retried": {"<lang>": [int, ...]}, "translator": str, "engine": "in-process" or the server}
      and, with --questions, "prompt_en" (the prompt translated into the dominant language).
 Dominant-language records (English by default) are translated into every other language in
 the file; every other record is translated into the dominant language (unless --no-into-dominant).
@@ -303,7 +303,7 @@ def finish_record(record, targets, jobs, outputs, prompt_field, translator_name,
     n = len(record["responses"])
     translations = {target: [None] * n for target in targets}
     info = {target: [None] * n for target in targets}
-    info["pieces"], info["retried"] = [0] * n, [0] * n
+    info["pieces"], info["retried"] = [0] * n, {target: [0] * n for target in targets}  # pieces: alike per target
     finished = dict(record)
     for job, job_outputs in zip(jobs, outputs):
         text, reason = finish_job(job, job_outputs)
@@ -315,7 +315,8 @@ def finish_record(record, targets, jobs, outputs, prompt_field, translator_name,
             translations[job["target"]][job["slot"]] = text
             info[job["target"]][job["slot"]] = reason
             info["pieces"][job["slot"]] = len(job["pieces"] or [])
-            info["retried"][job["slot"]] = sum(1 for output in job_outputs if output and output.get("retried"))
+            info["retried"][job["target"]][job["slot"]] = sum(1 for output in job_outputs
+                                                              if output and output.get("retried"))
     finished["translations"] = translations
     finished["translation_info"] = {**info, "translator": translator_name, "engine": engine_name}
     return finished

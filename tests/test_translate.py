@@ -143,6 +143,27 @@ def translate_one(monkeypatch, tokenizer, response, flags, reply):
     return finished, calls
 
 
+def test_retries_are_counted_per_target(monkeypatch, tiny_model):
+    """One English answer into Spanish and German: only the Spanish piece is copied greedily and asked again,
+    so only Spanish counts a retry (a count per response alone would be overwritten by the last target)."""
+    tokenizer = translate.common.load_tokenizer(tiny_model)
+    english = SENTENCES["en"][0]
+
+    def generate(engine, tokenizer, requests, batch_size, sampling, progress):
+        return [answer((piece if target == "es" and sampling["temperature"] == 0 else
+                        dict(zip(SENTENCES["en"], SENTENCES[target]))[piece]) + "</translated>")
+                for _, _, piece, target in requests]
+
+    monkeypatch.setattr(translate, "generate_translations", generate)
+    args = translate.parse_args([])
+    args.translator = "stand-in"
+    record = {"id": "a", "lang": "en", "prompt": "p", "responses": [english]}
+    [[finished]] = translate.translate_records([record], {("a", "en"): ["es", "de"]}, "stand-in engine", tokenizer,
+                                              2048, args, {}, tqdm(disable=True), [0])
+    assert finished["translations"] == {"es": [SENTENCES["es"][0]], "de": [SENTENCES["de"][0]]}
+    assert finished["translation_info"]["retried"] == {"es": [1], "de": [0]}
+
+
 def test_pieces_are_translated_apart_and_failed_ones_asked_again_sampled(monkeypatch, tiny_model):
     tokenizer = translate.common.load_tokenizer(tiny_model)
     english = SENTENCES["en"][0] + " " + SENTENCES["en"][1]
@@ -152,14 +173,14 @@ def test_pieces_are_translated_apart_and_failed_ones_asked_again_sampled(monkeyp
                                     lambda piece, temperature: spanish[piece])
     assert calls == [(0.0, SENTENCES["en"])]
     assert finished["translations"]["es"] == [" ".join(SENTENCES["es"])]
-    assert finished["translation_info"]["pieces"] == [2] and finished["translation_info"]["retried"] == [0]
+    assert finished["translation_info"]["pieces"] == [2] and finished["translation_info"]["retried"] == {"es": [0]}
     # Greedy copies the second sentence; the sampled retry translates it. Only that piece is asked again.
     def copies_second(piece, temperature):
         return piece if temperature == 0 and piece == SENTENCES["en"][1] else spanish[piece]
     finished, calls = translate_one(monkeypatch, tokenizer, english, ["--piece-tokens", "16"], copies_second)
     assert calls == [(0.0, SENTENCES["en"]), (0.7, [SENTENCES["en"][1]])]
     assert finished["translations"]["es"] == [" ".join(SENTENCES["es"])]
-    assert finished["translation_info"]["retried"] == [1]
+    assert finished["translation_info"]["retried"] == {"es": [1]}
     # Without retries the copy makes the whole text null, with its own reason.
     finished, _ = translate_one(monkeypatch, tokenizer, english, ["--piece-tokens", "16", "--retries", "0"],
                                 copies_second)
