@@ -998,6 +998,14 @@ def _check_scoring_path(model, transform):
     inner._scoring_path_checked = True
 
 
+def _output_path(model):
+    """(output layer, final logit transform, device) of a plain or wrapped model, its scoring path checked."""
+    inner = unwrap(model)
+    output_layer, transform = inner.get_output_embeddings(), final_logit_transform(inner.config)
+    _check_scoring_path(model, transform)
+    return output_layer, transform, next(inner.parameters()).device
+
+
 LOGIT_CHUNK_ELEMENTS = 2 ** 24  # fp32 logits per chunk: 64 MiB, whatever the vocabulary
 
 
@@ -1013,10 +1021,7 @@ def response_logps(model, sequences, per_token=False, chunk_rows=None):
     checkpointing when gradients are on: [positions, vocab] logits exist for one chunk at a time,
     in the forward and again in the backward.
     """
-    inner = unwrap(model)
-    output_layer, transform = inner.get_output_embeddings(), final_logit_transform(inner.config)
-    _check_scoring_path(model, transform)
-    device = next(inner.parameters()).device
+    output_layer, transform, device = _output_path(model)
     # Right padding with any id: no real token attends to a later position, and pads are never scored.
     input_ids = pad_right([ids for ids, _ in sequences], pad_id=0)[0].to(device)
     hidden = _last_hidden_states(model, input_ids)  # [n, length, hidden]
@@ -1072,10 +1077,7 @@ def next_token_logps(model, sequences, candidates, token_budget=8192):
     position: what a judge's "A" vs "B" or a multiple-choice question's letters need, at 1/k the cost
     of scoring each candidate as its own sequence. Batches are length-sorted under `token_budget`.
     """
-    inner = unwrap(model)
-    output_layer, transform = inner.get_output_embeddings(), final_logit_transform(inner.config)
-    _check_scoring_path(model, transform)
-    device = next(inner.parameters()).device
+    output_layer, transform, device = _output_path(model)
     was_training = model.training
     model.eval()
     logps = torch.zeros(len(sequences), len(candidates), dtype=torch.float64)
