@@ -31,7 +31,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", default="data/alpagasus",
                         help="prompt file, directory of {lang}.jsonl, TSV, or hub dataset name[:config]")
-    parser.add_argument("--output", default="runs/demo/responses.jsonl", help="where to write the responses")
+    parser.add_argument("--output", default="runs/loop/iter1/responses.jsonl", help="where to write the responses")
     parser.add_argument("--model", default=common.EMBEDDED_MODEL,
                         help="hub id, local directory, or the embedded default '%(default)s'")
     parser.add_argument("--langs", default=None, help="comma-separated language codes to keep (default: all found)")

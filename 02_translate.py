@@ -14,7 +14,7 @@ model's context needs it); the pieces of every text in a block are translated to
 and joined back ("pieces": how many). A piece that failed is asked again, sampled (--retries;
 "retried": how many pieces were).
 
-    python 02_translate.py --input runs/demo/responses.jsonl --output runs/demo/translated.jsonl
+    python 02_translate.py --input runs/loop/iter1/responses.jsonl --output runs/loop/iter1/translated.jsonl
     python 02_translate.py ... --server http://127.0.0.1:8000/v1 --batch-size 4096   # on a serving engine
 
 How a translation is made (the mechanism of the papers' code, in our own words): the source
@@ -161,9 +161,10 @@ def split_text(text, fits, separators=SPLIT_SEPARATORS):
 # Input
 
 
-def read_responses(path, limit, need_prompt):
-    """01's records, checked: each names a known language and has a list of string responses."""
-    rows = common.read_jsonl(path, required=("id", "lang", "responses"))
+def read_responses(path, limit):
+    """01's records, checked: each names a known language, has its prompt as text and a list of string responses
+    (03 reads the prompt: a record it would refuse stops here, before any translating)."""
+    rows = common.read_jsonl(path, required=("id", "lang", "prompt", "responses"))
     seen = {}
     for line_number, record in rows:
         where = f"{path}:{line_number}"
@@ -171,8 +172,8 @@ def read_responses(path, limit, need_prompt):
         responses = record["responses"]
         if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
             raise common.InputError(f"{where}: 'responses' must be a list of strings")
-        if need_prompt and not isinstance(record.get("prompt"), str):
-            raise common.InputError(f"{where}: --questions needs a 'prompt' string")
+        if not isinstance(record["prompt"], str):
+            raise common.InputError(f"{where}: 'prompt' must be a string, not {type(record['prompt']).__name__}")
         key = (str(record["id"]), record["lang"])
         if key in seen:
             raise common.InputError(f"{where}: id '{key[0]}' in language '{key[1]}' already on line {seen[key]}")
@@ -420,9 +421,9 @@ def format_summary(table):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", default="runs/demo/responses.jsonl",
+    parser.add_argument("--input", default="runs/loop/iter1/responses.jsonl",
                         help="01's responses (JSONL; default: %(default)s)")
-    parser.add_argument("--output", default="runs/demo/translated.jsonl",
+    parser.add_argument("--output", default="runs/loop/iter1/translated.jsonl",
                         help="where the translated records go (default: %(default)s)")
     parser.add_argument("--translator", "--model", dest="translator", default=None,
                         help="model that translates: a hub id, a local directory or "
@@ -477,7 +478,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
-    rows = read_responses(args.input, args.limit, args.questions)
+    rows = read_responses(args.input, args.limit)
     if not rows:
         raise common.InputError(f"{args.input}: no records to translate")
     records = [record for _, record in rows]

@@ -8,7 +8,7 @@ Out: pairs.jsonl: {"id", "lang", "prompt", "chosen", "rejected", "method", ...sc
      held-out pairs.eval.jsonl (whole prompt ids, never on both sides); for implicit the
      cache pairs.scores.jsonl (every sample's log-probs, so a killed run does not rescore).
 
-    python 03_reward.py --method imbalance --input runs/demo/translated.jsonl --output runs/demo/pairs.jsonl
+    python 03_reward.py --method imbalance --input runs/loop/iter1/translated.jsonl --output runs/loop/iter1/pairs.jsonl
 
 Methods (English, the dominant language, is the teacher; X is any other language):
   imbalance  language-imbalance-driven rewarding. Prompt in X: chosen = the English answer
@@ -51,8 +51,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=("imbalance", "implicit", "crossin", "qalign"), default="imbalance",
                         help="how rows are made (see above)")
-    parser.add_argument("--input", default="runs/demo/translated.jsonl", help="translated.jsonl or responses.jsonl")
-    parser.add_argument("--output", default="runs/demo/pairs.jsonl", help="where to write the pairs / SFT rows")
+    parser.add_argument("--input", default="runs/loop/iter1/translated.jsonl", help="translated.jsonl or responses.jsonl")
+    parser.add_argument("--output", default="runs/loop/iter1/pairs.jsonl", help="where to write the pairs / SFT rows")
     parser.add_argument("--langs", default=None,
                         help="comma-separated languages to use (default: all in the input); the dominant "
                              "language's records are always read, as the teacher")

@@ -4,7 +4,7 @@ In:  --input pairs.jsonl from 03_reward.py: one {"prompt", "chosen", "rejected",
      (with --loss sft: {"prompt", "completion"} rows). prompt is the raw user message; TRL's
      conversational form (the prompt as [system,] user messages, each answer as one assistant message) is
      read too, and means the same.
-Out: --output directory (default runs/demo/model/), loadable by any Hugging Face tool:
+Out: --output directory (default runs/loop/iter1/model/), loadable by any Hugging Face tool:
        config.json, model.safetensors, tokenizer files   the trained policy (save_pretrained, fp32)
        metrics.jsonl          one line per optimizer step, with TRL's metric names
        train_summary.json     settings, counts, speed, eval_before / eval_after; written LAST, so
@@ -12,7 +12,7 @@ Out: --output directory (default runs/demo/model/), loadable by any Hugging Face
        reference_logps.jsonl  the reference log-probs, one record per pair (keyed by its content)
        checkpoint-N/          the one, latest checkpoint while training (weights + optimizer), removed at the end
 
-    python 04_dpo.py --input runs/demo/pairs.jsonl --output runs/demo/model
+    python 04_dpo.py --input runs/loop/iter1/pairs.jsonl --output runs/loop/iter1/model
     torchrun --nproc_per_node=8 04_dpo.py --model meta-llama/Llama-3.1-8B-Instruct --fsdp --gradient-checkpointing
 
 One optimizer step (train_step):
@@ -54,8 +54,8 @@ import common
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--input", default="runs/demo/pairs.jsonl", help="pairs (or SFT rows) JSONL from 03_reward.py")
-    add("--output", default="runs/demo/model", help="output directory (model, metrics, summary, checkpoints)")
+    add("--input", default="runs/loop/iter1/pairs.jsonl", help="pairs (or SFT rows) JSONL from 03_reward.py")
+    add("--output", default="runs/loop/iter1/model", help="output directory (model, metrics, summary, checkpoints)")
     add("--model", default=common.EMBEDDED_MODEL, help="policy to train: hub id, local dir, or the embedded default")
     add("--reference", default=None, help="reference model for DPO (default: --model as it was before training)")
     add("--loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge", "sft"], help="DPO, IPO, SLiC hinge, or NLL (IPO: see above)")
@@ -185,6 +185,11 @@ def load_data(args, tokenizer, rank):
     if not args.eval_pairs:
         return (*common.split_by_id(train, args.eval_frac, args.seed), {"train": skip_counts})
     eval_set, eval_skips = read_examples(args.eval_pairs, args, tokenizer, report=rank == 0)
+    trained = {example["key"] for example in train}
+    overlap = [example["where"] for example in eval_set if example["key"] in trained]
+    if overlap:  # a row trained on says nothing about held-out accuracy
+        raise common.InputError(f"--eval-pairs: {len(overlap)} of its {len(eval_set)} rows are also in --input "
+                                f"{args.input} (first: {overlap[0]}); give pairs held out of training")
     return train, eval_set, {"train": skip_counts, "eval": eval_skips}
 
 

@@ -3,7 +3,7 @@
 In:  models to compare (--models: the base model first, then each iteration's), MGSM TSVs,
      the bundled math set (data/math/{lang}.jsonl with question/answer), the bundled multiple-choice
      set (data/choice/{lang}.jsonl with question/choices/answer), instruction prompts.
-Out: in --output (default runs/demo/eval/):
+Out: in --output (default runs/loop/eval/):
      eval.json         per model, per metric, per language: score, n, 95% interval
      predictions.jsonl every prompt, response, extracted answer, judge verdicts
      report.md         first the effect (the last model minus the first on the targeted metric, language
@@ -11,7 +11,7 @@ Out: in --output (default runs/demo/eval/):
                        then models as columns, metric x language as rows, deltas against the first model
      report.png        per-language bars per model, one panel per metric (needs matplotlib)
 
-    python 05_eval.py --models smollm2-135m runs/demo/model --tasks mgsm,winrate,choice,alignment --limit 20
+    python 05_eval.py --models smollm2-135m runs/loop/iter1/model --tasks mgsm,winrate,choice,alignment --limit 20
 
 Tasks (--tasks):
   mgsm, math  greedy step-by-step answer in the problem's language; the last number in the
@@ -44,6 +44,7 @@ the run. Resumable: finished (model, task) work files in --output/work/ are reus
 a killed run continues. Runs under `torchrun --nproc_per_node=K` (prompts sharded, rank 0 reports).
 """
 import argparse
+import glob
 import math
 import os
 import re
@@ -59,6 +60,7 @@ from tqdm import tqdm
 import common
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+LOOP_RUN = "runs/loop"  # where loop.sh writes; the default --models are read from it
 MATH_TASKS = ("mgsm", "math")
 SCORED_TASKS = ("choice", "alignment")  # read the model's own log-probs or hidden states: in-process only
 TASKS = MATH_TASKS + ("winrate",) + SCORED_TASKS
@@ -98,10 +100,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--models", nargs="+", default=None, help="hub ids, directories or the embedded default; the first is the "
-        f"baseline (default: {common.EMBEDDED_MODEL}, plus runs/demo/model if it exists)")
+        f"baseline (default: {common.EMBEDDED_MODEL}, then each finished {LOOP_RUN}/iter*/model, as loop.sh writes)")
     add("--tasks", default="mgsm,math,winrate", help=f"comma-separated, from {','.join(TASKS)}")
     add("--langs", default="en,es,de,fr,ru,zh", help="comma-separated language codes")
-    add("--mgsm", default=os.path.normpath(os.path.join(REPO, "..", "shared", "data", "mgsm")),
+    add("--mgsm", default="data/mgsm",
         help="MGSM: directory of mgsm_{lang}.tsv, JSONL with question/answer, or hub dataset")
     add("--math", default="data/math", help="math set: directory of {lang}.jsonl, a JSONL file, or hub dataset")
     add("--prompts", default="data/prompts", help="instruction prompts for the win rate")
@@ -111,9 +113,10 @@ def parse_args(argv=None):
         "program run in a sandboxed child process")
     add("--reference-answers", default=None, metavar="DIR_OR_FILE", help="win rate against these answers (JSONL "
         "with id, prompt, response; one {lang}.jsonl per language) instead of the first model's")
-    add("--trained-on", nargs="*", default=[], metavar="FILE", help="the loop's training records (each iteration's "
-        "responses.jsonl): an evaluated prompt whose id or text is among them stops the run before any model loads")
-    add("--output", default="runs/demo/eval", help="output directory")
+    add("--trained-on", nargs="*", default=None, metavar="FILE", help="the loop's training records (each iteration's "
+        "responses.jsonl; default: those beside the default --models): an evaluated prompt whose id or text is among "
+        "them stops the run before any model loads")
+    add("--output", default="runs/loop/eval", help="output directory")
     add("--limit", type=int, default=None, help="first N problems/prompts per task (the same ids in every language)")
     add("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     add("--batch-size", type=int, default=16, help="prompts decoded at once")
@@ -996,11 +999,20 @@ def write_outputs(output, columns, predictions, judgements, judge_text, task_ite
 def main(argv=None):
     args = parse_args(argv)
     names = args.models
-    if names is None:
-        names = [common.EMBEDDED_MODEL] + (["runs/demo/model"] if os.path.isdir("runs/demo/model") else [])
-        if len(names) == 1:
-            print("runs/demo/model not found: evaluating the base model only")
+    if names is None:  # what loop.sh writes: the base model, then every finished iteration's
+        trained = sorted(glob.glob(f"{LOOP_RUN}/iter*/model/train_summary.json"),
+                         key=lambda path: int(re.search(r"iter(\d+)", path).group(1)))
+        names = [common.EMBEDDED_MODEL] + [os.path.dirname(path) for path in trained]
+        args.trained_on = [os.path.join(os.path.dirname(name), "responses.jsonl") for name in names[1:]] \
+            if args.trained_on is None else args.trained_on
+        print(f"--models {' '.join(names)}" + ("" if trained else f" (no finished {LOOP_RUN}/iter*/model)"))
+    args.trained_on = args.trained_on or []
     columns = make_columns(names, args)
+    judging = "winrate" in args.tasks and (len(columns) > 1 or args.reference_answers) and not args.answers_only
+    local_judge_name = [args.judge] if judging and not args.judge_server else []
+    for name in dict.fromkeys(names + local_judge_name + [args.proxy_expert, args.proxy_antiexpert]):
+        if name:  # every model is checked before the first one answers anything
+            common.model_config(name, args.trust_remote_code)
     attach_servers(columns, args.server or [])
     task_items = load_tasks(args.tasks, args.langs, args)
     reference_answers = load_reference_answers(args.reference_answers, task_items["winrate"], args.langs,
@@ -1012,7 +1024,6 @@ def main(argv=None):
                 if name not in ("output", "batch_size", "token_budget", "trust_remote_code", "server",
                                 "server_concurrency", "answers_only")}
     common.claim(os.path.join(args.output, "eval.json"), settings, rank, partial=False)
-    judging = "winrate" in args.tasks and (len(columns) > 1 or reference_answers) and not args.answers_only
     # The judge's server is asked for its models now: a wrong URL, key or model name fails before any generation.
     api = server_judge(common.connect(args.judge_server, args.judge, args.server_concurrency), args.judge_max_tokens) \
         if judging and args.judge_server else None

@@ -9,8 +9,9 @@ Read top to bottom, this file is the vocabulary the scripts speak:
   5. chat formatting           chat_prompt_text, chat_prompt_ids, end_of_turn_ids
   6. generation                generate -> generate_batches -> decode_batch (plain or proxy-tuned)
   7. a serving engine          connect, server_generate (/v1/completions), server_chat, load_engine
-  8. the batched logit scorer  tokenize_prompt_response, response_logps, score
-  9. small helpers             numbers, held-out split, distributed setup, summaries
+  8. the log-prob scorer       response_logps (torch only: the block users copy)
+  9. scoring text              tokenize_prompt_response, score, next_token_logps
+ 10. small helpers             numbers, held-out split, distributed setup, summaries
 """
 import collections
 import concurrent.futures
@@ -32,7 +33,7 @@ import urllib.request
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------
@@ -75,9 +76,9 @@ def read_jsonl(path, required=()):
     rows = []
     for line_number, line in _lines(path):
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+            record = json.loads(line, parse_constant=_not_json)
+        except ValueError as error:  # a JSONDecodeError is one too
+            raise InputError(f"{path}:{line_number}: not valid JSON ({getattr(error, 'msg', error)})") from None
         if not isinstance(record, dict):
             raise InputError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
         for field in required:
@@ -86,6 +87,11 @@ def read_jsonl(path, required=()):
                                                               f"missing field '{field}'"))
         rows.append((line_number, record))
     return rows
+
+
+def _not_json(name):
+    """NaN and Infinity are Python's extension of JSON: refused, so they are never carried into an output."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def write_atomic(path, write, binary=False):
@@ -460,6 +466,15 @@ def pick_device():
     return torch.device("cpu"), torch.bfloat16 if os.environ.get("LOOP_BF16") == "1" else torch.float32
 
 
+def model_config(name, trust_remote_code=False):
+    """The config of a model: a second's check that `name` is one, before any work is done with another."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:  # ValueError: a directory or id that is not a model
+        raise InputError(f"{name}: not a model we can load ({str(error).splitlines()[0][:200]})") from None
+
+
 def load_tokenizer(name, trust_remote_code=False):
     from transformers import AutoTokenizer
     try:
@@ -472,7 +487,10 @@ def load_tokenizer(name, trust_remote_code=False):
 
 
 def load_model(name, device=None, dtype=None, trust_remote_code=False):
-    """Load (model, tokenizer) in eval mode on the chosen device. Weights as safetensors only."""
+    """Load (model, tokenizer) in eval mode on the chosen device. Weights as safetensors only.
+
+    The scorer's path (section 8) is checked once here: a model whose logits it cannot reproduce stops now.
+    """
     from transformers import AutoModelForCausalLM
     device, dtype = device or pick_device()[0], dtype or pick_device()[1]
     tokenizer = load_tokenizer(name, trust_remote_code)
@@ -482,12 +500,11 @@ def load_model(name, device=None, dtype=None, trust_remote_code=False):
     except OSError as error:
         raise InputError(f"--model {name}: cannot load a model ({str(error).splitlines()[0][:200]})") from None
     model.to(device).eval()
+    try:
+        check_scoring_path(model)
+    except ValueError as error:
+        raise InputError(f"--model {name}: {error}") from None
     return model, tokenizer
-
-
-def unwrap(model):
-    """The model inside a DistributedDataParallel wrapper (FSDP2 shards the model in place)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 # ----------------------------------------------------------------------------
@@ -842,10 +859,8 @@ def load_engine(name, servers=None, server_model=None, concurrency=64, trust_rem
     if not servers:
         model, tokenizer = load_model(name, trust_remote_code=trust_remote_code)
         return model, tokenizer, getattr(model.config, "max_position_embeddings", None) or 2048
-    from transformers import AutoConfig
     server, tokenizer = connect(servers, server_model, concurrency), load_tokenizer(name, trust_remote_code)
-    config = AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
-    return server, tokenizer, getattr(config, "max_position_embeddings", None) or 2048
+    return server, tokenizer, getattr(model_config(name, trust_remote_code), "max_position_embeddings", None) or 2048
 
 
 def engine_name(engine):
@@ -854,16 +869,136 @@ def engine_name(engine):
 
 
 # ----------------------------------------------------------------------------
-# 8. The batched logit scorer
+# 8. The log-prob scorer: copy this section whole into your project; it needs only `import torch`.
 #
 # log pi(response | prompt) = sum over response tokens of log softmax(logits)[token].
 # One function, response_logps, computes it for 03 (scoring), for 04's reference before
 # training and for 04's policy while it trains (differentiable), so all are computed alike.
-# The pitfalls it avoids: tokenising prompt and response separately (BPE can merge across
-# the boundary), forgetting to score the end-of-turn token, forgetting the model's own final
-# logit transform (Gemma 2 soft-caps its logits), and building a [batch, length, vocab]
-# float32 log-softmax (for a 256k vocabulary that alone is gigabytes). Here the output layer
-# runs on response positions only, a chunk at a time, and log-prob = logit - logsumexp(logits).
+# The pitfalls it avoids: forgetting the model's own final logit transform (Gemma 2 soft-caps
+# its logits), and building a [batch, length, vocab] float32 log-softmax (for a 256k vocabulary
+# that alone is gigabytes). Here the output layer runs on response positions only, a chunk at a
+# time, and log-prob = logit - logsumexp(logits). Tokenising is the caller's (section 9 below).
+
+
+def unwrap(model):
+    """The model inside a DistributedDataParallel wrapper (FSDP2 shards the model in place)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def pad_right(sequences, pad_id):
+    """[list of id lists] -> (input_ids [batch, longest], attention_mask [batch, longest])."""
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(sequences):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def final_logit_transform(config):
+    """What some models do to the output layer's logits (Gemma 2 soft-caps, Cohere and Granite scale)."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = (getattr(config, "logit_scale", None) or 1.0) / (getattr(config, "logits_scaling", None) or 1.0)
+    if cap:
+        return lambda logits: torch.tanh(logits / cap) * cap
+    return (lambda logits: logits * scale) if scale != 1.0 else (lambda logits: logits)
+
+
+def last_hidden_states(model, input_ids):
+    """One forward of `model` itself (so DDP and FSDP hooks run) -> the decoder's final hidden states.
+
+    input_ids: [batch, length], right-padded. Returns [batch, length, hidden]. The model computes
+    logits for its last position only; a hook on its decoder keeps the states the output layer reads.
+    """
+    captured = []
+    hook = unwrap(model).get_decoder().register_forward_hook(
+        lambda module, inputs, output: captured.append(output.last_hidden_state))
+    try:
+        # No attention mask: with right padding and causal attention no real token sees a pad,
+        # and without a mask attention takes its fastest kernel.
+        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+def check_scoring_path(model):
+    """Raise ValueError unless output_layer(decoder(x)), transformed, reproduces the model's own logits.
+
+    A model that post-processes its logits in a way final_logit_transform does not know would be
+    scored wrongly, without a sign. One 8-token forward per model rules that out: call it once per
+    model you score (common.load_model does).
+    """
+    inner = unwrap(model)
+    with torch.no_grad():
+        probe = torch.arange(10, 18, device=next(inner.parameters()).device)[None]
+        full = inner(input_ids=probe).logits.float()
+        transform = final_logit_transform(inner.config)
+        ours = transform(inner.get_output_embeddings()(last_hidden_states(inner, probe))).float()
+    if not torch.allclose(ours, full, rtol=1e-3, atol=1e-3 * full.abs().max().item()):
+        raise ValueError(f"{type(inner).__name__}: output_layer(decoder(x)) does not reproduce the model's "
+                         "logits; teach final_logit_transform what this model does to them")
+
+
+def token_logps(logits, labels, chunk_rows=1024):
+    """log softmax(logits)[label] for each row, in fp32, without a full fp32 log-softmax.
+
+    logits: [rows, vocab] in any dtype; labels: [rows]. Returns [rows] float32. Differentiable.
+    """
+    pieces = []
+    for start in range(0, logits.shape[0], chunk_rows):
+        chunk = logits[start:start + chunk_rows].float()
+        target = chunk.gather(-1, labels[start:start + chunk_rows, None]).squeeze(-1)
+        pieces.append(target - torch.logsumexp(chunk, dim=-1))
+    return torch.cat(pieces) if pieces else logits.new_zeros(0, dtype=torch.float32)
+
+
+def response_logps(model, sequences, per_token=False, chunk_rows=None):
+    """Summed log-probs of each sequence's response tokens, from ONE forward of `model`.
+
+    sequences: n (ids, prompt_length); the response tokens are ids[prompt_length:] (section 9's
+    tokenize_prompt_response makes them). model: a plain, DDP- or FSDP-wrapped causal LM.
+    Returns summed [n] float64 (differentiable when gradients are on), and with per_token=True
+    also a list of n float32 tensors, one log-prob per response token.
+    The output layer (and the model's final logit transform) runs on response positions only,
+    `chunk_rows` at a time (default: 2**24 logits, 64 MiB of fp32, whatever the vocabulary), under
+    activation checkpointing when gradients are on: [chunk_rows, vocab] logits exist for one chunk at
+    a time, in the forward and again in the backward.
+    """
+    inner = unwrap(model)
+    output_layer, transform = inner.get_output_embeddings(), final_logit_transform(inner.config)
+    device = next(inner.parameters()).device
+    # Right padding with any id: no real token attends to a later position, and pads are never scored.
+    input_ids = pad_right([ids for ids, _ in sequences], pad_id=0)[0].to(device)
+    hidden = last_hidden_states(model, input_ids)  # [n, length, hidden]
+    # Position t predicts token t + 1: keep the positions whose next token is a response token.
+    rows = torch.tensor([row for row, (ids, start) in enumerate(sequences) for _ in range(start, len(ids))],
+                        device=device)
+    positions = torch.tensor([t - 1 for ids, start in sequences for t in range(start, len(ids))], device=device)
+    targets = input_ids[rows, positions + 1]
+    chunk_rows = chunk_rows or max(1, 2 ** 24 // output_layer.weight.shape[0])
+
+    def chunk_logps(states, labels):
+        return token_logps(transform(output_layer(states)), labels, chunk_rows)
+    pieces = []
+    for start in range(0, len(rows), chunk_rows):
+        chunk = slice(start, start + chunk_rows)
+        states, labels = hidden[rows[chunk], positions[chunk]], targets[chunk]
+        pieces.append(torch.utils.checkpoint.checkpoint(chunk_logps, states, labels, use_reentrant=False)
+                      if torch.is_grad_enabled() else chunk_logps(states, labels))
+    logps = torch.cat(pieces)
+    summed = torch.zeros(len(sequences), dtype=torch.float64, device=device).index_add(0, rows, logps.double())
+    if not per_token:
+        return summed
+    return summed, list(logps.detach().cpu().split([len(ids) - start for ids, start in sequences]))
+
+
+# ----------------------------------------------------------------------------
+# 9. Scoring text: chat-formatted pairs tokenised, length-sorted batches, the model's next-token letters
+#
+# The classic bugs live here: tokenising prompt and response separately (BPE can merge across
+# the boundary), and forgetting to score the end-of-turn token.
 
 
 def conversational(row):
@@ -910,30 +1045,6 @@ def tokenize_prompt_response(tokenizer, prompt, response, system=None):
     return joint_ids + [end_of_turn_token(tokenizer)], len(prompt_ids)
 
 
-def token_logps(logits, labels, chunk_rows=1024):
-    """log softmax(logits)[label] for each row, in fp32, without a full fp32 log-softmax.
-
-    logits: [rows, vocab] in any dtype; labels: [rows]. Returns [rows] float32. Differentiable.
-    """
-    pieces = []
-    for start in range(0, logits.shape[0], chunk_rows):
-        chunk = logits[start:start + chunk_rows].float()
-        target = chunk.gather(-1, labels[start:start + chunk_rows, None]).squeeze(-1)
-        pieces.append(target - torch.logsumexp(chunk, dim=-1))
-    return torch.cat(pieces) if pieces else logits.new_zeros(0, dtype=torch.float32)
-
-
-def pad_right(sequences, pad_id):
-    """[list of id lists] -> (input_ids [batch, longest], attention_mask [batch, longest])."""
-    longest = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(sequences):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        attention_mask[row, :len(ids)] = 1
-    return input_ids, attention_mask
-
-
 def length_batches(lengths, token_budget, max_padding=0.2):
     """Group indices, longest first, so each batch's rows x longest row <= token_budget.
 
@@ -950,101 +1061,6 @@ def length_batches(lengths, token_budget, max_padding=0.2):
         current.append(index)
         real_tokens += lengths[index]
     return batches + ([current] if current else [])
-
-
-def final_logit_transform(config):
-    """What some models do to the output layer's logits (Gemma 2 soft-caps, Cohere and Granite scale)."""
-    cap = getattr(config, "final_logit_softcapping", None)
-    scale = (getattr(config, "logit_scale", None) or 1.0) / (getattr(config, "logits_scaling", None) or 1.0)
-    if cap:
-        return lambda logits: torch.tanh(logits / cap) * cap
-    return (lambda logits: logits * scale) if scale != 1.0 else (lambda logits: logits)
-
-
-def _last_hidden_states(model, input_ids):
-    """One forward of `model` itself (so DDP and FSDP hooks run) -> the decoder's final hidden states.
-
-    The model computes logits for its last position only; a hook on its decoder keeps the
-    [batch, length, hidden] states that the output layer would have turned into logits.
-    """
-    captured = []
-    hook = unwrap(model).get_decoder().register_forward_hook(
-        lambda module, inputs, output: captured.append(output.last_hidden_state))
-    try:
-        # No attention mask: with right padding and causal attention no real token sees a pad,
-        # and without a mask attention takes its fastest kernel.
-        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
-    finally:
-        hook.remove()
-    return captured[0]
-
-
-def _check_scoring_path(model, transform):
-    """output_layer(decoder(x)), transformed, must reproduce the model's own logits; checked once per model.
-
-    A model that post-processes its logits in a way we do not know would be scored wrongly,
-    without a sign. One 8-token forward pass per model rules that out.
-    """
-    inner = unwrap(model)
-    if getattr(inner, "_scoring_path_checked", False):
-        return
-    with torch.no_grad():
-        probe = torch.arange(10, 18, device=next(inner.parameters()).device)[None]
-        full = inner(input_ids=probe).logits.float()
-        ours = transform(inner.get_output_embeddings()(_last_hidden_states(inner, probe))).float()
-    if not torch.allclose(ours, full, rtol=1e-3, atol=1e-3 * full.abs().max().item()):
-        raise RuntimeError(f"{type(inner).__name__}: output_layer(decoder(x)) does not reproduce the model's "
-                           "logits; teach common.final_logit_transform what this model does to them")
-    inner._scoring_path_checked = True
-
-
-def _output_path(model):
-    """(output layer, final logit transform, device) of a plain or wrapped model, its scoring path checked."""
-    inner = unwrap(model)
-    output_layer, transform = inner.get_output_embeddings(), final_logit_transform(inner.config)
-    _check_scoring_path(model, transform)
-    return output_layer, transform, next(inner.parameters()).device
-
-
-LOGIT_CHUNK_ELEMENTS = 2 ** 24  # fp32 logits per chunk: 64 MiB, whatever the vocabulary
-
-
-def response_logps(model, sequences, per_token=False, chunk_rows=None):
-    """Summed log-probs of each sequence's response tokens, from ONE forward of `model`.
-
-    sequences: n (ids, prompt_length) from tokenize_prompt_response; the response tokens are
-    ids[prompt_length:]. model: a plain, DDP- or FSDP-wrapped causal LM.
-    Returns summed [n] float64 (differentiable when gradients are on), and with per_token=True
-    also a list of n float32 tensors, one log-prob per response token.
-    The output layer (and the model's final logit transform) runs on response positions only,
-    `chunk_rows` at a time (default: LOGIT_CHUNK_ELEMENTS / vocabulary size), under activation
-    checkpointing when gradients are on: [positions, vocab] logits exist for one chunk at a time,
-    in the forward and again in the backward.
-    """
-    output_layer, transform, device = _output_path(model)
-    # Right padding with any id: no real token attends to a later position, and pads are never scored.
-    input_ids = pad_right([ids for ids, _ in sequences], pad_id=0)[0].to(device)
-    hidden = _last_hidden_states(model, input_ids)  # [n, length, hidden]
-    # Position t predicts token t + 1: keep the positions whose next token is a response token.
-    rows = torch.tensor([row for row, (ids, start) in enumerate(sequences) for _ in range(start, len(ids))],
-                        device=device)
-    positions = torch.tensor([t - 1 for ids, start in sequences for t in range(start, len(ids))], device=device)
-    targets = input_ids[rows, positions + 1]
-    chunk_rows = chunk_rows or max(1, LOGIT_CHUNK_ELEMENTS // output_layer.weight.shape[0])
-
-    def chunk_logps(states, labels):
-        return token_logps(transform(output_layer(states)), labels, chunk_rows)
-    pieces = []
-    for start in range(0, len(rows), chunk_rows):
-        states, labels = hidden[rows[start:start + chunk_rows], positions[start:start + chunk_rows]], \
-            targets[start:start + chunk_rows]
-        pieces.append(checkpoint(chunk_logps, states, labels, use_reentrant=False) if torch.is_grad_enabled()
-                      else chunk_logps(states, labels))
-    logps = torch.cat(pieces)
-    summed = torch.zeros(len(sequences), dtype=torch.float64, device=device).index_add(0, rows, logps.double())
-    if not per_token:
-        return summed
-    return summed, list(logps.detach().cpu().split([len(ids) - start for ids, start in sequences]))
 
 
 def score_sequences(model, sequences, token_budget=8192, desc="score", show_progress=True, chunk_rows=None):
@@ -1077,14 +1093,16 @@ def next_token_logps(model, sequences, candidates, token_budget=8192):
     position: what a judge's "A" vs "B" or a multiple-choice question's letters need, at 1/k the cost
     of scoring each candidate as its own sequence. Batches are length-sorted under `token_budget`.
     """
-    output_layer, transform, device = _output_path(model)
+    inner = unwrap(model)
+    output_layer, transform = inner.get_output_embeddings(), final_logit_transform(inner.config)
+    device = next(inner.parameters()).device
     was_training = model.training
     model.eval()
     logps = torch.zeros(len(sequences), len(candidates), dtype=torch.float64)
     for batch in length_batches([len(ids) for ids in sequences], token_budget):
         input_ids = pad_right([sequences[i] for i in batch], pad_id=0)[0].to(device)
         last = torch.tensor([len(sequences[i]) - 1 for i in batch], device=device)
-        states = _last_hidden_states(model, input_ids)[torch.arange(len(batch), device=device), last]  # [b, hidden]
+        states = last_hidden_states(model, input_ids)[torch.arange(len(batch), device=device), last]  # [b, hidden]
         logits = transform(output_layer(states)).float()
         chosen = logits[:, candidates] - torch.logsumexp(logits, dim=-1, keepdim=True)
         logps[batch] = chosen.double().cpu()
@@ -1110,7 +1128,7 @@ def score(model, tokenizer, prompts, responses, token_budget=8192, per_token=Fal
 
 
 # ----------------------------------------------------------------------------
-# 9. Small helpers
+# 10. Small helpers
 
 # A number as people write it: a minus sign only where it is not "10-2" subtraction, thousands
 # groups of exactly three digits after one separator ("1,234", "1 234 567", "1.234"), then

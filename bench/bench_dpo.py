@@ -28,7 +28,7 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALPAGASUS = os.path.join(os.path.dirname(REPO), "shared", "data", "alpagasus")
+ALPAGASUS = os.path.join(REPO, "data", "alpagasus")
 DEFAULT_TRL_PYTHON = "/tmp/trlvenv/bin/python"
 BATCH, MAX_LENGTH, LR, BETA = 4, 256, 5e-7, 0.1
 

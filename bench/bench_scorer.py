@@ -38,7 +38,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-ALPAGASUS = os.path.join(os.path.dirname(REPO), "shared", "data", "alpagasus")
+ALPAGASUS = os.path.join(REPO, "data", "alpagasus")
 LANGUAGES = ["en", "es", "de", "fr", "ru", "zh"]
 NAIVE_BATCH, TOKEN_BUDGET, ROUNDS = 8, 8192, 3
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+DATA = os.path.join(REPO, "data")  # only what the repository ships: a clone has nothing beside it
 sys.path.insert(0, REPO)
 
 import common  # noqa: E402

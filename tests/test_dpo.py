@@ -220,15 +220,23 @@ def test_accumulation_is_exact(tmp_path, tiny_model):
 
 def test_overfits_eight_pairs(tmp_path, tiny_model):
     pairs_file = write_pairs(tmp_path / "pairs.jsonl")
-    output, result = train(tmp_path, tiny_model, pairs_file, "out", "--eval-pairs", pairs_file, "--batch-size", "4",
-                           "--grad-accum", "1", "--epochs", "12", "--lr", "5e-3", "--beta", "0.5")
-    summary = json.loads((output / "train_summary.json").read_text())
-    assert summary["eval_pairs"] == 8
-    assert summary["eval_before"]["rewards/accuracies"] == 0.0  # policy == reference: every margin is 0
-    assert summary["eval_after"]["rewards/accuracies"] == 1.0
-    assert summary["eval_after"]["rewards/margins"] > 1.0
-    assert read_records(output / "metrics.jsonl")[-1]["rewards/accuracies"] == 1.0
-    assert "eval rewards/accuracies: 0.0000 -> 1.0000" in result.stdout
+    output, result = train(tmp_path, tiny_model, pairs_file, "out", "--batch-size", "4", "--grad-accum", "1",
+                           "--epochs", "12", "--lr", "5e-3", "--beta", "0.5")
+    metrics = read_records(output / "metrics.jsonl")
+    assert metrics[0]["rewards/accuracies"] == 0.0  # policy == reference: every margin is 0
+    assert metrics[-1]["rewards/accuracies"] == 1.0 and metrics[-1]["rewards/margins"] > 1.0
+
+
+def test_eval_pairs_that_were_trained_on_are_refused(tmp_path, tiny_model):
+    """Rows trained on would be reported as held out (accuracy 0 -> 1 on what it learnt): one line, nothing written."""
+    pairs_file = write_pairs(tmp_path / "pairs.jsonl")
+    held_out = write_pairs(tmp_path / "eval.jsonl", PAIRS[:1] + [("xx", "Another prompt.", "Yes.", "No.")])
+    for eval_file, count in ((pairs_file, "8 of its 8"), (held_out, "1 of its 2")):
+        output, result = train(tmp_path, tiny_model, pairs_file, "out", "--eval-pairs", eval_file, check=False)
+        assert result.returncode == 2
+        assert result.stderr.strip() == (f"error: --eval-pairs: {count} rows are also in --input {pairs_file} (first: "
+                                          f"{eval_file}:1); give pairs held out of training")
+        assert not output.exists()
 
 
 @pytest.mark.parametrize("env", [ENV, BF16], ids=["fp32", "bf16"])
@@ -332,13 +340,11 @@ def test_sft_loss_decreases(tmp_path, tiny_model):
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps({"id": i, "prompt": p, "completion": c}, ensure_ascii=False) + "\n"
                             for i, p, c, _ in PAIRS), encoding="utf-8")
-    output, _ = train(tmp_path, tiny_model, str(path), "out", "--loss", "sft", "--eval-pairs", str(path),
-                      "--batch-size", "8", "--grad-accum", "1", "--epochs", "6", "--lr", "3e-3", "--warmup-ratio", "0")
+    output, _ = train(tmp_path, tiny_model, str(path), "out", "--loss", "sft", "--batch-size", "8", "--grad-accum", "1",
+                      "--epochs", "6", "--lr", "3e-3", "--warmup-ratio", "0")
     losses = [record["loss"] for record in read_records(output / "metrics.jsonl")]
     assert len(losses) == 6 and losses[0] == pytest.approx(math.log(49152), abs=1.0)  # random init: ~uniform
-    assert all(later < earlier for earlier, later in zip(losses, losses[1:]))
-    summary = json.loads((output / "train_summary.json").read_text())
-    assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"] - 1.0
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])) and losses[-1] < losses[0] - 1.0
 
 
 def test_a_reward_tie_within_float_noise_is_not_a_win():

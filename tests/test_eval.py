@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import common
-from conftest import REPO, SHARED_DATA, read_records, run_script, run_torchrun
+from conftest import REPO, DATA, read_records, run_script, run_torchrun
 
 spec = importlib.util.spec_from_file_location("eval05", os.path.join(REPO, "05_eval.py"))
 eval05 = importlib.util.module_from_spec(spec)
@@ -637,7 +637,7 @@ def two_model_run(tmp_path_factory, untied_models, tiny_model):
                    "eval_pairs": 40}, handle)
     output = str(root / "eval")
     args = ["--models", base_model, trained, "--tasks", "mgsm,math,winrate", "--langs", "en,es", "--limit", "2",
-            "--mgsm", os.path.join(SHARED_DATA, "mgsm"), "--math", write_math_fixture(root / "math"),
+            "--mgsm", os.path.join(DATA, "mgsm"), "--math", write_math_fixture(root / "math"),
             "--prompts", write_prompt_fixture(root / "prompts"), "--max-new-tokens", "8", "--judge", tiny_model,
             "--proxy-expert", trained, "--proxy-antiexpert", trained, "--output", output]
     result = run_script("05_eval.py", *args, env=ONE_THREAD)
@@ -700,7 +700,7 @@ def test_choice_alignment_and_reference_win_rate_end_to_end(tmp_path, untied_mod
                                                        + "\n" for k, text in enumerate(texts)), encoding="utf-8")
     output = tmp_path / "eval"
     args = ["--models", *untied_models, "--tasks", "winrate,choice,alignment", "--langs", "en,es", "--limit", "2",
-            "--mgsm", os.path.join(SHARED_DATA, "mgsm"), "--prompts", write_prompt_fixture(tmp_path / "prompts"),
+            "--mgsm", os.path.join(DATA, "mgsm"), "--prompts", write_prompt_fixture(tmp_path / "prompts"),
             "--reference-answers", answers, "--max-new-tokens", "8", "--judge", tiny_model, "--output", output]
     result = run_script("05_eval.py", *args, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -791,6 +791,19 @@ def test_bad_inputs(tmp_path, tiny_model):
     assert not os.path.exists(tmp_path / "out" / "eval.json")
 
 
+@pytest.mark.parametrize("flag", ["--models", "--judge", "--proxy-expert"])
+def test_every_model_is_checked_before_any_answer(tmp_path, tiny_model, flag):
+    """A wrong second model (or judge, or proxy) stops the run before the first model answers anything."""
+    missing = str(tmp_path / "no-such-model")
+    models = [tiny_model, missing if flag == "--models" else tiny_model]
+    extra = {"--judge": ["--judge", missing],
+             "--proxy-expert": ["--proxy-expert", missing, "--proxy-antiexpert", tiny_model]}.get(flag, [])
+    result = run_script("05_eval.py", "--models", *models, "--tasks", "math,winrate", "--langs", "en", "--limit",
+                        "1", "--output", tmp_path / "out", *extra)
+    assert_one_line_error(result, f"{missing}: not a model we can load", "")
+    assert not os.path.exists(tmp_path / "out")  # not one answer was made
+
+
 # ----------------------------------------------------------------------------
 # Slow: two ranks; the real model on a real MGSM slice
 
@@ -800,7 +813,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, untied_models):
     """Under torchrun the problems are split across ranks; the merged predictions equal a 1-process run (the
     scored tasks' floats to rounding: a rank's batches pad differently)."""
     args = ["--models", *untied_models, "--tasks", "math,choice,alignment", "--langs", "en,es", "--math",
-            write_math_fixture(tmp_path / "math"), "--mgsm", os.path.join(SHARED_DATA, "mgsm"), "--limit", "3",
+            write_math_fixture(tmp_path / "math"), "--mgsm", os.path.join(DATA, "mgsm"), "--limit", "3",
             "--max-new-tokens", "6"]
     single = run_script("05_eval.py", *args, "--output", tmp_path / "one", env=ONE_THREAD)
     assert single.returncode == 0, single.stderr[-3000:]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from conftest import REPO, SHARED_DATA, make_tiny_model, read_records, run_script, run_torchrun
+from conftest import REPO, DATA, make_tiny_model, read_records, run_script, run_torchrun
 
 
 def write(path, text):
@@ -21,7 +21,7 @@ def write(path, text):
 # ---------------------------------------------------------------- prompt loading
 
 def test_load_prompts_directory_is_parallel_and_limit_keeps_same_ids():
-    prompts = common.load_prompts(os.path.join(SHARED_DATA, "alpagasus"), langs=["es", "en"], limit=3)
+    prompts = common.load_prompts(os.path.join(DATA, "alpagasus"), langs=["es", "en"], limit=3)
     assert [(p["lang"], p["id"]) for p in prompts] == [
         ("es", "alpagasus-0"), ("es", "alpagasus-1"), ("es", "alpagasus-2"),
         ("en", "alpagasus-0"), ("en", "alpagasus-1"), ("en", "alpagasus-2")]
@@ -29,7 +29,7 @@ def test_load_prompts_directory_is_parallel_and_limit_keeps_same_ids():
 
 
 def test_load_prompts_mgsm_tsv_gives_parallel_ids_and_numeric_answers():
-    prompts = common.load_prompts(os.path.join(SHARED_DATA, "mgsm"), langs=["en", "zh"], limit=2)
+    prompts = common.load_prompts(os.path.join(DATA, "mgsm"), langs=["en", "zh"], limit=2)
     assert [(p["lang"], p["id"], p["answer"]) for p in prompts] == [
         ("en", "mgsm-0", 18.0), ("en", "mgsm-1", 3.0), ("zh", "mgsm-0", 18.0), ("zh", "mgsm-1", 3.0)]
 

@@ -144,12 +144,56 @@ def test_score_leaves_training_mode(model_and_tokenizer):
     model.eval()
 
 
-def test_unknown_logit_transform_is_refused(tiny_model):
-    """A model whose logits are not output_layer(decoder(x)) would be scored wrongly; it must fail loudly."""
+def test_unknown_logit_transform_is_refused(tmp_path, tiny_model):
+    """A model whose logits are not output_layer(decoder(x)) would be scored wrongly; it must fail loudly,
+    when it loads (one line naming it), and from check_scoring_path for a model the user built."""
     model, tokenizer = common.load_model(tiny_model, device=torch.device("cpu"), dtype=torch.float32)
     model.config.final_logit_softcapping = 0.5  # Llama ignores this, so our own output path would disagree
-    with pytest.raises(RuntimeError, match="does not reproduce the model's logits"):
-        common.score(model, tokenizer, ["x"], ["y"], show_progress=False)
+    with pytest.raises(ValueError, match="does not reproduce the model's logits"):
+        common.check_scoring_path(model)
+    model.save_pretrained(tmp_path / "capped")
+    tokenizer.save_pretrained(tmp_path / "capped")
+    with pytest.raises(common.InputError, match="capped: LlamaForCausalLM: output_layer.*does not reproduce"):
+        common.load_model(str(tmp_path / "capped"), device=torch.device("cpu"), dtype=torch.float32)
+    assert not [name for name in vars(model) if "scor" in name]  # nothing of ours written onto the user's model
+
+
+def section_source(path, header, next_header):
+    """The text of a file from the line starting with `header` to the line before `next_header`."""
+    text = open(path, encoding="utf-8").read()
+    start = text.index(header)
+    return text[start:text.index(next_header, start)]
+
+
+def test_scorer_and_dpo_loss_copy_out_whole(tiny_model):
+    """The two pieces users copy run alone, in a namespace holding only torch (and F), and give the project's
+    own numbers: the scorer section of common.py, and dpo_loss from 04_dpo.py."""
+    import importlib.util
+    import inspect
+    import os
+    from conftest import REPO
+    scorer_source = section_source(os.path.join(REPO, "common.py"), "# 8. The log-prob scorer", "# 9. ")
+    scorer = {"torch": torch}
+    exec(compile(scorer_source, "scorer-section", "exec"), scorer)
+    assert "import" not in scorer_source.replace("`import torch`", "")  # it needs nothing but torch
+    spec = importlib.util.spec_from_file_location("dpo", os.path.join(REPO, "04_dpo.py"))
+    dpo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dpo)
+    loss_namespace = {"torch": torch, "F": torch.nn.functional}
+    exec(compile(inspect.getsource(dpo.dpo_loss), "dpo-loss", "exec"), loss_namespace)
+
+    model, tokenizer = common.load_model(tiny_model, device=torch.device("cpu"), dtype=torch.float32)
+    scorer["check_scoring_path"](model)
+    sequences = [common.tokenize_prompt_response(tokenizer, p, r) for p, r in zip(PROMPTS, RESPONSES)]
+    with torch.no_grad():
+        ours = common.response_logps(model, sequences)
+        copied = scorer["response_logps"](model, sequences)
+        _, per_token = scorer["response_logps"](model, sequences, per_token=True)
+    assert torch.allclose(copied, ours, rtol=0, atol=1e-6) and len(per_token) == len(sequences)
+    logps = ours[:8].reshape(4, 2).T.float()
+    arguments = (logps[0], logps[1], logps[0] - 0.5, logps[1] + 0.25, 0.1, "sigmoid", 0.0, 1.0, torch.tensor([3, 4, 5, 6]))
+    for expected, got in zip(dpo.dpo_loss(*arguments), loss_namespace["dpo_loss"](*arguments)):
+        assert torch.equal(expected, got)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

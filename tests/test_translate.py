@@ -320,7 +320,9 @@ def test_resume_from_torn_part_file_and_other_translator(tmp_path, tiny_model, t
     ({"id": "a", "lang": "xx", "prompt": "x", "responses": ["y"]}, "unknown language code 'xx'"),
     ({"id": "a", "lang": "es", "prompt": "x", "responses": "not a list"}, "'responses' must be a list of strings"),
     ({"id": "a", "lang": "en", "prompt": "x", "responses": ["y"]}, "id 'a' in language 'en' already on line 1"),
-    ({"id": "c", "lang": "es", "responses": ["y"]}, "--questions needs a 'prompt' string"),
+    ({"id": "c", "lang": "es", "responses": ["y"]}, "missing field 'prompt'"),
+    ({"id": "c", "lang": "es", "prompt": ["x"], "responses": ["y"]}, "'prompt' must be a string, not list"),
+    ({"id": "c", "lang": "es", "prompt": "x", "responses": ["y"], "score": float("nan")}, "not valid JSON (NaN is"),
     ({"id": "c", "lang": "es", "prompt": "x", "responses": ["y"], "model": "another"}, "written by 'another'"),
 ])
 def test_bad_input_names_file_and_line(tmp_path, bad_line, message):
@@ -329,15 +331,15 @@ def test_bad_input_names_file_and_line(tmp_path, bad_line, message):
     lines = [good, {**good, "id": "b"}, {"model": "m", **bad_line}]
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
     with pytest.raises(translate.common.InputError) as error:
-        rows = translate.read_responses(str(source), limit=None, need_prompt=True)
+        rows = translate.read_responses(str(source), limit=None)
         translate.pick_translator(rows, str(source), None)
     assert str(error.value).startswith(f"{source}:3: {message}")
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     source = tmp_path / "responses.jsonl"
-    source.write_text(json.dumps({"id": "a", "lang": "en", "responses": ["y"]}) + "\n"
-                      + json.dumps({"id": "a", "lang": "xx", "responses": ["y"]}) + "\n")
+    source.write_text(json.dumps({"id": "a", "lang": "en", "prompt": "x", "responses": ["y"]}) + "\n"
+                      + json.dumps({"id": "a", "lang": "xx", "prompt": "x", "responses": ["y"]}) + "\n")
     output = tmp_path / "translated.jsonl"
     result = run("02_translate.py", "--input", source, "--output", output)
     assert result.returncode == 2
