@@ -386,7 +386,7 @@ def load_policy(name, device, args, train=True):
             if "dropout" in attribute and isinstance(value, float):
                 setattr(module, attribute, 0.0)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard

@@ -433,7 +433,8 @@ def embedded_model_dir():
     print(f"converting the embedded model to safetensors in {target} (once, ~20 s)", file=sys.stderr)
     gguf_name = os.path.basename(gguf_files[0])
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_name, dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_name, dtype=torch.float32,
+                                                      use_kernels=False)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -495,8 +496,10 @@ def load_model(name, device=None, dtype=None, trust_remote_code=False):
     device, dtype = device or pick_device()[0], dtype or pick_device()[1]
     tokenizer = load_tokenizer(name, trust_remote_code)
     try:
+        # use_kernels=False: transformers would otherwise fetch compiled kernels from the hub and run them on a
+        # GPU (and stop, offline): code nobody asked for, like trust_remote_code.
         model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, use_kernels=False)
     except OSError as error:
         raise InputError(f"--model {name}: cannot load a model ({str(error).splitlines()[0][:200]})") from None
     model.to(device).eval()

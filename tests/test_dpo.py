@@ -276,7 +276,8 @@ def test_two_processes_match_one(tmp_path, tiny_model):
 
     Held-out pairs are scored before training: forwards without gradients must not disturb FSDP's shards."""
     pairs_file = write_pairs(tmp_path / "pairs.jsonl")
-    flags = ["--lr", "1e-3", "--epochs", "2", "--nll-weight", "0.5", "--eval-pairs", write_pairs(tmp_path / "eval.jsonl")]
+    flags = ["--lr", "1e-3", "--epochs", "2", "--nll-weight", "0.5", "--eval-pairs",
+             write_pairs(tmp_path / "eval.jsonl", [(i, p + " Briefly.", c, r) for i, p, c, r in PAIRS])]  # held out
     one, _ = train(tmp_path, tiny_model, pairs_file, "one", "--batch-size", "2", "--grad-accum", "2", *flags)
     for sharding in ("ddp", "fsdp"):
         two = tmp_path / sharding

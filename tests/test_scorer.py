@@ -158,6 +158,13 @@ def test_unknown_logit_transform_is_refused(tmp_path, tiny_model):
     assert not [name for name in vars(model) if "scor" in name]  # nothing of ours written onto the user's model
 
 
+def test_models_load_without_hub_kernels(tiny_model):
+    """transformers' default would swap in compiled kernels fetched from the hub on a GPU (and fail offline, as it
+    did on the first GPU run): the loop loads models with the code their library ships, nothing fetched."""
+    model, _ = common.load_model(tiny_model, device=torch.device("cpu"), dtype=torch.float32)
+    assert model.use_kernels is False
+
+
 def section_source(path, header, next_header):
     """The text of a file from the line starting with `header` to the line before `next_header`."""
     text = open(path, encoding="utf-8").read()
