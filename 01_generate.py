@@ -31,7 +31,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", default="data/alpagasus",
                         help="prompt file, directory of {lang}.jsonl, TSV, or hub dataset name[:config]")
-    parser.add_argument("--output", default="runs/loop/iter1/responses.jsonl", help="where to write the responses")
+    parser.add_argument("--output", default="runs/loop/iter1/responses.jsonl",
+                        help="where to write the responses (default: iteration 1 of loop.sh)")
     parser.add_argument("--model", default=common.EMBEDDED_MODEL,
                         help="hub id, local directory, or the embedded default '%(default)s'")
     parser.add_argument("--langs", default=None, help="comma-separated language codes to keep (default: all found)")
@@ -66,7 +67,8 @@ def main(argv=None):
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
                 "max_new_tokens": args.max_new_tokens, "num_samples": args.num_samples, "seed": args.seed}
     settings = {"model": args.model, "prompts": common.content_key(prompts), "sampling": sampling}
-    common.claim(args.output, settings, rank)
+    if common.claim(args.output, settings, rank):
+        return
     engine, tokenizer, context = common.load_engine(args.model, args.server, args.server_model,
                                                     args.server_concurrency, args.trust_remote_code)
     # Each rank samples its own share; offsetting the seed keeps ranks from drawing the same numbers.

@@ -162,8 +162,8 @@ def split_text(text, fits, separators=SPLIT_SEPARATORS):
 
 
 def read_responses(path, limit):
-    """01's records, checked: each names a known language, has its prompt as text and a list of string responses
-    (03 reads the prompt: a record it would refuse stops here, before any translating)."""
+    """01's records, checked: each names a known language, has its prompt as text and a list of string
+    responses (03 reads the prompt: a record it would refuse stops here, before any translating)."""
     rows = common.read_jsonl(path, required=("id", "lang", "prompt", "responses"))
     seen = {}
     for line_number, record in rows:
@@ -173,7 +173,8 @@ def read_responses(path, limit):
         if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
             raise common.InputError(f"{where}: 'responses' must be a list of strings")
         if not isinstance(record["prompt"], str):
-            raise common.InputError(f"{where}: 'prompt' must be a string, not {type(record['prompt']).__name__}")
+            kind = type(record["prompt"]).__name__
+            raise common.InputError(f"{where}: 'prompt' must be a string, not {kind}")
         key = (str(record["id"]), record["lang"])
         if key in seen:
             raise common.InputError(f"{where}: id '{key[0]}' in language '{key[1]}' already on line {seen[key]}")
@@ -489,7 +490,8 @@ def main(argv=None):
     settings = {name: getattr(args, name) for name in ("translator", "dominant", "targets", "into_dominant",
                                                       "questions", "temperature", "top_p", "repetition_penalty",
                                                       "seed", "piece_tokens", "retries", "retry_temperature")}
-    common.claim(args.output, {**settings, "input": common.content_key(records)}, rank)
+    if common.claim(args.output, {**settings, "input": common.content_key(records)}, rank):
+        return
     torch.manual_seed(args.seed + rank)
     engine, tokenizer, context = common.load_engine(args.translator, args.server, args.server_model,
                                                     args.server_concurrency, args.trust_remote_code)

@@ -8,7 +8,8 @@ Out: pairs.jsonl: {"id", "lang", "prompt", "chosen", "rejected", "method", ...sc
      held-out pairs.eval.jsonl (whole prompt ids, never on both sides); for implicit the
      cache pairs.scores.jsonl (every sample's log-probs, so a killed run does not rescore).
 
-    python 03_reward.py --method imbalance --input runs/loop/iter1/translated.jsonl --output runs/loop/iter1/pairs.jsonl
+    python 03_reward.py --method imbalance --input runs/loop/iter1/translated.jsonl \
+        --output runs/loop/iter1/pairs.jsonl
 
 Methods (English, the dominant language, is the teacher; X is any other language):
   imbalance  language-imbalance-driven rewarding. Prompt in X: chosen = the English answer
@@ -51,8 +52,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=("imbalance", "implicit", "crossin", "qalign"), default="imbalance",
                         help="how rows are made (see above)")
-    parser.add_argument("--input", default="runs/loop/iter1/translated.jsonl", help="translated.jsonl or responses.jsonl")
-    parser.add_argument("--output", default="runs/loop/iter1/pairs.jsonl", help="where to write the pairs / SFT rows")
+    parser.add_argument("--input", default="runs/loop/iter1/translated.jsonl",
+                        help="translated.jsonl or responses.jsonl")
+    parser.add_argument("--output", default="runs/loop/iter1/pairs.jsonl", help="the pairs or SFT rows")
     parser.add_argument("--langs", default=None,
                         help="comma-separated languages to use (default: all in the input); the dominant "
                              "language's records are always read, as the teacher")
@@ -477,7 +479,9 @@ def main(argv=None):
     rank, world_size = common.setup_distributed()
     settings = {name: value for name, value in vars(args).items()
                 if name not in ("input", "output", "batch_size", "token_budget", "trust_remote_code")}
-    common.claim(args.output, {**settings, "input": common.content_key([r for _, r in records.values()])}, rank)
+    if common.claim(args.output, {**settings, "input": common.content_key([r for _, r in records.values()])},
+                    rank):
+        return
     tokens, alphas = None, None
     if args.method == "implicit":
         keys = [key for key in records if key[1] in langs]

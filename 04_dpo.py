@@ -55,7 +55,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--input", default="runs/loop/iter1/pairs.jsonl", help="pairs (or SFT rows) JSONL from 03_reward.py")
-    add("--output", default="runs/loop/iter1/model", help="output directory (model, metrics, summary, checkpoints)")
+    add("--output", default="runs/loop/iter1/model", help="directory: model, metrics, summary, checkpoints")
     add("--model", default=common.EMBEDDED_MODEL, help="policy to train: hub id, local dir, or the embedded default")
     add("--reference", default=None, help="reference model for DPO (default: --model as it was before training)")
     add("--loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge", "sft"], help="DPO, IPO, SLiC hinge, or NLL (IPO: see above)")
@@ -188,8 +188,8 @@ def load_data(args, tokenizer, rank):
     trained = {example["key"] for example in train}
     overlap = [example["where"] for example in eval_set if example["key"] in trained]
     if overlap:  # a row trained on says nothing about held-out accuracy
-        raise common.InputError(f"--eval-pairs: {len(overlap)} of its {len(eval_set)} rows are also in --input "
-                                f"{args.input} (first: {overlap[0]}); give pairs held out of training")
+        raise common.InputError(f"--eval-pairs: {len(overlap)} of its {len(eval_set)} rows are also in "
+                                f"--input {args.input} (first: {overlap[0]}); give pairs held out of training")
     return train, eval_set, {"train": skip_counts, "eval": eval_skips}
 
 
@@ -507,93 +507,122 @@ def resume_point(output, settings, require, rank):
 # ----------------------------------------------------------------------------
 
 
-def main(argv=None):
-    # 1. Setup: processes, data, the settings a resumed run must share, the model, the reference.
-    args = parse_args(argv)
-    run_started = time.perf_counter()
-    rank, world = common.setup_distributed()
-    device, _ = common.pick_device()
+def prepare(args, rank, world):
+    """Step 1, setup: the data, the settings a resumed run must share, the model at its latest checkpoint,
+    the reference log-probs and the optimizer, in one small run state; None if the output is complete."""
     torch.manual_seed(args.seed)
-    summary_path = os.path.join(args.output, "train_summary.json")  # written last: it marks the directory complete
-    global_batch = args.batch_size * args.grad_accum * world
-    tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-    train, eval_set, skip_counts = load_data(args, tokenizer, rank)
-    with open(args.input, "rb") as handle:  # what a resumed run must share: data, objective, schedule, global batch
-        settings = {**{name: value for name, value in vars(args).items() if name not in RESUMABLE_WITH_OTHER},
-                    "global_batch": global_batch, "input_sha256": hashlib.sha256(handle.read()).hexdigest()}
-    common.claim(summary_path, settings, rank, partial=latest_checkpoint(args.output) is not None)
-    steps_per_epoch = len(train) // global_batch
-    if steps_per_epoch == 0:
-        raise common.InputError(f"{args.input}: {len(train)} training rows, fewer than one global batch of "
-                                f"{global_batch} (--batch-size x --grad-accum x processes)")
-    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
-    batches_of_epoch = lambda epoch: epoch_batches([e["length"] for e in train], global_batch, args.seed, epoch)  # noqa
-    checkpoint, state = resume_point(args.output, settings, args.resume, rank)
-    model = load_policy(checkpoint or args.model, device, args)
+    run = argparse.Namespace(started=time.perf_counter(), device=common.pick_device()[0],
+                             global_batch=args.batch_size * args.grad_accum * world,
+                             summary_path=os.path.join(args.output, "train_summary.json"))  # written last
+    run.tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
+    run.train, run.eval_set, run.skip_counts = load_data(args, run.tokenizer, rank)
+    # What a resumed run must share: the data, the objective, the schedule, the global batch.
+    with open(args.input, "rb") as handle:
+        input_sha256 = hashlib.sha256(handle.read()).hexdigest()
+    run.settings = {**{name: value for name, value in vars(args).items() if name not in RESUMABLE_WITH_OTHER},
+                    "global_batch": run.global_batch, "input_sha256": input_sha256}
+    if common.claim(run.summary_path, run.settings, rank, partial=latest_checkpoint(args.output) is not None):
+        return None
+    run.steps_per_epoch = len(run.train) // run.global_batch
+    if run.steps_per_epoch == 0:
+        raise common.InputError(f"{args.input}: {len(run.train)} training rows, fewer than one global batch "
+                                f"of {run.global_batch} (--batch-size x --grad-accum x processes)")
+    run.total_steps = min(run.steps_per_epoch * args.epochs, args.max_steps or math.inf)
+    checkpoint, run.state = resume_point(args.output, run.settings, args.resume, rank)
+    run.model = load_policy(checkpoint or args.model, run.device, args)
     reference = args.reference or args.model  # by default the policy itself, before its first step
     fresh = reference == args.model and checkpoint is None
-    scored_now = 0 if args.loss == "sft" else attach_reference_logps(  # the reference is loaded only if needed
-        lambda: model if fresh else load_policy(reference, device, args, train=False), reference, train, eval_set,
-        batches_of_epoch(0), args, rank, world)
-    gc.collect()  # a reference model loaded for that is gone: none is held while the policy trains
-    optimizer = make_optimizer(model, args, checkpoint)
-    state["eval_before"] = state.get("eval_before") or evaluate(model, eval_set, args, rank, world)
-    metrics_path = os.path.join(args.output, "metrics.jsonl")
-    if rank == 0:
-        print(f"training on {len(train)} rows ({steps_per_epoch} steps per epoch of {global_batch}, "
-              f"{len(train) % global_batch} sitting each epoch out), {len(eval_set)} held out, {total_steps} steps")
 
-    # 2. The training loop: learning rate, one step, log, checkpoint.
-    progress = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", disable=rank != 0)
-    for step in range(state["step"], total_steps):
-        epoch, index = divmod(step, steps_per_epoch)
-        lr = learning_rate(step, total_steps, args)
-        for group in optimizer.param_groups:
+    def load_reference():  # called only if some pair is not scored yet
+        return run.model if fresh else load_policy(reference, run.device, args, train=False)
+    run.scored_now = 0 if args.loss == "sft" else attach_reference_logps(
+        load_reference, reference, run.train, run.eval_set, batches_of_epoch(run, args, 0), args, rank, world)
+    gc.collect()  # a reference model loaded for that is gone: none is held while the policy trains
+    run.optimizer = make_optimizer(run.model, args, checkpoint)
+    if not run.state.get("eval_before"):  # a resumed run keeps the first run's
+        run.state["eval_before"] = evaluate(run.model, run.eval_set, args, rank, world)
+    if rank == 0:
+        print(f"training on {len(run.train)} rows ({run.steps_per_epoch} steps per epoch of "
+              f"{run.global_batch}, {len(run.train) % run.global_batch} sitting each epoch out), "
+              f"{len(run.eval_set)} held out, {run.total_steps} steps")
+    return run
+
+
+def batches_of_epoch(run, args, epoch):
+    return epoch_batches([example["length"] for example in run.train], run.global_batch, args.seed, epoch)
+
+
+def train_loop(run, args, rank, world):
+    """Step 2, the training loop: the learning rate, one step, a metrics line, a checkpoint now and then."""
+    state, metrics_path = run.state, os.path.join(args.output, "metrics.jsonl")
+    progress = tqdm(total=run.total_steps, initial=state["step"], desc="train", unit="step",
+                    disable=rank != 0)
+    for step in range(state["step"], run.total_steps):
+        epoch, index = divmod(step, run.steps_per_epoch)
+        lr = learning_rate(step, run.total_steps, args)
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
-        metrics = train_step(model, optimizer, [train[i] for i in batches_of_epoch(epoch)[index]], args, rank, world)
-        seconds = time.perf_counter() - started  # its metrics waited for the GPU (the optimizer's kernels: the next)
-        saving = args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps
-        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
-                and all_finite(model, optimizer if saving else None)):  # nothing non-finite is ever saved
+        step_examples = [run.train[i] for i in batches_of_epoch(run, args, epoch)[index]]
+        metrics = train_step(run.model, run.optimizer, step_examples, args, rank, world)
+        seconds = time.perf_counter() - started  # its metrics waited for the GPU (the optimizer: the next)
+        saving = args.save_every and (step + 1) % args.save_every == 0 and step + 1 < run.total_steps
+        finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+        # Nothing non-finite is ever saved: a checkpoint is written only after this check.
+        if not (finite and all_finite(run.model, run.optimizer if saving else None)):
             progress.close()
             raise common.InputError(
-                f"step {step + 1}: loss {metrics['loss']}, grad_norm {metrics['grad_norm']}, or the weights after the "
-                f"update, are not finite: training stopped; last good checkpoint: "
+                f"step {step + 1}: loss {metrics['loss']}, grad_norm {metrics['grad_norm']}, or the weights "
+                f"after the update, are not finite: training stopped; last good checkpoint: "
                 f"{latest_checkpoint(args.output) or 'none'}. Try a lower --lr or --beta.")
         state.update(step=step + 1, final_step=metrics, train_seconds=state.get("train_seconds", 0) + seconds,
                      train_tokens=state.get("train_tokens", 0) + metrics["tokens"])
         # TRL's names where the quantity is TRL's (learning_rate, cumulative num_tokens); tokens/s is ours.
-        record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "learning_rate": lr,
+        record = {"step": step + 1, "epoch": round((step + 1) / run.steps_per_epoch, 4), "learning_rate": lr,
                   **{name: value for name, value in metrics.items() if name != "tokens"},
                   "num_tokens": state["train_tokens"], "tokens/s": round(metrics["tokens"] / seconds, 1)}
         if rank == 0:
             with open(metrics_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
-            progress.set_postfix(loss=f"{metrics['loss']:.4g}", acc=metrics.get("rewards/accuracies"), lr=f"{lr:.1e}")
+            progress.set_postfix(loss=f"{metrics['loss']:.4g}", acc=metrics.get("rewards/accuracies"),
+                                 lr=f"{lr:.1e}")
         progress.update(1)
         if saving:
-            save_checkpoint(model, optimizer, tokenizer, state, args.output, rank)
+            save_checkpoint(run.model, run.optimizer, run.tokenizer, state, args.output, rank)
     progress.close()
 
-    # 3. Finish: held-out metrics, the model, then train_summary.json (its presence marks the directory complete).
-    eval_after = evaluate(model, eval_set, args, rank, world)
-    save_model(model, tokenizer, args.output, rank)
-    if rank == 0:
-        tokens_per_second = state["train_tokens"] / max(state["train_seconds"], 1e-9)
-        common.write_json(summary_path, {
-            "settings": settings, "world_size": world, "steps": total_steps, "train_pairs": len(train),
-            "eval_pairs": len(eval_set), "skipped": skip_counts, "reference_scored_now": scored_now,
-            "eval_before": state["eval_before"], "eval_after": eval_after, "final_step": state["final_step"],
-            "train_seconds": round(state["train_seconds"], 2), "seconds": round(time.perf_counter() - run_started, 2),
-            "train_tokens": int(state["train_tokens"]), "tokens_per_second": round(tokens_per_second, 1)})
-        for old in glob.glob(os.path.join(args.output, "checkpoint-*")):
-            shutil.rmtree(old)
-        for name, before in state["eval_before"].items():
-            print(f"eval {name}: {before:.4f} -> {eval_after[name]:.4f} ({len(eval_set)} held-out rows)")
-        print(common.summary_line("04_dpo", time.perf_counter() - run_started, steps=total_steps, pairs=len(train),
-                                  skipped=sum(sum(counts.values()) for counts in skip_counts.values()))
-              + f", training {tokens_per_second:.1f} tokens/s")
+
+def finish_run(run, args, rank, world):
+    """Step 3: held-out metrics, the model, then train_summary.json (it marks the directory complete)."""
+    eval_after = evaluate(run.model, run.eval_set, args, rank, world)
+    save_model(run.model, run.tokenizer, args.output, rank)
+    if rank != 0:
+        return
+    state, seconds = run.state, time.perf_counter() - run.started
+    tokens_per_second = state["train_tokens"] / max(state["train_seconds"], 1e-9)
+    common.write_json(run.summary_path, {
+        "settings": run.settings, "world_size": world, "steps": run.total_steps,
+        "train_pairs": len(run.train), "eval_pairs": len(run.eval_set), "skipped": run.skip_counts,
+        "reference_scored_now": run.scored_now, "eval_before": state["eval_before"], "eval_after": eval_after,
+        "final_step": state["final_step"], "train_seconds": round(state["train_seconds"], 2),
+        "seconds": round(seconds, 2), "train_tokens": int(state["train_tokens"]),
+        "tokens_per_second": round(tokens_per_second, 1)})
+    for old in glob.glob(os.path.join(args.output, "checkpoint-*")):
+        shutil.rmtree(old)
+    for name, before in state["eval_before"].items():
+        print(f"eval {name}: {before:.4f} -> {eval_after[name]:.4f} ({len(run.eval_set)} held-out rows)")
+    skipped = sum(sum(counts.values()) for counts in run.skip_counts.values())
+    print(common.summary_line("04_dpo", seconds, steps=run.total_steps, pairs=len(run.train), skipped=skipped)
+          + f", training {tokens_per_second:.1f} tokens/s")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world = common.setup_distributed()
+    run = prepare(args, rank, world)  # 1. data, model, reference log-probs, optimizer (None: complete)
+    if run is not None:
+        train_loop(run, args, rank, world)  # 2. the optimizer steps, checkpointed
+        finish_run(run, args, rank, world)  # 3. held-out metrics, the model, the summary
     common.barrier()
     common.cleanup_distributed()
 

@@ -11,7 +11,7 @@ Out: in --output (default runs/loop/eval/):
                        then models as columns, metric x language as rows, deltas against the first model
      report.png        per-language bars per model, one panel per metric (needs matplotlib)
 
-    python 05_eval.py --models smollm2-135m runs/loop/iter1/model --tasks mgsm,winrate,choice,alignment --limit 20
+    python 05_eval.py --models smollm2-135m runs/loop/iter1/model --tasks mgsm,winrate,choice --limit 20
 
 Tasks (--tasks):
   mgsm, math  greedy step-by-step answer in the problem's language; the last number in the
@@ -44,6 +44,7 @@ the run. Resumable: finished (model, task) work files in --output/work/ are reus
 a killed run continues. Runs under `torchrun --nproc_per_node=K` (prompts sharded, rank 0 reports).
 """
 import argparse
+import functools
 import glob
 import math
 import os
@@ -66,8 +67,6 @@ SCORED_TASKS = ("choice", "alignment")  # read the model's own log-probs or hidd
 TASKS = MATH_TASKS + ("winrate",) + SCORED_TASKS
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
-# The step-by-step line appended to a math problem, in the problem's language (data, like the problems).
-MATH_INSTRUCTIONS = common.read_json(os.path.join(REPO, "data", "math", "instructions.json"))
 JUDGE_PROMPT = """Two assistants answered the same instruction. Decide which answer is better: more helpful, \
 correct and complete, and written in the language of the instruction.
 
@@ -100,7 +99,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--models", nargs="+", default=None, help="hub ids, directories or the embedded default; the first is the "
-        f"baseline (default: {common.EMBEDDED_MODEL}, then each finished {LOOP_RUN}/iter*/model, as loop.sh writes)")
+        f"baseline (default: {common.EMBEDDED_MODEL}, then each finished {LOOP_RUN}/iter*/model: loop.sh's)")
     add("--tasks", default="mgsm,math,winrate", help=f"comma-separated, from {','.join(TASKS)}")
     add("--langs", default="en,es,de,fr,ru,zh", help="comma-separated language codes")
     add("--mgsm", default="data/mgsm",
@@ -113,9 +112,9 @@ def parse_args(argv=None):
         "program run in a sandboxed child process")
     add("--reference-answers", default=None, metavar="DIR_OR_FILE", help="win rate against these answers (JSONL "
         "with id, prompt, response; one {lang}.jsonl per language) instead of the first model's")
-    add("--trained-on", nargs="*", default=None, metavar="FILE", help="the loop's training records (each iteration's "
-        "responses.jsonl; default: those beside the default --models): an evaluated prompt whose id or text is among "
-        "them stops the run before any model loads")
+    add("--trained-on", nargs="*", default=None, metavar="FILE", help="the loop's training records (each "
+        "iteration's responses.jsonl; default: those beside the default --models): an evaluated prompt whose id "
+        "or text is among them stops the run before any model loads")
     add("--output", default="runs/loop/eval", help="output directory")
     add("--limit", type=int, default=None, help="first N problems/prompts per task (the same ids in every language)")
     add("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
@@ -150,9 +149,10 @@ def parse_args(argv=None):
         raise common.InputError("--proxy-expert and --proxy-antiexpert go together")
     if args.answers_only and not args.server:
         raise common.InputError("--answers-only answers the columns a --server serves: give --server")
-    if args.max_new_tokens < 1 or args.batch_size < 1 or any(n is not None and n < 1 for n in (args.limit,
-                                                                                               args.judge_limit)):
-        raise common.InputError("--max-new-tokens, --batch-size, --limit and --judge-limit must be at least 1")
+    counts = (args.max_new_tokens, args.batch_size, args.server_concurrency, args.limit or 1, args.judge_limit or 1)
+    if min(counts) < 1:
+        raise common.InputError("--max-new-tokens, --batch-size, --server-concurrency, --limit and "
+                                "--judge-limit must be at least 1")
     return args
 
 
@@ -252,9 +252,12 @@ def held_out_reward_accuracy(name):
 def load_generator(column, args):
     """What answers one column's tasks: {generate(prompt texts, desc) -> common.generate's iterator, tokenizer,
     engine (its name), model (in-process, or None for a server column until a scored task loads it)}."""
-    servers = column.get("servers")
-    engine, tokenizer, _ = common.load_engine(column["model"], servers, column.get("served_as"),
-                                              args.server_concurrency, args.trust_remote_code)
+    if column.get("servers"):  # attach_servers found them listing the model; the prompts are rendered here
+        tokenizer = common.load_tokenizer(column["model"], args.trust_remote_code)
+        engine = common.Server(column["servers"], column["served_as"], os.environ.get(common.SERVER_KEY_ENV),
+                               args.server_concurrency)
+    else:
+        engine, tokenizer = common.load_model(column["model"], trust_remote_code=args.trust_remote_code)
     small = []
     for flag, name in (("--proxy-expert", args.proxy_expert), ("--proxy-antiexpert", args.proxy_antiexpert)):
         # fp32 on every device: proxy-tuning adds their difference, which bf16 would round away.
@@ -299,10 +302,17 @@ def answers(generate, tokenizer, items, messages, desc, counts):
         yield [(items[index], messages[index], samples[0]) for index, samples in batch]
 
 
+@functools.cache
+def math_instructions():
+    """{lang: the step-by-step line appended to a math problem}: data, like the problems, read once."""
+    return common.read_json(os.path.join(REPO, "data", "math", "instructions.json"))
+
+
 def math_message(question, lang, mode):
     """The user turn for a math problem: the problem, then the step-by-step line in its language (or, in code
     mode, the request for a program, in English: it is code that is asked for)."""
-    instruction = CODE_INSTRUCTION if mode == "code" else MATH_INSTRUCTIONS.get(lang, MATH_INSTRUCTIONS["en"])
+    lines = math_instructions()
+    instruction = CODE_INSTRUCTION if mode == "code" else lines.get(lang, lines["en"])
     return f"{question}\n\n{instruction}"
 
 
@@ -1008,7 +1018,7 @@ def main(argv=None):
         print(f"--models {' '.join(names)}" + ("" if trained else f" (no finished {LOOP_RUN}/iter*/model)"))
     args.trained_on = args.trained_on or []
     columns = make_columns(names, args)
-    judging = "winrate" in args.tasks and (len(columns) > 1 or args.reference_answers) and not args.answers_only
+    judging = "winrate" in args.tasks and not args.answers_only and (len(columns) > 1 or args.reference_answers)
     local_judge_name = [args.judge] if judging and not args.judge_server else []
     for name in dict.fromkeys(names + local_judge_name + [args.proxy_expert, args.proxy_antiexpert]):
         if name:  # every model is checked before the first one answers anything
@@ -1023,7 +1033,8 @@ def main(argv=None):
     settings = {name: value for name, value in vars(args).items()
                 if name not in ("output", "batch_size", "token_budget", "trust_remote_code", "server",
                                 "server_concurrency", "answers_only")}
-    common.claim(os.path.join(args.output, "eval.json"), settings, rank, partial=False)
+    if common.claim(os.path.join(args.output, "eval.json"), settings, rank, partial=False):
+        return
     # The judge's server is asked for its models now: a wrong URL, key or model name fails before any generation.
     api = server_judge(common.connect(args.judge_server, args.judge, args.server_concurrency), args.judge_max_tokens) \
         if judging and args.judge_server else None

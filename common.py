@@ -17,6 +17,7 @@ import collections
 import concurrent.futures
 import datetime
 import fcntl
+import functools
 import glob
 import hashlib
 import http.client
@@ -78,7 +79,8 @@ def read_jsonl(path, required=()):
         try:
             record = json.loads(line, parse_constant=_not_json)
         except ValueError as error:  # a JSONDecodeError is one too
-            raise InputError(f"{path}:{line_number}: not valid JSON ({getattr(error, 'msg', error)})") from None
+            reason = getattr(error, "msg", error)
+            raise InputError(f"{path}:{line_number}: not valid JSON ({reason})") from None
         if not isinstance(record, dict):
             raise InputError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
         for field in required:
@@ -188,7 +190,7 @@ _locks = []  # lock files this process holds, until it exits
 
 
 def claim(out_path, settings, rank=0, partial=None):
-    """Before a stage writes `out_path`: exit (code 0, saying so) when it is already complete with these settings.
+    """Before a stage writes `out_path`: True (saying so) when it is already complete with these settings.
 
     The settings that shape its records (model, sampling, lengths, data, method flags) are kept in
     `out_path.settings.json`; a rerun with other ones, over a finished output or over partial work
@@ -219,9 +221,10 @@ def claim(out_path, settings, rank=0, partial=None):
         if saved is None:
             raise InputError(f"{out_path} exists, with no record of the settings it was made with; delete it")
         print(f"{out_path} already exists and is complete; delete it to run this stage again.")
-        sys.exit(0)
+        return True
     if rank == 0:  # nothing to mix with: these settings are now the run's
         write_json(settings_path, settings)
+    return False
 
 
 # ----------------------------------------------------------------------------
@@ -243,7 +246,13 @@ def language_name(code, where=""):
     return LANGUAGES[code]
 
 
-_language_identifier = None
+@functools.cache
+def language_identifier():
+    """py3langid's identifier, restricted to LANGUAGES: loaded once, on first use."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+    identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    identifier.set_languages(list(LANGUAGES))
+    return identifier
 
 
 def detect_language(text):
@@ -254,16 +263,11 @@ def detect_language(text):
     being called Galician and the like. Text with fewer than 3 letters (numbers,
     formulas) has no language, and neither does text that is mostly code symbols.
     """
-    global _language_identifier
     letters = sum(character.isalpha() for character in text)
     code_symbols = sum(character in "{}[]();=<>_/\\|" for character in text)
     if letters < 3 or code_symbols > letters * 0.25:
         return None
-    if _language_identifier is None:
-        from py3langid.langid import MODEL_FILE, LanguageIdentifier
-        _language_identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-        _language_identifier.set_languages(list(LANGUAGES))
-    return _language_identifier.classify(text)[0]
+    return language_identifier().classify(text)[0]
 
 
 def is_in_language(text, language):
@@ -496,8 +500,8 @@ def load_model(name, device=None, dtype=None, trust_remote_code=False):
     device, dtype = device or pick_device()[0], dtype or pick_device()[1]
     tokenizer = load_tokenizer(name, trust_remote_code)
     try:
-        # use_kernels=False: transformers would otherwise fetch compiled kernels from the hub and run them on a
-        # GPU (and stop, offline): code nobody asked for, like trust_remote_code.
+        # use_kernels=False: transformers would otherwise fetch compiled kernels from the hub and run them
+        # on a GPU (and stop, offline): code nobody asked for, like trust_remote_code.
         model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code, use_kernels=False)
     except OSError as error:
@@ -863,7 +867,8 @@ def load_engine(name, servers=None, server_model=None, concurrency=64, trust_rem
         model, tokenizer = load_model(name, trust_remote_code=trust_remote_code)
         return model, tokenizer, getattr(model.config, "max_position_embeddings", None) or 2048
     server, tokenizer = connect(servers, server_model, concurrency), load_tokenizer(name, trust_remote_code)
-    return server, tokenizer, getattr(model_config(name, trust_remote_code), "max_position_embeddings", None) or 2048
+    context = getattr(model_config(name, trust_remote_code), "max_position_embeddings", None)
+    return server, tokenizer, context or 2048
 
 
 def engine_name(engine):

@@ -175,7 +175,7 @@ def test_math_scoring_with_fixed_answers(tiny_model):
     assert [r["prediction"] for r in records] == [18.0, 1234.5, None, 18.0021]
     assert [r["correct"] for r in records] == [True, True, False, False]
     assert counts == {"new_tokens": 12, "no_number": 1}
-    assert eval05.MATH_INSTRUCTIONS["de"] in seen_prompts[1] and eval05.MATH_INSTRUCTIONS["fr"] in seen_prompts[2]
+    assert eval05.math_instructions()["de"] in seen_prompts[1] and eval05.math_instructions()["fr"] in seen_prompts[2]
 
 
 def test_translate_test_answers_the_english_translation(tiny_model):
@@ -196,7 +196,7 @@ def test_translate_test_answers_the_english_translation(tiny_model):
                                                                      "math-tt", "cot", counts) for r in batch]
     assert [desc for desc, _ in calls] == ["translate", "answer"]
     assert len(calls[0][1]) == 1 and "Translate the following question from Spanish into English" in calls[0][1][0]
-    assert all(eval05.MATH_INSTRUCTIONS["en"] in prompt for prompt in calls[1][1])
+    assert all(eval05.math_instructions()["en"] in prompt for prompt in calls[1][1])
     spanish = next(r for r in records if r["lang"] == "es")
     assert spanish["question_en"] == "Tom has 3 and buys 4. How many?" and spanish["question"] == items[1]["prompt"]
     assert [r["correct"] for r in records] == [True, True] and counts["new_tokens"] == 15
@@ -746,9 +746,10 @@ def test_rerun_resumes_from_a_killed_run(two_model_run):
     assert "predictions made now 2, judged now 0" in result.stdout
     assert read_records(finished)[0]["response"] == "MARKER 7" and len(read_records(finished)) == 4
     assert not any(name.endswith(tuple(f".part{k}" for k in range(4))) for name in os.listdir(work))
-    with pytest.raises(SystemExit) as finished_run:  # complete: says so and stops at once
-        eval05.main(args)
-    assert finished_run.value.code == 0
+    modified = os.path.getmtime(os.path.join(output, "eval.json"))
+    result = run_script("05_eval.py", *args, env=ONE_THREAD)  # complete: says so and stops at once, exit code 0
+    assert result.returncode == 0 and "eval.json already exists and is complete" in result.stdout
+    assert "predictions made now" not in result.stdout and os.path.getmtime(os.path.join(output, "eval.json")) == modified
 
 
 # ----------------------------------------------------------------------------
