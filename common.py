@@ -491,10 +491,11 @@ def load_tokenizer(name, trust_remote_code=False):
     return tokenizer
 
 
-def load_model(name, device=None, dtype=None, trust_remote_code=False):
+def load_model(name, device=None, dtype=None, trust_remote_code=False, scored=True):
     """Load (model, tokenizer) in eval mode on the chosen device. Weights as safetensors only.
 
-    The scorer's path (section 8) is checked once here: a model whose logits it cannot reproduce stops now.
+    scored: the model's log-probs will be read (03, 04, 05), so the scorer's path (section 8) is checked once
+    here, and a model whose logits it cannot reproduce stops now. Generation alone (01, 02) needs no check.
     """
     from transformers import AutoModelForCausalLM
     device, dtype = device or pick_device()[0], dtype or pick_device()[1]
@@ -508,7 +509,8 @@ def load_model(name, device=None, dtype=None, trust_remote_code=False):
         raise InputError(f"--model {name}: cannot load a model ({str(error).splitlines()[0][:200]})") from None
     model.to(device).eval()
     try:
-        check_scoring_path(model)
+        if scored:
+            check_scoring_path(model)
     except ValueError as error:
         raise InputError(f"--model {name}: {error}") from None
     return model, tokenizer
@@ -864,7 +866,7 @@ def server_chat(server, messages, max_tokens):
 def load_engine(name, servers=None, server_model=None, concurrency=64, trust_remote_code=False):
     """(engine, tokenizer, context length): the model loaded here, or a Server; the tokenizer is `name`'s."""
     if not servers:
-        model, tokenizer = load_model(name, trust_remote_code=trust_remote_code)
+        model, tokenizer = load_model(name, trust_remote_code=trust_remote_code, scored=False)  # generation only
         return model, tokenizer, getattr(model.config, "max_position_embeddings", None) or 2048
     server, tokenizer = connect(servers, server_model, concurrency), load_tokenizer(name, trust_remote_code)
     context = getattr(model_config(name, trust_remote_code), "max_position_embeddings", None)

@@ -21,7 +21,7 @@ def clone_alone(tmp_path):
         if os.path.isfile(os.path.join(REPO, name)):  # a deleted but not yet committed file is listed too
             os.makedirs(clone / os.path.dirname(name), exist_ok=True)
             shutil.copy2(os.path.join(REPO, name), clone / name)
-    assert os.listdir(tmp_path / "alone") == ["repo"]  # nothing beside it: no ../shared
+    assert os.listdir(tmp_path / "alone") == ["repo"]  # nothing beside it, as in a stranger's clone
     return clone
 
 
