@@ -113,8 +113,8 @@ def parse_args(argv=None):
     add("--reference-answers", default=None, metavar="DIR_OR_FILE", help="win rate against these answers (JSONL "
         "with id, prompt, response; one {lang}.jsonl per language) instead of the first model's")
     add("--trained-on", nargs="*", default=None, metavar="FILE", help="the loop's training records (each "
-        "iteration's responses.jsonl; default: those beside the default --models): an evaluated prompt whose id "
-        "or text is among them stops the run before any model loads")
+        "iteration's responses.jsonl; default: those beside the default --models): an evaluated prompt "
+        "whose id or text is among them stops the run before any model loads")
     add("--output", default="runs/loop/eval", help="output directory")
     add("--limit", type=int, default=None, help="first N problems/prompts per task (the same ids in every language)")
     add("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
@@ -149,8 +149,8 @@ def parse_args(argv=None):
         raise common.InputError("--proxy-expert and --proxy-antiexpert go together")
     if args.answers_only and not args.server:
         raise common.InputError("--answers-only answers the columns a --server serves: give --server")
-    counts = (args.max_new_tokens, args.batch_size, args.server_concurrency, args.limit or 1, args.judge_limit or 1)
-    if min(counts) < 1:
+    if min(args.max_new_tokens, args.batch_size, args.server_concurrency, args.limit or 1,
+           args.judge_limit or 1) < 1:
         raise common.InputError("--max-new-tokens, --batch-size, --server-concurrency, --limit and "
                                 "--judge-limit must be at least 1")
     return args
@@ -897,6 +897,17 @@ def plot_report(path, columns, results, effect, alignment, langs):
 # ----------------------------------------------------------------------------
 
 
+def loop_models():
+    """What loop.sh writes: the base model, then every finished iteration's model, in iteration order; and the
+    records each iteration trained on (its responses.jsonl), for --trained-on."""
+    trained = sorted(glob.glob(f"{LOOP_RUN}/iter*/model/train_summary.json"),
+                     key=lambda path: int(re.search(r"iter(\d+)", path).group(1)))
+    models = [os.path.dirname(path) for path in trained]
+    print(f"--models {' '.join([common.EMBEDDED_MODEL] + models)}"
+          + ("" if models else f" (no finished {LOOP_RUN}/iter*/model)"))
+    return [common.EMBEDDED_MODEL] + models, [os.path.join(os.path.dirname(m), "responses.jsonl") for m in models]
+
+
 def make_columns(names, args):
     """One column per model to evaluate (plus the proxy-tuned one), each with a label and a work-file slug."""
     columns = [{"label": label, "model": name, "description": name, "held_out": held_out_reward_accuracy(name)}
@@ -1009,16 +1020,13 @@ def write_outputs(output, columns, predictions, judgements, judge_text, task_ite
 def main(argv=None):
     args = parse_args(argv)
     names = args.models
-    if names is None:  # what loop.sh writes: the base model, then every finished iteration's
-        trained = sorted(glob.glob(f"{LOOP_RUN}/iter*/model/train_summary.json"),
-                         key=lambda path: int(re.search(r"iter(\d+)", path).group(1)))
-        names = [common.EMBEDDED_MODEL] + [os.path.dirname(path) for path in trained]
-        args.trained_on = [os.path.join(os.path.dirname(name), "responses.jsonl") for name in names[1:]] \
-            if args.trained_on is None else args.trained_on
-        print(f"--models {' '.join(names)}" + ("" if trained else f" (no finished {LOOP_RUN}/iter*/model)"))
+    if names is None:
+        names, trained_on = loop_models()
+        args.trained_on = trained_on if args.trained_on is None else args.trained_on
     args.trained_on = args.trained_on or []
     columns = make_columns(names, args)
-    judging = "winrate" in args.tasks and not args.answers_only and (len(columns) > 1 or args.reference_answers)
+    judged = len(columns) > 1 or args.reference_answers  # against the first column, or the given answers
+    judging = "winrate" in args.tasks and judged and not args.answers_only
     local_judge_name = [args.judge] if judging and not args.judge_server else []
     for name in dict.fromkeys(names + local_judge_name + [args.proxy_expert, args.proxy_antiexpert]):
         if name:  # every model is checked before the first one answers anything

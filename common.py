@@ -866,7 +866,7 @@ def server_chat(server, messages, max_tokens):
 def load_engine(name, servers=None, server_model=None, concurrency=64, trust_remote_code=False):
     """(engine, tokenizer, context length): the model loaded here, or a Server; the tokenizer is `name`'s."""
     if not servers:
-        model, tokenizer = load_model(name, trust_remote_code=trust_remote_code, scored=False)  # generation only
+        model, tokenizer = load_model(name, trust_remote_code=trust_remote_code, scored=False)  # generates
         return model, tokenizer, getattr(model.config, "max_position_embeddings", None) or 2048
     server, tokenizer = connect(servers, server_model, concurrency), load_tokenizer(name, trust_remote_code)
     context = getattr(model_config(name, trust_remote_code), "max_position_embeddings", None)
@@ -1012,11 +1012,12 @@ def response_logps(model, sequences, per_token=False, chunk_rows=None):
 
 
 def conversational(row):
-    """A pair or SFT row in TRL's conversational form: the prompt as a user message, each answer as an assistant
-    message. TRL reads a string prompt as plain text, without the chat template; this form means to TRL what
-    the string form means to 04."""
-    return {**row, "prompt": [{"role": "user", "content": row["prompt"]}],
-            **{f: [{"role": "assistant", "content": row[f]}] for f in ("chosen", "rejected", "completion") if f in row}}
+    """A pair or SFT row in TRL's conversational form: the prompt as a user message, each answer as an
+    assistant message. TRL reads a string prompt as plain text, without the chat template; this form means to
+    TRL what the string form means to 04."""
+    answers = {field: [{"role": "assistant", "content": row[field]}]
+               for field in ("chosen", "rejected", "completion") if field in row}
+    return {**row, "prompt": [{"role": "user", "content": row["prompt"]}], **answers}
 
 
 def row_text(value, field, where):
@@ -1026,8 +1027,9 @@ def row_text(value, field, where):
         return value, None
     roles = [m.get("role") for m in value if isinstance(m, dict)] if isinstance(value, list) else None
     expected = (["user"], ["system", "user"]) if field == "prompt" else (["assistant"],)
-    if roles in expected and len(roles) == len(value) and all(isinstance(m.get("content"), str) and m["content"].strip()
-                                                              for m in value):
+    one_turn = roles in expected and len(roles) == len(value) and all(
+        isinstance(m.get("content"), str) and m["content"].strip() for m in value)
+    if one_turn:
         return value[-1]["content"], value[0]["content"] if len(value) == 2 else None
     raise InputError(f"{where}: field '{field}' must be a non-empty string or one turn of messages "
                      f"(roles {' or '.join('+'.join(r) for r in expected)})")
@@ -1065,7 +1067,8 @@ def length_batches(lengths, token_budget, max_padding=0.2):
     batches, current, real_tokens = [], [], 0
     for index in order:
         padded = (len(current) + 1) * lengths[current[0]] if current else 0
-        if current and (padded > token_budget or padded - real_tokens - lengths[index] > max_padding * padded):
+        padding = padded - real_tokens - lengths[index]
+        if current and (padded > token_budget or padding > max_padding * padded):
             batches.append(current)
             current, real_tokens = [], 0
         current.append(index)
@@ -1074,7 +1077,7 @@ def length_batches(lengths, token_budget, max_padding=0.2):
 
 
 def score_sequences(model, sequences, token_budget=8192, desc="score", show_progress=True, chunk_rows=None):
-    """response_logps over many (ids, prompt_length), without gradients: ([n] float64 sums, n per-token tensors).
+    """response_logps over many (ids, prompt_length), no gradients: ([n] float64 sums, n per-token tensors).
 
     Batches are length-sorted under `token_budget` (rows x longest row), padded on the right,
     and results come back in the order given.
@@ -1082,10 +1085,12 @@ def score_sequences(model, sequences, token_budget=8192, desc="score", show_prog
     summed, per_token = torch.zeros(len(sequences), dtype=torch.float64), [None] * len(sequences)
     was_training = model.training
     model.eval()  # dropout would make scores random
-    progress = tqdm(total=len(sequences), desc=desc, unit="pair", disable=not show_progress, dynamic_ncols=True)
+    progress = tqdm(total=len(sequences), desc=desc, unit="pair", disable=not show_progress,
+                    dynamic_ncols=True)
     with torch.inference_mode():
         for batch in length_batches([len(ids) for ids, _ in sequences], token_budget):
-            sums, pieces = response_logps(model, [sequences[i] for i in batch], per_token=True, chunk_rows=chunk_rows)
+            sums, pieces = response_logps(model, [sequences[i] for i in batch], per_token=True,
+                                          chunk_rows=chunk_rows)
             for index, total, piece in zip(batch, sums.cpu(), pieces):
                 summed[index], per_token[index] = total, piece
             progress.update(len(batch))
@@ -1112,7 +1117,8 @@ def next_token_logps(model, sequences, candidates, token_budget=8192):
     for batch in length_batches([len(ids) for ids in sequences], token_budget):
         input_ids = pad_right([sequences[i] for i in batch], pad_id=0)[0].to(device)
         last = torch.tensor([len(sequences[i]) - 1 for i in batch], device=device)
-        states = last_hidden_states(model, input_ids)[torch.arange(len(batch), device=device), last]  # [b, hidden]
+        rows = torch.arange(len(batch), device=device)
+        states = last_hidden_states(model, input_ids)[rows, last]  # [batch, hidden]
         logits = transform(output_layer(states)).float()
         chosen = logits[:, candidates] - torch.logsumexp(logits, dim=-1, keepdim=True)
         logps[batch] = chosen.double().cpu()

@@ -58,7 +58,7 @@ PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM, dense bf16
 # What each size of run does: (correctness shape, speed shapes, training shapes to try in order, sizes).
 PLANS = {
     "gpu": dict(correct="small", speed=["1b", "8b"], train=["8b", "3b", "1b"], prompts=64, new_tokens=256,
-                score_rows=256, length=512, pairs=16, micro_batch=1, agreement_tokens=64),
+                score_rows=256, length=512, pairs=16, micro_batch=4, agreement_tokens=64),
     "cpu-smoke": dict(correct="tiny", speed=["tiny"], train=["tiny"], prompts=4, new_tokens=8, score_rows=8,
                       length=64, pairs=4, micro_batch=1, agreement_tokens=16),
 }
@@ -303,7 +303,7 @@ def main():
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out: correctness,speed,train")
     parser.add_argument("--train", default=None, help="training shapes to try, in order (default: 8b,3b,1b)")
     parser.add_argument("--micro-batch", type=int, default=None, help="pairs per micro-batch in the training rows "
-                        "(default 1; 16 pairs a step)")
+                        "(default: 4 on a GPU, 1 in --cpu-smoke; 16 pairs a step)")
     args = parser.parse_args()
     command = "python bench/gpu_check.py " + " ".join(sys.argv[1:])
     if args.cpu_smoke:
