@@ -88,7 +88,9 @@ CODE_INSTRUCTION = ("Write a short Python program that computes the answer and p
 # What the loop targets, chosen before the demo runs that report it (README, "What the demo shows"): is the
 # answer to a held-out instruction written in the instruction's language. Reported first, as the effect of
 # the last model against the first, paired by prompt.
-EFFECT_METRICS = {"winrate language fidelity": ("winrate", "in_language")}
+# The winrate task's answers, read for their language: not a win rate, so not named after the task.
+INSTRUCTION_FIDELITY = "language fidelity of answers to instructions"
+EFFECT_METRICS = {INSTRUCTION_FIDELITY: ("winrate", "in_language")}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -720,7 +722,8 @@ def compute_results(columns, predictions, judgements, langs, seed, opponent="fir
                 metrics["alignment cosine with English (mean over layers)"] = per_language(rows, "mean_cosine",
                                                                                           langs, seed)
             if rows and "in_language" in rows[0] and not task.endswith("-tt"):  # -tt answers are English by design
-                metrics[f"{task} language fidelity"] = per_language(rows, "in_language", langs, seed)
+                name = INSTRUCTION_FIDELITY if task == "winrate" else f"{task} language fidelity"
+                metrics[name] = per_language(rows, "in_language", langs, seed)
         if column.get("held_out"):
             metrics["held-out reward accuracy (04)"] = {"all": column["held_out"]}
         results[label] = metrics
@@ -850,7 +853,8 @@ def plot_report(path, columns, results, effect, alignment, langs):
     labels, trained = [c["label"] for c in columns], [c["label"] for c in columns if "proxy" not in c]
     metrics = [metric for metric in metric_names(results, labels)
                if any(lang in results[label].get(metric, {}) for label in labels for lang in langs)]
-    panels = [(f"effect: {metric}\n{trained[-1]} - {trained[0]}, 95% interval", {"difference": table})
+    panels = [(f"effect: {metric}\n{trained[-1]} - {trained[0]} on held-out prompts, 95% interval",
+               {"difference": table})
               for metric, table in effect.items()]
     panels += [(metric, {label: results[label].get(metric, {}) for label in labels}) for metric in metrics]
     panels += [("alignment with English, by layer", None)] if alignment else []

@@ -105,19 +105,20 @@ def test_effect_is_the_paired_difference_of_the_last_model_and_the_first():
     predictions["proxy-tuned"] = {"winrate": [{"id": i, "lang": lang, "in_language": False} for i, lang in fidelity]}
     columns = [{"label": label} for label in labels] + [{"label": "proxy-tuned", "proxy": True}]
     effect = eval05.compute_effect(columns, predictions, ["es", "de"], seed=0)
-    table = effect["winrate language fidelity"]
+    table = effect[eval05.INSTRUCTION_FIDELITY]
     assert table["es"]["score"] == pytest.approx(2 / 3) and table["es"]["n"] == 3
     assert table["de"]["score"] == 0.0 and table["all"]["score"] == pytest.approx(1 / 3) and table["all"]["n"] == 6
     assert table["es"] == eval05.entry([1, 1, 0], seed=0)  # the differences resampled
-    results = {label: {"winrate language fidelity": eval05.per_language(
+    results = {label: {eval05.INSTRUCTION_FIDELITY: eval05.per_language(
         [{"lang": lang, "v": float(values[k])} for (_, lang), values in fidelity.items()], "v", ["es", "de"], 0)}
         for k, label in enumerate(labels)}
     lines = eval05.effect_lines(effect, results, labels)
     assert lines[0] == "## Effect: `M2` - `M0` on held-out prompts"
-    assert "| winrate language fidelity | es | 33.3 [" in lines[4] and "| +66.7 [+0.0, +100.0] n=3 |" in lines[4]
+    assert "| language fidelity of answers to instructions | es | 33.3 [" in lines[4]
+    assert "| +66.7 [+0.0, +100.0] n=3 |" in lines[4]
     # es's interval touches 0 here (bootstrap of [1, 1, 0] reaches 0/3), so no difference excludes zero.
     assert "Differences whose interval excludes zero: none." in lines[-2]
-    sure = {"winrate language fidelity": {"es": {"score": 0.5, "n": 40, "ci": [0.3, 0.7]},
+    sure = {eval05.INSTRUCTION_FIDELITY: {"es": {"score": 0.5, "n": 40, "ci": [0.3, 0.7]},
                                           "de": {"score": -0.1, "n": 40, "ci": [-0.3, 0.1]}}}
     assert "excludes zero: es +50.0." in eval05.effect_lines(sure, results, labels)[-2]
     # One model only: there is no effect to report.
@@ -652,7 +653,8 @@ def test_two_model_run_writes_every_output(two_model_run):
     assert labels == [base, "trained", "proxy-tuned"]
     results = summary["results"]
     for label in labels:
-        for metric in ("mgsm accuracy", "math accuracy", "mgsm language fidelity", "winrate language fidelity"):
+        for metric in ("mgsm accuracy", "math accuracy", "mgsm language fidelity",
+                       eval05.INSTRUCTION_FIDELITY):
             assert set(results[label][metric]) == {"en", "es", "all"}
             assert results[label][metric]["en"]["n"] == 2 and results[label][metric]["all"]["n"] == 4
             for value in results[label][metric].values():
@@ -678,7 +680,7 @@ def test_two_model_run_writes_every_output(two_model_run):
     assert f"| metric | lang | `{base}` | `trained` | `proxy-tuned` |" in report
     assert "| held-out reward accuracy (04) | all | – | 75.0 [" in report and "n=40" in report
     # The effect leads: the trained model minus the base (the proxy column is not a trained model).
-    effect = summary["effect"]["winrate language fidelity"]
+    effect = summary["effect"]["language fidelity of answers to instructions"]
     assert effect["all"]["n"] == 4 and set(effect) == {"en", "es", "all"}
     fidelity = {(p["model"], p["id"], p["lang"]): p["in_language"] for p in predictions if p["task"] == "winrate"}
     assert effect["all"]["score"] == np.mean([fidelity["trained", i, lang] - fidelity[base, i, lang]
