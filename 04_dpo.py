@@ -188,8 +188,8 @@ def load_data(args, tokenizer, rank):
     trained = {example["key"] for example in train}
     overlap = [example["where"] for example in eval_set if example["key"] in trained]
     if overlap:  # a row trained on says nothing about held-out accuracy
-        raise common.InputError(f"--eval-pairs: {len(overlap)} of its {len(eval_set)} rows are also in --input "
-                                f"{args.input} (first: {overlap[0]}); give pairs held out of training")
+        raise common.InputError(f"--eval-pairs: {len(overlap)} of its {len(eval_set)} rows are also in "
+                                f"--input {args.input} (first: {overlap[0]}); give pairs held out of training")
     return train, eval_set, {"train": skip_counts, "eval": eval_skips}
 
 

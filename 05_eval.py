@@ -909,7 +909,8 @@ def loop_models():
     models = [os.path.dirname(path) for path in trained]
     print(f"--models {' '.join([common.EMBEDDED_MODEL] + models)}"
           + ("" if models else f" (no finished {LOOP_RUN}/iter*/model)"))
-    return [common.EMBEDDED_MODEL] + models, [os.path.join(os.path.dirname(m), "responses.jsonl") for m in models]
+    trained_on = [os.path.join(os.path.dirname(model), "responses.jsonl") for model in models]
+    return [common.EMBEDDED_MODEL] + models, trained_on
 
 
 def make_columns(names, args):
