@@ -1,6 +1,6 @@
 """A stranger's clone: the repository's tracked files alone, in a folder with nothing beside it.
 
-The scripts' defaults must find everything they read inside the clone (data/, never ../shared).
+The scripts' defaults must find everything they read inside the clone (its data/ folder), and nothing beside it.
 """
 import os
 import shutil
