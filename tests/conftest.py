@@ -18,6 +18,10 @@ sys.path.insert(0, REPO)
 
 import common  # noqa: E402
 
+# The tests check numbers against hand computations in fp32: on a CPU with bf16 in hardware the code would choose
+# bf16 (common.pick_device). Tests of the bf16 path set LOOP_BF16=1 themselves; subprocesses inherit this.
+os.environ["LOOP_BF16"] = "0"
+
 
 def make_tiny_model(directory, seed=0, layers=2, hidden=64, vocab_size=None, init_std=0.02, architecture="llama"):
     """Save a random tiny Llama (or Gemma 2, soft-capped logits) plus the embedded tokenizer to `directory`.

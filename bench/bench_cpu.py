@@ -1,0 +1,193 @@
+"""The CPU demo's levers, each measured alone against the path it would replace, alternated in one run.
+
+  decode precision  our decode loop (01's: greedy, repetition penalty 1.1, batch 32, longest first) on the demo's
+                    01 input (the first 24 alpagasus prompts of en, es, de, fr), fp32 weights vs bf16 weights;
+                    and how many answers come out identical, and in the same language (py3langid)
+  decode cache      the same loop in fp32, transformers' growing DynamicCache (what common.decode_batch uses)
+                    vs a preallocated StaticCache written in place, finished rows dropped with reorder_cache
+  decode batch      bf16 weights, 32 vs 64 rows decoded at once
+  forward roofline  one forward over 8 x 256 tokens in fp32 and in bf16: what a decode rate is measured against
+  04 step           04_dpo.py on 32 made-up pairs (4 a step, plain DPO), LOOP_BF16=0 vs LOOP_BF16=1: training
+                    tokens/s, and step 1's loss minus ln 2 (the policy is its own reference there)
+Each pair runs A, B, A, B; a rate is the better of its two rounds. The thread count torch uses is printed first.
+
+    python bench/bench_cpu.py            # the demo's sizes (~15 min on 2 cores)
+    python bench/bench_cpu.py --quick    # 32 prompts, 48 new tokens, 8 pairs
+"""
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+
+
+@torch.inference_mode()
+def static_cache_decode(model, prompts, pad_id, stop_ids, max_new_tokens, repetition_penalty):
+    """common.decode_batch's greedy path with a preallocated StaticCache instead: the comparison only."""
+    from transformers import StaticCache
+    longest = max(len(ids) for ids in prompts)
+    input_ids = torch.tensor([[pad_id] * (longest - len(ids)) + ids for ids in prompts])
+    mask = torch.zeros(len(prompts), longest + max_new_tokens, dtype=torch.long)  # future columns filled in
+    for row, ids in enumerate(prompts):
+        mask[row, longest - len(ids):longest] = 1
+    positions = (mask[:, :longest].cumsum(-1) - 1).clamp(min=0)
+    cache = StaticCache(config=model.config, max_cache_len=longest + max_new_tokens)
+    logits = model(input_ids=input_ids, attention_mask=mask[:, :longest], position_ids=positions, cache=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, input_ids, True)
+    positions, owners, new_tokens = positions[:, -1:], list(range(len(prompts))), [[] for _ in prompts]
+    for step in range(max_new_tokens):
+        scores = torch.where(seen, torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty),
+                             logits)
+        next_token = scores.argmax(-1)
+        tokens = next_token.tolist()
+        for owner, token in zip(owners, tokens):
+            new_tokens[owner].append(token)
+        keep = [row for row, token in enumerate(tokens) if token not in stop_ids]
+        if not keep or step + 1 == max_new_tokens:
+            break
+        seen[torch.arange(len(tokens)), next_token] = True
+        if len(keep) < len(tokens):
+            rows = torch.tensor(keep)
+            cache.reorder_cache(rows)
+            next_token, seen, mask, positions = next_token[rows], seen[rows], mask[rows], positions[rows]
+            owners = [owners[row] for row in keep]
+        mask[:, longest + step] = 1
+        positions = positions + 1
+        logits = model(input_ids=next_token[:, None], attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True).logits[:, -1].float()
+    return new_tokens
+
+
+def decode_rows(quick):
+    """Rows for the decode levers: rate, ratio and agreement, each pair alternated."""
+    model, tokenizer = common.load_model(common.EMBEDDED_MODEL, dtype=torch.float32, scored=False)
+    model_bf16 = common.load_model(common.EMBEDDED_MODEL, dtype=torch.bfloat16, scored=False)[0]
+    prompts = common.load_prompts(os.path.join(REPO, "data", "alpagasus"), langs=["en", "es", "de", "fr"],
+                                  limit=8 if quick else 24)
+    ids = [common.chat_prompt_ids(tokenizer, p["prompt"]) for p in prompts]
+    max_new_tokens, stop_ids = (48 if quick else 128), common.end_of_turn_ids(tokenizer)
+
+    def ours(model, batch_size):
+        samples = [None] * len(ids)
+        for batch in common.generate_batches(model, tokenizer, ids, max_new_tokens=max_new_tokens,
+                                             repetition_penalty=1.1, batch_size=batch_size, show_progress=False):
+            for index, (sample,) in batch:
+                samples[index] = sample
+        return samples
+
+    def static(model, batch_size):
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        samples = [None] * len(ids)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            rows = static_cache_decode(model, [ids[i] for i in batch], tokenizer.pad_token_id, set(stop_ids),
+                                       max_new_tokens, 1.1)
+            for index, tokens in zip(batch, rows):
+                samples[index] = common.decode_samples(tokenizer, [tokens], stop_ids)[0]
+        return samples
+
+    def timed(run, *arguments):
+        started = time.perf_counter()
+        samples = run(*arguments)
+        return sum(s["new_tokens"] for s in samples) / (time.perf_counter() - started), samples
+
+    pairs = {"decode precision": (("fp32", ours, model, 32), ("bf16", ours, model_bf16, 32)),
+             "decode cache": (("growing cache", ours, model, 32), ("static cache", static, model, 32)),
+             "decode batch": (("bf16 batch 32", ours, model_bf16, 32), ("bf16 batch 64", ours, model_bf16, 64))}
+    rows, answers = [], {}
+    for lever, variants in pairs.items():
+        rates = {name: 0.0 for name, *_ in variants}
+        for _ in range(2):  # A, B, A, B
+            for name, run, variant_model, batch_size in variants:
+                rate, answers[name] = timed(run, variant_model, batch_size)
+                rates[name] = max(rates[name], rate)
+        (base, *_), (new, *_) = variants
+        rows.append({"lever": lever, "metric": f"answer tokens/s, {len(ids)} prompts x {max_new_tokens} new tokens",
+                     "before": f"{base} {rates[base]:.1f}", "after": f"{new} {rates[new]:.1f}",
+                     "ratio": rates[new] / rates[base]})
+        print(rows[-1], flush=True)
+    same = [a["text"] == b["text"] for a, b in zip(answers["fp32"], answers["bf16"])]
+    language = [common.detect_language(a["text"]) == common.detect_language(b["text"])
+                for a, b in zip(answers["fp32"], answers["bf16"])]
+    static_same = sum(a["text"] == b["text"] for a, b in zip(answers["growing cache"], answers["static cache"]))
+    rows.append({"lever": "decode precision", "metric": "bf16 answers identical to fp32's / in the same language",
+                 "before": "", "after": f"{sum(same)} / {sum(language)} of {len(same)}", "ratio": ""})
+    rows.append({"lever": "decode cache", "metric": "static-cache answers identical to the growing cache's",
+                 "before": "", "after": f"{static_same} of {len(ids)}", "ratio": ""})
+    x = torch.randint(1000, 20000, (8, 256), generator=torch.Generator().manual_seed(0))
+    forward = {}
+    with torch.inference_mode():
+        for _ in range(2):
+            for name, variant in (("fp32", model), ("bf16", model_bf16)):
+                started = time.perf_counter()
+                variant(input_ids=x, use_cache=False)
+                forward[name] = max(forward.get(name, 0.0), x.numel() / (time.perf_counter() - started))
+    rows.append({"lever": "forward roofline", "metric": "tokens/s of one forward, 8 x 256", "before":
+                 f"fp32 {forward['fp32']:.0f}", "after": f"bf16 {forward['bf16']:.0f}",
+                 "ratio": forward["bf16"] / forward["fp32"]})
+    best = {name: max(float(r[key].split()[-1]) for r in rows[:3] for key in ("before", "after")
+                      if r[key].startswith(name)) for name in ("fp32", "bf16")}
+    rows.append({"lever": "decode / roofline", "metric": "decode tokens/s at batch 32 / forward tokens/s of fp32",
+                 "before": f"fp32 {best['fp32'] / forward['fp32']:.0%}", "after":
+                 f"bf16 {best['bf16'] / forward['fp32']:.0%} ({best['bf16'] / forward['bf16']:.0%} of bf16's)",
+                 "ratio": ""})
+    return rows
+
+
+def dpo_rows(quick):
+    """04_dpo.py itself, LOOP_BF16=0 vs 1, alternated: tokens/s and step 1's loss - ln 2."""
+    spec = importlib.util.spec_from_file_location("bench_dpo", os.path.join(REPO, "bench", "bench_dpo.py"))
+    bench_dpo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_dpo)
+    rates, first_losses = {}, {}
+    with tempfile.TemporaryDirectory() as scratch:
+        pairs = os.path.join(scratch, "pairs.jsonl")
+        bench_dpo.write_pairs(pairs, 8 if quick else 32)
+        for round_ in range(2):
+            for name, flag in (("fp32", "0"), ("bf16 autocast", "1")):
+                output = os.path.join(scratch, f"{flag}-{round_}")
+                subprocess.run([sys.executable, os.path.join(REPO, "04_dpo.py"), "--input", pairs, "--output",
+                                output, "--batch-size", "4", "--grad-accum", "1", "--eval-frac", "0",
+                                "--save-every", "0", "--lr", "3e-5", "--nll-weight", "0"], check=True, cwd=REPO,
+                               env=dict(os.environ, LOOP_BF16=flag), capture_output=True)
+                summary = common.read_json(os.path.join(output, "train_summary.json"))
+                rates[name] = max(rates.get(name, 0.0), summary["tokens_per_second"])
+                first = next(r for _, r in common.read_jsonl(os.path.join(output, "metrics.jsonl")))
+                first_losses[name] = first["loss"] - math.log(2)
+    return [{"lever": "04 precision", "metric": f"training tokens/s, {8 if quick else 32} pairs, 4 a step",
+             "before": f"fp32 {rates['fp32']:.1f}", "after": f"bf16 autocast {rates['bf16 autocast']:.1f}",
+             "ratio": rates["bf16 autocast"] / rates["fp32"]},
+            {"lever": "04 precision", "metric": "step 1 loss - ln 2", "before": f"fp32 {first_losses['fp32']:.1e}",
+             "after": f"bf16 autocast {first_losses['bf16 autocast']:.1e}", "ratio": ""}]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller inputs, for a first look")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}: {torch.get_num_threads()} threads on {os.cpu_count()} cores; "
+          f"bf16 in hardware: {common.cpu_has_bf16()}", flush=True)
+    rows = decode_rows(args.quick) + dpo_rows(args.quick)
+    print("\n| lever | metric | before | after | after / before |\n|---|---|---|---|---|")
+    for row in rows:
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] != "" else ""
+        print(f"| {row['lever']} | {row['metric']} | {row['before']} | {row['after']} | {ratio} |")
+    if args.json:
+        common.write_json(args.json, rows)
+
+
+if __name__ == "__main__":
+    main()
