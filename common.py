@@ -477,9 +477,9 @@ def pick_device():
     """(device, dtype): CUDA with bf16 where the GPU has it (fp32 on a T4 or V100), else the CPU, with bf16
     where it has bf16 in hardware (cpu_has_bf16) and fp32 elsewhere.
 
-    bf16 here means: generation with bf16 weights, and 04's forward under bf16 autocast (fp32 weights, optimizer
-    and loss). What is a difference of two close models (03's implicit reward, 05's judge, proxy-tuning) loads in
-    fp32 on every device. LOOP_BF16=0 keeps the CPU in fp32; LOOP_BF16=1 makes it take bf16 on any CPU.
+    bf16 means: generation with bf16 weights, and 04's forward under bf16 autocast (fp32 weights, optimizer,
+    loss). A difference of two close models (03's implicit reward, 05's judge, proxy-tuning) loads in fp32 on
+    every device. LOOP_BF16=0 keeps the CPU in fp32; LOOP_BF16=1 makes it take bf16 on any CPU.
     """
     if torch.cuda.is_available():
         return (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))),

@@ -9,10 +9,13 @@
   forward roofline  one forward over 8 x 256 tokens in fp32 and in bf16: what a decode rate is measured against
   04 step           04_dpo.py on 32 made-up pairs (4 a step, plain DPO), LOOP_BF16=0 vs LOOP_BF16=1: training
                     tokens/s, and step 1's loss minus ln 2 (the policy is its own reference there)
+  --compile         bf16 weights, eager vs the model's forward under torch.compile(dynamic=True), 32 prompts x 64
+                    tokens, the compile's own time reported (alone: ~7 min on 2 cores)
 Each pair runs A, B, A, B; a rate is the better of its two rounds. The thread count torch uses is printed first.
 
     python bench/bench_cpu.py            # the demo's sizes (~15 min on 2 cores)
     python bench/bench_cpu.py --quick    # 32 prompts, 48 new tokens, 8 pairs
+    python bench/bench_cpu.py --compile  # the torch.compile row only
 """
 import argparse
 import importlib.util
@@ -146,6 +149,31 @@ def decode_rows(quick):
     return rows
 
 
+def compile_rows():
+    """bf16 decode, eager vs torch.compile of the forward; the first compiled run includes the compile."""
+    eager, tokenizer = common.load_model(common.EMBEDDED_MODEL, dtype=torch.bfloat16, scored=False)
+    compiled = common.load_model(common.EMBEDDED_MODEL, dtype=torch.bfloat16, scored=False)[0]
+    compiled.forward = torch.compile(compiled.forward, dynamic=True)
+    prompts = common.load_prompts(os.path.join(REPO, "data", "alpagasus"), langs=["en", "es", "de", "fr"], limit=8)
+    ids = [common.chat_prompt_ids(tokenizer, p["prompt"]) for p in prompts]
+
+    def rate(model):
+        started, tokens = time.perf_counter(), 0
+        for batch in common.generate_batches(model, tokenizer, ids, max_new_tokens=64, repetition_penalty=1.1,
+                                             batch_size=32, show_progress=False):
+            tokens += sum(sample["new_tokens"] for _, (sample,) in batch)
+        return tokens / (time.perf_counter() - started), time.perf_counter() - started
+
+    _, first_seconds = rate(compiled)
+    rates = {"eager": 0.0, "compiled": 0.0}
+    for _ in range(2):
+        for name, model in (("eager", eager), ("compiled", compiled)):
+            rates[name] = max(rates[name], rate(model)[0])
+    return [{"lever": "torch.compile", "metric": "bf16 answer tokens/s, 32 prompts x 64 new tokens",
+             "before": f"eager {rates['eager']:.1f}", "after": f"compiled {rates['compiled']:.1f} (first run, "
+             f"with the compile: {first_seconds:.0f} s)", "ratio": rates["compiled"] / rates["eager"]}]
+
+
 def dpo_rows(quick):
     """04_dpo.py itself, LOOP_BF16=0 vs 1, alternated: tokens/s and step 1's loss - ln 2."""
     spec = importlib.util.spec_from_file_location("bench_dpo", os.path.join(REPO, "bench", "bench_dpo.py"))
@@ -176,11 +204,12 @@ def dpo_rows(quick):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller inputs, for a first look")
+    parser.add_argument("--compile", action="store_true", help="only the torch.compile row")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
     print(f"torch {torch.__version__}: {torch.get_num_threads()} threads on {os.cpu_count()} cores; "
           f"bf16 in hardware: {common.cpu_has_bf16()}", flush=True)
-    rows = decode_rows(args.quick) + dpo_rows(args.quick)
+    rows = compile_rows() if args.compile else decode_rows(args.quick) + dpo_rows(args.quick)
     print("\n| lever | metric | before | after | after / before |\n|---|---|---|---|---|")
     for row in rows:
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] != "" else ""
