@@ -17,7 +17,8 @@ same command, continues where it stopped. At scale, --server sends the same prom
 here with --model's tokenizer) to an OpenAI-compatible serving engine instead:
 
     vllm serve <model dir> --port 8000 &
-    python 01_generate.py --model <model dir> --server http://127.0.0.1:8000/v1 --num-samples 10 --temperature 0.9
+    python 01_generate.py --model <model dir> --server http://127.0.0.1:8000/v1 \
+        --num-samples 10 --temperature 0.9
 """
 import argparse
 import time
@@ -28,44 +29,48 @@ import common
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", default="data/alpagasus",
-                        help="prompt file, directory of {lang}.jsonl, TSV, or hub dataset name[:config]")
-    parser.add_argument("--output", default="runs/loop/iter1/responses.jsonl",
-                        help="where to write the responses (default: iteration 1 of loop.sh)")
-    parser.add_argument("--model", default=common.EMBEDDED_MODEL,
-                        help="hub id, local directory, or the embedded default '%(default)s'")
-    parser.add_argument("--langs", default=None, help="comma-separated language codes to keep (default: all found)")
-    parser.add_argument("--limit", type=int, default=None, help="keep the first N prompt ids (same ids in every language)")
-    parser.add_argument("--num-samples", type=int, default=1, help="answers per prompt (N)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.1, help="1.0 turns it off")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="prompts decoded at once (times --num-samples rows); finished answers leave the batch")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    parser.add_argument("--split", default="train", help="split to use when --prompts is a hub dataset")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--prompts", default="data/alpagasus",
+        help="prompt file, directory of {lang}.jsonl, TSV, or hub dataset name[:config]")
+    add("--output", default="runs/loop/iter1/responses.jsonl",
+        help="where to write the responses (default: iteration 1 of loop.sh)")
+    add("--model", default=common.EMBEDDED_MODEL,
+        help=f"hub id, local directory, or the embedded default, {common.EMBEDDED_MODEL}")
+    add("--langs", default=None, help="comma-separated language codes to keep (default: all found)")
+    add("--limit", type=int, default=None, help="keep the first N prompt ids (same ids in every language)")
+    add("--num-samples", type=int, default=1, help="answers per prompt (N)")
+    add("--temperature", type=float, default=0.0, help="0 means greedy decoding")
+    add("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    add("--repetition-penalty", type=float, default=1.1, help="1.0 turns it off")
+    add("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
+    add("--batch-size", type=int, default=32,
+        help="prompts decoded at once (times --num-samples rows); finished answers leave the batch")
+    add("--seed", type=int, default=0, help="random seed for sampling")
+    add("--split", default="train", help="split to use when --prompts is a hub dataset")
     common.add_server_flags(parser)
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
-    return parser.parse_args(argv)
+    add("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    args = parser.parse_args(argv)
+    counts = (args.num_samples, args.max_new_tokens, args.batch_size, 1 if args.limit is None else args.limit)
+    common.refuse({
+        "--num-samples, --max-new-tokens, --batch-size and --limit must be at least 1": min(counts) < 1,
+        "--temperature must be >= 0, --top-p in (0, 1], --repetition-penalty > 0":
+            not (args.temperature >= 0 and 0 < args.top_p <= 1 and args.repetition_penalty > 0),
+        "--num-samples > 1 with greedy decoding gives N identical answers; set --temperature":
+            args.num_samples > 1 and args.temperature == 0})
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if min(args.num_samples, args.max_new_tokens, args.batch_size, 1 if args.limit is None else args.limit) < 1:
-        raise common.InputError("--num-samples, --max-new-tokens, --batch-size and --limit must be at least 1")
-    if not (args.temperature >= 0 and 0 < args.top_p <= 1 and args.repetition_penalty > 0):
-        raise common.InputError("--temperature must be >= 0, --top-p in (0, 1], --repetition-penalty > 0")
-    if args.num_samples > 1 and args.temperature == 0:
-        raise common.InputError("--num-samples > 1 with greedy decoding gives N identical answers; set --temperature")
     rank, world_size = common.setup_distributed()
     langs = args.langs.split(",") if args.langs else None
     prompts = common.load_prompts(args.prompts, langs=langs, limit=args.limit, split=args.split)
     if not prompts:
         raise common.InputError(f"{args.prompts}: no prompts")
-    sampling = {"temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
-                "max_new_tokens": args.max_new_tokens, "num_samples": args.num_samples, "seed": args.seed}
+    sampling = {name: getattr(args, name) for name in ("temperature", "top_p", "repetition_penalty",
+                                                       "max_new_tokens", "num_samples", "seed")}
     settings = {"model": args.model, "prompts": common.content_key(prompts), "sampling": sampling}
     if common.claim(args.output, settings, rank):
         return
@@ -97,8 +102,8 @@ def main(argv=None):
             counts["new_tokens"] += sum(s["new_tokens"] for s in samples)
             counts["truncated"] += sum(s["truncated"] for s in samples)
             records.append({**mine[index], "responses": [s["text"] for s in samples],
-                            "truncated": [s["truncated"] for s in samples], "model": args.model, "sampling": sampling,
-                            "engine": common.engine_name(engine)})
+                            "truncated": [s["truncated"] for s in samples], "model": args.model,
+                            "sampling": sampling, "engine": common.engine_name(engine)})
         common.save_batch(args.output, records, rank)
     common.finish(args.output, prompts, key, rank)
     languages = sorted({p["lang"] for p in prompts})

@@ -4,12 +4,13 @@ In:  responses.jsonl from 01_generate.py, one record per (id, lang) with "respon
 Out: translated.jsonl, the same records, each with
        "translations":     {"<lang>": [str or null, ...]}  aligned with "responses"
        "translation_info": {"<lang>": [null or why it failed, ...], "pieces": [int, ...],
-                           "retried": {"<lang>": [int, ...]}, "translator": str, "engine": "in-process" or the server}
+                           "retried": {"<lang>": [int, ...]}, "translator": str,
+                           "engine": "in-process" or the server}
      and, with --questions, "prompt_en" (the prompt translated into the dominant language).
 Dominant-language records (English by default) are translated into every other language in
 the file; every other record is translated into the dominant language (unless --no-into-dominant).
-These are the two directions the language-imbalance pairs of 03 are built from. A text is cut at paragraph, line
-and sentence boundaries into pieces of at most --piece-tokens source tokens (and always where the
+These are the two directions the language-imbalance pairs of 03 are built from. A text is cut at paragraph,
+line and sentence boundaries into pieces of at most --piece-tokens source tokens (and always where the
 model's context needs it); the pieces of every text in a block are translated together in batches
 and joined back ("pieces": how many). A piece that failed is asked again, sampled (--retries;
 "retried": how many pieces were).
@@ -108,7 +109,8 @@ def check_language(text, target):
 def copied(source, text):
     """True when `text` repeats a sentence of `source` (COPY_LETTERS letters or more, 4+ words) unchanged."""
     sentences = [s.strip() for s in re.split(r"(?<=[.!?:;])\s+|\n+", source)]
-    return any(sum(c.isalpha() for c in s) >= COPY_LETTERS and len(s.split()) >= 4 and s in text for s in sentences)
+    return any(sum(c.isalpha() for c in s) >= COPY_LETTERS and len(s.split()) >= 4 and s in text
+               for s in sentences)
 
 
 def read_piece(piece, output):
@@ -124,7 +126,9 @@ def read_piece(piece, output):
 def worth_retrying(piece, output, target):
     """A piece to ask again: no usable answer, or a sentence-long answer (40+ letters) in another language."""
     text, reason = read_piece(piece, output)
-    return reason is not None or (sum(c.isalpha() for c in text) >= 40 and not common.is_in_language(text, target))
+    if reason is not None:
+        return True
+    return sum(c.isalpha() for c in text) >= 40 and not common.is_in_language(text, target)
 
 
 def split_text(text, fits, separators=SPLIT_SEPARATORS):
@@ -177,7 +181,8 @@ def read_responses(path, limit):
             raise common.InputError(f"{where}: 'prompt' must be a string, not {kind}")
         key = (str(record["id"]), record["lang"])
         if key in seen:
-            raise common.InputError(f"{where}: id '{key[0]}' in language '{key[1]}' already on line {seen[key]}")
+            raise common.InputError(f"{where}: id '{key[0]}' in language '{key[1]}' already on line "
+                                    f"{seen[key]}")
         seen[key] = line_number
     return common.first_ids(rows, limit, id_of=lambda row: str(row[1]["id"]))
 
@@ -214,7 +219,7 @@ def token_ratios(records, tokenizer):
             for target in by_lang:
                 sums[source, target][0] += by_lang[target]
                 sums[source, target][1] += by_lang[source]
-    return {pair: target_tokens / max(source_tokens, 1) for pair, (target_tokens, source_tokens) in sums.items()}
+    return {pair: target / max(source, 1) for pair, (target, source) in sums.items()}
 
 
 def plan_targets(records, dominant, targets, into_dominant=True):
@@ -256,7 +261,8 @@ def make_jobs(record, targets, question_target, count_tokens, limit, context_lim
     empty for an empty source text (nothing to translate), None for one over MAX_PIECES pieces long
     (counted by characters, at most ~8 per token) of context_limit tokens each, whatever the piece size.
     """
-    texts = [(index, target, response) for target in targets for index, response in enumerate(record["responses"])]
+    texts = [(index, target, response) for target in targets
+             for index, response in enumerate(record["responses"])]
     if question_target:
         texts.append(("prompt", question_target, record["prompt"]))
     fits = lambda piece: count_tokens(piece) <= limit  # noqa: E731
@@ -293,7 +299,8 @@ def finish_job(job, outputs):
         return None, EMPTY_SOURCE if job["pieces"] is not None else TOO_LONG
     parts = []
     for (piece, separator), output in zip(job["pieces"], outputs):
-        text, reason = (piece, None) if output is None else read_piece(piece, output)  # whitespace: kept as is
+        # A whitespace-only piece is kept as it is.
+        text, reason = (piece, None) if output is None else read_piece(piece, output)
         if reason:
             return None, reason
         parts.append(text + separator)
@@ -305,7 +312,8 @@ def finish_record(record, targets, jobs, outputs, prompt_field, translator_name,
     n = len(record["responses"])
     translations = {target: [None] * n for target in targets}
     info = {target: [None] * n for target in targets}
-    info["pieces"], info["retried"] = [0] * n, {target: [0] * n for target in targets}  # pieces: alike per target
+    # pieces: the same for every target
+    info["pieces"], info["retried"] = [0] * n, {target: [0] * n for target in targets}
     finished = dict(record)
     for job, job_outputs in zip(jobs, outputs):
         text, reason = finish_job(job, job_outputs)
@@ -331,15 +339,16 @@ def translate_records(records, plan, engine, tokenizer, context, args, ratios, p
     """
     count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
     longest_name = max(common.LANGUAGES, key=lambda code: len(common.LANGUAGES[code]))
-    overhead = len(common.chat_prompt_ids(tokenizer, translation_request("", longest_name), assistant_prefix=OPEN_TAG))
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                    seed=args.seed)
+    empty_request = translation_request("", longest_name)
+    overhead = len(common.chat_prompt_ids(tokenizer, empty_request, assistant_prefix=OPEN_TAG))
+    sampling = {name: getattr(args, name) for name in ("temperature", "top_p", "repetition_penalty", "seed")}
     prompt_field = f"prompt_{args.dominant}"
 
     planned = []  # per record: its targets, jobs, model requests, and which (job, piece) each request is
     for record in records:
         targets = plan[(str(record["id"]), record["lang"])]
-        question_target = args.dominant if args.questions and targets and record["lang"] != args.dominant else None
+        asked = args.questions and targets and record["lang"] != args.dominant
+        question_target = args.dominant if asked else None
         worst_ratio = max([ratios.get((record["lang"], t), 1.0) for t in targets] or [1.0])
         context_limit = piece_limit(context, overhead, worst_ratio)
         limit = min(context_limit, args.piece_tokens or math.inf)
@@ -353,7 +362,8 @@ def translate_records(records, plan, engine, tokenizer, context, args, ratios, p
                                                    assistant_prefix=OPEN_TAG)
                     requests.append((text, max_new_tokens(count_tokens(piece), ratio), piece, job["target"]))
                     owner.append((job_index, piece_index))
-        planned.append({"record": record, "targets": targets, "jobs": jobs, "requests": requests, "owner": owner})
+        planned.append({"record": record, "targets": targets, "jobs": jobs, "requests": requests,
+                        "owner": owner})
     progress.total = sum(len(item["requests"]) for item in planned)
     progress.refresh()
 
@@ -366,8 +376,9 @@ def translate_records(records, plan, engine, tokenizer, context, args, ratios, p
             continue
         requests = [request for b in block for request in b["requests"]]
         results = generate_translations(engine, tokenizer, requests, args.batch_size, sampling, progress)
-        for attempt in range(args.retries):  # pieces that failed are asked again, sampled, for another attempt
-            again = [k for k, (_, _, piece, target) in enumerate(requests) if worth_retrying(piece, results[k], target)]
+        for attempt in range(args.retries):  # pieces that failed are asked again, sampled
+            again = [k for k, (_, _, piece, target) in enumerate(requests)
+                     if worth_retrying(piece, results[k], target)]
             progress.total += len(again)
             retry = dict(sampling, temperature=args.retry_temperature, seed=args.seed + 1 + attempt)
             for k, sample in zip(again, generate_translations(engine, tokenizer, [requests[k] for k in again],
@@ -382,8 +393,8 @@ def translate_records(records, plan, engine, tokenizer, context, args, ratios, p
                 sample = next(results)
                 outputs[job_index][piece_index] = sample
                 tokens_generated[0] += sample["new_tokens"]
-            finished.append(finish_record(b["record"], b["targets"], b["jobs"], outputs, prompt_field, args.translator,
-                                          common.engine_name(engine)))
+            finished.append(finish_record(b["record"], b["targets"], b["jobs"], outputs, prompt_field,
+                                          args.translator, common.engine_name(engine)))
         yield finished
         block = []
 
@@ -413,7 +424,8 @@ def format_summary(table):
         counts = table[direction]
         total = sum(counts.values())
         ok = f"{counts['ok']}/{total} {100 * counts['ok'] / total:3.0f}%"
-        lines.append(f"{direction:<18}{ok:>12}" + "".join(f"{counts[reason]:>{len(reason) + 2}}" for reason in REASONS))
+        lines.append(f"{direction:<18}{ok:>12}"
+                     + "".join(f"{counts[reason]:>{len(reason) + 2}}" for reason in REASONS))
     return "\n".join(lines)
 
 
@@ -421,58 +433,53 @@ def format_summary(table):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", default="runs/loop/iter1/responses.jsonl",
-                        help="01's responses (JSONL; default: %(default)s)")
-    parser.add_argument("--output", default="runs/loop/iter1/translated.jsonl",
-                        help="where the translated records go (default: %(default)s)")
-    parser.add_argument("--translator", "--model", dest="translator", default=None,
-                        help="model that translates: a hub id, a local directory or "
-                             f"'{common.EMBEDDED_MODEL}' (default: the model that wrote the responses, "
-                             "from the records' 'model' field: the policy translates itself)")
-    parser.add_argument("--dominant", default="en", help="the strong language (default: en)")
-    parser.add_argument("--targets", default=None,
-                        help="comma-separated other languages to work with (default: every language in the input); "
-                             "dominant records go into each, their records into the dominant language")
-    parser.add_argument("--into-dominant", action=argparse.BooleanOptionalAction, default=True,
-                        help="also translate the other languages' answers into the dominant language, for 03's "
-                             "dominant-language pairs (default: yes; --no-into-dominant: only out of it, as the CPU "
-                             "demo does, where a 135M model copies its source instead: README)")
-    parser.add_argument("--questions", action="store_true",
-                        help="also translate each non-dominant prompt into the dominant language (field prompt_en)")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="pieces translated together (default: %(default)s; a batch runs until its longest "
-                             "piece ends, so many short pieces per batch pay off)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, as in the papers (default)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, when temperature > 0")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0,
-                        help="1.0 = none (default: a penalty would punish copying names and numbers)")
-    parser.add_argument("--piece-tokens", type=int, default=48,
-                        help="longest piece translated in one call, in source tokens: a text is cut at paragraph, "
-                             "line, then sentence boundaries into pieces of at most this size, translated together "
-                             "in batches and joined (0: whole texts, cut only where the context needs it; "
-                             "default: %(default)s, what a 135M model translates reliably)")
-    parser.add_argument("--retries", type=int, default=1,
-                        help="pieces without a usable translation are asked again, sampled, this many times "
-                             "(default: %(default)s)")
-    parser.add_argument("--retry-temperature", type=float, default=0.7,
-                        help="sampling temperature of the retries (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (matters only when sampling)")
-    parser.add_argument("--limit", type=int, default=None, help="translate only the first N ids (all their languages)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--input", default="runs/loop/iter1/responses.jsonl", help="01's responses (default: %(default)s)")
+    add("--output", default="runs/loop/iter1/translated.jsonl",
+        help="where the translated records go (default: %(default)s)")
+    add("--translator", "--model", dest="translator", default=None,
+        help=f"model that translates: a hub id, a local directory or '{common.EMBEDDED_MODEL}' (default: the "
+             "model that wrote the responses, from the records' 'model' field: the policy translates itself)")
+    add("--dominant", default="en", help="the strong language (default: en)")
+    add("--targets", default=None, help="comma-separated other languages to work with (default: every "
+        "language in the input); dominant records go into each, their records into the dominant language")
+    add("--into-dominant", action=argparse.BooleanOptionalAction, default=True,
+        help="also translate the other languages' answers into the dominant language, for 03's "
+             "dominant-language pairs (default: yes; --no-into-dominant: only out of it, as the CPU demo "
+             "does, where a 135M model copies its source instead: README)")
+    add("--questions", action="store_true",
+        help="also translate each non-dominant prompt into the dominant language (field prompt_en)")
+    add("--batch-size", type=int, default=64, help="pieces translated together (default: %(default)s; a "
+        "batch runs until its longest piece ends, so many short pieces per batch pay off)")
+    add("--temperature", type=float, default=0.0, help="0 = greedy, as in the papers (default)")
+    add("--top-p", type=float, default=1.0, help="nucleus sampling, when temperature > 0")
+    add("--repetition-penalty", type=float, default=1.0,
+        help="1.0 = none (default: a penalty would punish copying names and numbers)")
+    add("--piece-tokens", type=int, default=48,
+        help="longest piece translated in one call, in source tokens: a text is cut at paragraph, line, "
+             "then sentence boundaries into pieces of at most this size, translated together in batches and "
+             "joined (0: whole texts, cut only where the context needs it; default: %(default)s, what a 135M "
+             "model translates reliably)")
+    add("--retries", type=int, default=1, help="pieces without a usable translation are asked again, "
+        "sampled, this many times (default: %(default)s)")
+    add("--retry-temperature", type=float, default=0.7, help="their temperature (default: %(default)s)")
+    add("--seed", type=int, default=0, help="random seed (matters only when sampling)")
+    add("--limit", type=int, default=None, help="translate only the first N ids (all their languages)")
     common.add_server_flags(parser)
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow model code from the hub (off by default)")
+    add("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     args = parser.parse_args(argv)
     common.language_name(args.dominant, "--dominant")
-    args.targets = [code.strip() for code in args.targets.split(",") if code.strip()] if args.targets else None
+    args.targets = [code.strip() for code in (args.targets or "").split(",") if code.strip()] or None
     for code in args.targets or []:
         common.language_name(code, "--targets")
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        raise common.InputError("--batch-size and --limit must be at least 1")
-    if args.piece_tokens < 0 or args.retries < 0 or not args.retry_temperature > 0:
-        raise common.InputError("--piece-tokens and --retries must be >= 0, --retry-temperature > 0")
-    if not (args.temperature >= 0 and 0 < args.top_p <= 1 and args.repetition_penalty > 0):
-        raise common.InputError("--temperature must be >= 0, --top-p in (0, 1], --repetition-penalty > 0")
+    common.refuse({
+        "--batch-size and --limit must be at least 1": args.batch_size < 1 or (args.limit or 1) < 1,
+        "--piece-tokens and --retries must be >= 0, --retry-temperature > 0":
+            args.piece_tokens < 0 or args.retries < 0 or not args.retry_temperature > 0,
+        "--temperature must be >= 0, --top-p in (0, 1], --repetition-penalty > 0":
+            not (args.temperature >= 0 and 0 < args.top_p <= 1 and args.repetition_penalty > 0)})
     return args
 
 
@@ -487,9 +494,9 @@ def main(argv=None):
     plan = plan_targets(records, args.dominant, args.targets, args.into_dominant)
 
     rank, world_size = common.setup_distributed()
-    settings = {name: getattr(args, name) for name in ("translator", "dominant", "targets", "into_dominant",
-                                                      "questions", "temperature", "top_p", "repetition_penalty",
-                                                      "seed", "piece_tokens", "retries", "retry_temperature")}
+    shaping = ("translator", "dominant", "targets", "into_dominant", "questions", "temperature", "top_p",
+               "repetition_penalty", "seed", "piece_tokens", "retries", "retry_temperature")
+    settings = {name: getattr(args, name) for name in shaping}
     if common.claim(args.output, {**settings, "input": common.content_key(records)}, rank):
         return
     torch.manual_seed(args.seed + rank)

@@ -49,53 +49,50 @@ TIE = 1e-4  # rewards closer than this are equal: the scorer is exact to about 1
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", choices=("imbalance", "implicit", "crossin", "qalign"), default="imbalance",
-                        help="how rows are made (see above)")
-    parser.add_argument("--input", default="runs/loop/iter1/translated.jsonl",
-                        help="translated.jsonl or responses.jsonl")
-    parser.add_argument("--output", default="runs/loop/iter1/pairs.jsonl", help="the pairs or SFT rows")
-    parser.add_argument("--langs", default=None,
-                        help="comma-separated languages to use (default: all in the input); the dominant "
-                             "language's records are always read, as the teacher")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompt ids")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the crossin mix")
-    parser.add_argument("--eval-frac", type=float, default=0.0,
-                        help="hold out this share of prompt ids into <output>.eval.jsonl (at least one id)")
-    parser.add_argument("--conversational", action="store_true", help="write TRL's form: chat messages (README)")
-    parser.add_argument("--keep-truncated", action="store_true",
-                        help="also use answers that hit max_new_tokens in 01 (skipped by default)")
-    parser.add_argument("--dominant", default="en", help="the teacher language")
-    group = parser.add_argument_group("imbalance")
-    group.add_argument("--check-answer", action="store_true",
-                       help="skip pairs whose chosen answer's last number is not the record's gold 'answer'")
-    group = parser.add_argument_group("implicit")
-    group.add_argument("--dpo-model", default=None, help="the English-aligned DPO model (hub id or directory)")
-    group.add_argument("--ref-model", default=None, help="its reference model (same tokenizer)")
-    group.add_argument("--beta", type=float, default=1.0, help="reward = beta * (log pi_dpo - log pi_ref)")
-    group.add_argument("--alpha", type=float, default=None,
-                       help="fixed length penalty per character (0 turns length control off); "
-                            "default: chosen per language on a grid")
-    group.add_argument("--min-margin", type=float, default=0.0,
-                       help="drop prompts whose best and worst (length-controlled) scores differ by less than this")
-    group.add_argument("--batch-size", type=int, default=16, help="records scored (and cached) together")
-    group.add_argument("--token-budget", type=int, default=8192, help="scorer batch size in tokens")
-    group.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
-    group = parser.add_argument_group("crossin (share of the possible rows of each kind to keep)")
-    group.add_argument("--mix-answer-in-x", type=float, default=1.0, help="English instruction, answer in X")
-    group.add_argument("--mix-answer-in-en", type=float, default=1.0, help="X instruction, answer in English")
-    group.add_argument("--mix-translate", type=float, default=1.0, help="translate the X instruction into English")
-    group = parser.add_argument_group("qalign")
-    group.add_argument("--qalign-source", choices=("auto", "gold", "prompt_en"), default="auto",
-                       help="English question: the English record of the same id (gold), 02's prompt_en, "
-                            "or gold where there is one (auto)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--method", choices=("imbalance", "implicit", "crossin", "qalign"), default="imbalance",
+        help="how rows are made (see above)")
+    add("--input", default="runs/loop/iter1/translated.jsonl", help="translated.jsonl or responses.jsonl")
+    add("--output", default="runs/loop/iter1/pairs.jsonl", help="the pairs or SFT rows")
+    add("--langs", default=None, help="comma-separated languages to use (default: all in the input); the "
+        "dominant language's records are always read, as the teacher")
+    add("--limit", type=int, default=None, help="use only the first N prompt ids")
+    add("--seed", type=int, default=0, help="seed of the held-out split and the crossin mix")
+    add("--eval-frac", type=float, default=0.0,
+        help="hold out this share of prompt ids into <output>.eval.jsonl (at least one id)")
+    add("--conversational", action="store_true", help="write TRL's form: chat messages (README)")
+    add("--keep-truncated", action="store_true",
+        help="also use answers that hit max_new_tokens in 01 (skipped by default)")
+    add("--dominant", default="en", help="the teacher language")
+    add = parser.add_argument_group("imbalance").add_argument
+    add("--check-answer", action="store_true",
+        help="skip pairs whose chosen answer's last number is not the record's gold 'answer'")
+    add = parser.add_argument_group("implicit").add_argument
+    add("--dpo-model", default=None, help="the English-aligned DPO model (hub id or directory)")
+    add("--ref-model", default=None, help="its reference model (same tokenizer)")
+    add("--beta", type=float, default=1.0, help="reward = beta * (log pi_dpo - log pi_ref)")
+    add("--alpha", type=float, default=None, help="fixed length penalty per character "
+        "(0 turns length control off); default: chosen per language on a grid")
+    add("--min-margin", type=float, default=0.0,
+        help="drop prompts whose best and worst (length-controlled) scores differ by less than this")
+    add("--batch-size", type=int, default=16, help="records scored (and cached) together")
+    add("--token-budget", type=int, default=8192, help="scorer batch size in tokens")
+    add("--trust-remote-code", action="store_true", help="allow model code from the hub")
+    add = parser.add_argument_group("crossin (share of the possible rows of each kind to keep)").add_argument
+    add("--mix-answer-in-x", type=float, default=1.0, help="English instruction, answer in X")
+    add("--mix-answer-in-en", type=float, default=1.0, help="X instruction, answer in English")
+    add("--mix-translate", type=float, default=1.0, help="translate the X instruction into English")
+    add = parser.add_argument_group("qalign").add_argument
+    add("--qalign-source", choices=("auto", "gold", "prompt_en"), default="auto", help="English question: "
+        "the English record of the same id (gold), 02's prompt_en, or gold where there is one (auto)")
     return parser.parse_args(argv)
 
 
 def sidecar(output, name):
     """pairs.jsonl -> pairs.<name>.jsonl (or .json for the summary)."""
-    stem = output[:-len(".jsonl")] if output.endswith(".jsonl") else output
-    return f"{stem}.{name}.json" if name == "summary" else f"{stem}.{name}.jsonl"
+    return f"{output.removesuffix('.jsonl')}.{name}.{'json' if name == 'summary' else 'jsonl'}"
 
 
 # ----------------------------------------------------------------------------
@@ -124,14 +121,14 @@ def read_input(path, method, dominant, limit):
         for lang, texts in translations.items():
             if not isinstance(texts, list) or len(texts) != len(responses) \
                     or not all(t is None or isinstance(t, str) for t in texts):
-                raise common.InputError(f"{where}: translations['{lang}'] must be {len(responses)} strings or nulls, "
-                                        "one per response")
+                raise common.InputError(f"{where}: translations['{lang}'] must be {len(responses)} strings "
+                                        "or nulls, one per response")
         if not isinstance(record["prompt"], str):
             raise common.InputError(f"{where}: 'prompt' must be a string")
         records[key] = (where, record)
     records = dict(common.first_ids(list(records.items()), limit, id_of=lambda item: item[0][0]))
     if not any(lang == dominant for _, lang in records) and not (method == "qalign"):
-        raise common.InputError(f"{path}: no '{dominant}' records; {method} needs the dominant language's answers")
+        raise common.InputError(f"{path}: no '{dominant}' records; {method} needs the teacher's answers")
     return records
 
 
@@ -152,8 +149,8 @@ def check_parallel(records, path, dominant, needs_translations):
             if needs_translations:
                 for x in sorted(languages - {dominant}):
                     if x not in record.get("translations", {}):
-                        raise common.InputError(f"{where}: the '{dominant}' record has no translations into '{x}' "
-                                                "(run 02_translate.py on a file with both languages)")
+                        raise common.InputError(f"{where}: the '{dominant}' record has no translations into "
+                                                f"'{x}' (run 02_translate.py on a file with both languages)")
         else:
             if (record_id, dominant) not in records:
                 raise common.InputError(f"{where}: id '{record_id}' in '{lang}' has no '{dominant}' record "
@@ -180,7 +177,8 @@ def imbalance_rows(records, langs, dominant, keep_truncated, check_answer):
         into_dominant = native["translations"].get(dominant)  # None: 02 ran with --no-into-dominant
         for i in range(min(len(native["responses"]), len(teacher["responses"]))):
             cut = not keep_truncated and (native["truncated"][i] or teacher["truncated"][i])
-            candidates = [  # (prompt record, chosen, rejected, which side is a translation, its source language)
+            # (prompt record, chosen, rejected, which side is a translation, its source language)
+            candidates = [
                 (native, teacher["translations"][lang][i], native["responses"][i], "chosen", dominant),
                 (teacher, teacher["responses"][i], into_dominant and into_dominant[i], "rejected", lang)]
             for prompt_record, chosen, rejected, translated, source in candidates:
@@ -211,7 +209,9 @@ def crossin_rows(records, dominant, keep_truncated, mix, seed):
         if lang == dominant:
             continue
         _, teacher = records[(record_id, dominant)]
-        name, dominant_name = common.language_name(lang), common.language_name(dominant)
+        name = common.language_name(lang)
+        answer_in_x, answer_in_en = (ANSWER_IN.format(language=language)
+                                     for language in (name, common.language_name(dominant)))
         for i, answer in enumerate(teacher["responses"]):
             if teacher["truncated"][i] and not keep_truncated:
                 skipped += [(lang, "truncated")] * 2
@@ -221,9 +221,9 @@ def crossin_rows(records, dominant, keep_truncated, mix, seed):
                 skipped.append((lang, "null_translation"))
             else:
                 candidates["answer_in_x"].append(
-                    (record_id, lang, f"{teacher['prompt']}\n\n{ANSWER_IN.format(language=name)}", translated, i))
+                    (record_id, lang, f"{teacher['prompt']}\n\n{answer_in_x}", translated, i))
             candidates["answer_in_en"].append(
-                (record_id, lang, f"{native['prompt']}\n\n{ANSWER_IN.format(language=dominant_name)}", answer, i))
+                (record_id, lang, f"{native['prompt']}\n\n{answer_in_en}", answer, i))
         candidates["translate"].append(
             (record_id, lang, f"{TRANSLATE_INSTRUCTION.format(language=name)}\n\n{native['prompt']}",
              teacher["prompt"], None))
@@ -237,7 +237,7 @@ def crossin_rows(records, dominant, keep_truncated, mix, seed):
                 skipped.append((lang, f"mix_{kind}"))
                 continue
             rows.append({"id": record_id, "lang": lang, "prompt": prompt, "completion": completion,
-                         "method": "crossin", "kind": kind, **({"sample": sample} if sample is not None else {})})
+                         "method": "crossin", "kind": kind, **({} if sample is None else {"sample": sample})})
     return rows, skipped
 
 
@@ -252,8 +252,9 @@ def qalign_rows(records, dominant, source, path):
         elif source in ("auto", "prompt_en") and "prompt_en" in record:
             english, origin = record["prompt_en"], "prompt_en"
         else:
-            wanted = {"gold": f"a '{dominant}' record with id '{record_id}'", "prompt_en": "a 'prompt_en' field",
-                      "auto": f"a '{dominant}' record with id '{record_id}' or a 'prompt_en' field"}[source]
+            gold_record = f"a '{dominant}' record with id '{record_id}'"
+            wanted = {"gold": gold_record, "prompt_en": "a 'prompt_en' field",
+                      "auto": f"{gold_record} or a 'prompt_en' field"}[source]
             raise common.InputError(f"{where}: no English question for qalign: needs {wanted} in {path}")
         reason = ("null_translation" if not isinstance(english, str) or not english.strip() else
                   "identical" if english.strip() == record["prompt"].strip() else None)
@@ -274,7 +275,9 @@ def scoring_prompt(records, key, dominant):
     """The English instruction of the same id, plus a line asking for the answer in the record's language."""
     record_id, lang = key
     english = records[(record_id, dominant)][1]["prompt"]
-    return english if lang == dominant else f"{english}\n\n{ANSWER_IN.format(language=common.language_name(lang))}"
+    if lang == dominant:
+        return english
+    return f"{english}\n\n{ANSWER_IN.format(language=common.language_name(lang))}"
 
 
 def score_all(records, keys, args, rank, world_size):
@@ -285,17 +288,17 @@ def score_all(records, keys, args, rank, world_size):
     is missing or has changed. Returns (scores on rank 0, tokens scored now).
     """
     path = sidecar(args.output, "scores")
-    items = [{"id": key[0], "lang": key[1], "fingerprint": common.content_key(
-        args.dpo_model, args.ref_model, scoring_prompt(records, key, args.dominant), records[key][1]["responses"])}
-        for key in keys]
+    items = [{"id": key[0], "lang": key[1], "fingerprint": common.content_key(args.dpo_model, args.ref_model,
+              scoring_prompt(records, key, args.dominant), records[key][1]["responses"])} for key in keys]
     key_of = lambda item: (item["id"], item["lang"], item["fingerprint"])  # noqa: E731
     _, mine = common.resume(path, items, key_of, rank, world_size)
     tokens_scored = 0
     if mine:
         # fp32 on every device: the reward is a difference of two close models, which bf16 rounds away.
-        dpo_model, tokenizer = common.load_model(args.dpo_model, None, torch.float32, args.trust_remote_code)
-        ref_model, ref_tokenizer = common.load_model(args.ref_model, None, torch.float32, args.trust_remote_code)
-        progress = tqdm(total=len(mine), desc=f"score[rank {rank}]" if world_size > 1 else "score", unit="record")
+        models = [common.load_model(name, None, torch.float32, args.trust_remote_code)  # (model, tokenizer)
+                  for name in (args.dpo_model, args.ref_model)]
+        desc = f"score[rank {rank}]" if world_size > 1 else "score"
+        progress = tqdm(total=len(mine), desc=desc, unit="record")
         for start in range(0, len(mine), args.batch_size):
             batch = mine[start:start + args.batch_size]
             answers = [records[(item["id"], item["lang"])][1]["responses"] for item in batch]
@@ -303,19 +306,18 @@ def score_all(records, keys, args, rank, world_size):
                        for item, texts in zip(batch, answers) for _ in texts]
             responses = [text for texts in answers for text in texts]
             (dpo_logps, tokens), (ref_logps, ref_tokens) = (common.score(
-                model, model_tokenizer, prompts, responses, args.token_budget, show_progress=False)
-                for model, model_tokenizer in ((dpo_model, tokenizer), (ref_model, ref_tokenizer)))
+                model, tokenizer, prompts, responses, args.token_budget, show_progress=False)
+                for model, tokenizer in models)
             if not (dpo_logps.isfinite().all() and ref_logps.isfinite().all()):
-                raise RuntimeError(f"non-finite log-probs while scoring {batch}: check the models' weights and dtype")
+                raise RuntimeError(f"non-finite log-probs while scoring {batch}: check the models' weights")
             if not (tokens == ref_tokens).all():
                 raise common.InputError("--dpo-model and --ref-model tokenise the answers differently; "
                                         "the implicit reward needs one tokenizer")
-            sizes = [len(texts) for texts in answers]
+            per_record = zip(batch, *(values.split([len(texts) for texts in answers])
+                                      for values in (dpo_logps, ref_logps, tokens)))
             common.save_batch(path, [{**item, "dpo_model": args.dpo_model, "ref_model": args.ref_model,
-                                      "dpo_logps": dpo.tolist(), "ref_logps": ref.tolist(), "tokens": count.tolist()}
-                                     for item, dpo, ref, count in zip(batch, dpo_logps.split(sizes),
-                                                                      ref_logps.split(sizes), tokens.split(sizes))],
-                              rank)
+                                      "dpo_logps": dpo.tolist(), "ref_logps": ref.tolist(),
+                                      "tokens": n.tolist()} for item, dpo, ref, n in per_record], rank)
             tokens_scored += 2 * int(tokens.sum())
             progress.update(len(batch))
         progress.close()
@@ -384,7 +386,7 @@ def implicit_rows(records, keys, scores, args):
         usable = []  # (key, sample indices, rewards)
         for key in by_lang[lang]:
             record, saved = records[key][1], scores[key]
-            samples = [i for i in range(len(record["responses"])) if args.keep_truncated or not record["truncated"][i]]
+            samples = [i for i, cut in enumerate(record["truncated"]) if args.keep_truncated or not cut]
             skipped += [(lang, "truncated_sample")] * (len(record["responses"]) - len(samples))
             rewards = [args.beta * (saved["dpo_logps"][i] - saved["ref_logps"][i]) for i in samples]
             if len(samples) < 2:
@@ -423,10 +425,12 @@ def implicit_rows(records, keys, scores, args):
             rows.append({"id": key[0], "lang": lang, "prompt": records[key][1]["prompt"], "chosen": chosen,
                          "rejected": rejected, "method": "implicit",
                          "chosen_reward": reward[best], "rejected_reward": reward[worst],
-                         "chosen_score": float(adjusted[row, best]), "rejected_score": float(adjusted[row, worst]),
+                         "chosen_score": float(adjusted[row, best]),
+                         "rejected_score": float(adjusted[row, worst]),
                          "alpha": alpha, "beta": args.beta, "chosen_sample": samples[best],
                          "rejected_sample": samples[worst],
-                         "rewards": [reward[samples.index(i)] if i in samples else None  # None: not a candidate
+                         # None: not a candidate
+                         "rewards": [reward[samples.index(i)] if i in samples else None
                                      for i in range(len(responses))]})
     return rows, skipped, alphas
 
@@ -441,28 +445,28 @@ def summarise(rows, skipped):
         reasons[lang][reason] += 1
     languages = sorted(set(made) | set(reasons), key=lambda code: list(common.LANGUAGES).index(code))
     summary = {lang: {"made": made[lang], "skipped": dict(reasons[lang])} for lang in languages}
+    why = {lang: ", ".join(f"{r} {n}" for r, n in sorted(reasons[lang].items())) for lang in languages}
     lines = [f"  {lang:4} made {made[lang]:6}  skipped {sum(reasons[lang].values()):6}"
-             + ("  (" + ", ".join(f"{r} {n}" for r, n in sorted(reasons[lang].items())) + ")" if reasons[lang] else "")
-             for lang in languages]
+             + (f"  ({why[lang]})" if why[lang] else "") for lang in languages]
     return summary, "\n".join(lines)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    mix = {"answer_in_x": args.mix_answer_in_x, "answer_in_en": args.mix_answer_in_en, "translate": args.mix_translate}
-    ranges = {"--eval-frac in [0, 1)": 0 <= args.eval_frac < 1,  # comparisons refuse nan too
-              "--mix-* in [0, 1]": all(0 <= share <= 1 for share in mix.values()),
-              "--beta > 0": args.beta > 0, "--min-margin >= 0": args.min_margin >= 0,
-              "--alpha finite": math.isfinite(args.alpha or 0),
-              "--batch-size, --token-budget, --limit >= 1": min(args.batch_size, args.token_budget) >= 1
-              and (args.limit is None or args.limit >= 1)}
-    if not all(ranges.values()):
-        raise common.InputError("out of range: " + ", ".join(name for name, ok in ranges.items() if not ok))
-    if args.method == "implicit":
-        if not args.dpo_model or not args.ref_model:
-            raise common.InputError("--method implicit needs --dpo-model and --ref-model")
-        if args.dpo_model == args.ref_model:
-            raise common.InputError("--dpo-model and --ref-model are the same model: every reward would be 0")
+    mix = {kind: getattr(args, f"mix_{kind}") for kind in ("answer_in_x", "answer_in_en", "translate")}
+    implicit = args.method == "implicit"
+    common.refuse({  # "not in range" rather than "out of range": a comparison with nan is False
+        "out of range: --eval-frac in [0, 1)": not 0 <= args.eval_frac < 1,
+        "out of range: --mix-* in [0, 1]": not all(0 <= share <= 1 for share in mix.values()),
+        "out of range: --beta > 0": not args.beta > 0,
+        "out of range: --min-margin >= 0": not args.min_margin >= 0,
+        "out of range: --alpha finite": not math.isfinite(args.alpha or 0),
+        "out of range: --batch-size, --token-budget, --limit >= 1":
+            min(args.batch_size, args.token_budget, 1 if args.limit is None else args.limit) < 1,
+        "--method implicit needs --dpo-model and --ref-model":
+            implicit and not (args.dpo_model and args.ref_model),
+        "--dpo-model and --ref-model are the same model: every reward would be 0":
+            implicit and args.dpo_model == args.ref_model})
     common.language_name(args.dominant, "--dominant")
     started = time.perf_counter()
     records = read_input(args.input, args.method, args.dominant, args.limit)
@@ -474,13 +478,13 @@ def main(argv=None):
         needs = {"imbalance": "both", "crossin": "dominant", "implicit": None}[args.method]
         check_parallel(records, args.input, args.dominant, needs)
     if args.method == "implicit" and max(len(record["responses"]) for _, record in records.values()) < 2:
-        raise common.InputError(f"{args.input}: one answer per prompt; implicit rewarding picks the best and worst "
-                                "of N (run 01_generate.py with --num-samples 4 --temperature 0.9)")
+        raise common.InputError(f"{args.input}: one answer per prompt; implicit rewarding picks the best and "
+                                "worst of N (run 01_generate.py with --num-samples 4 --temperature 0.9)")
     rank, world_size = common.setup_distributed()
     settings = {name: value for name, value in vars(args).items()
                 if name not in ("input", "output", "batch_size", "token_budget", "trust_remote_code")}
-    if common.claim(args.output, {**settings, "input": common.content_key([r for _, r in records.values()])},
-                    rank):
+    settings["input"] = common.content_key([record for _, record in records.values()])
+    if common.claim(args.output, settings, rank):
         return
     tokens, alphas = None, None
     if args.method == "implicit":
@@ -498,8 +502,8 @@ def main(argv=None):
         common.cleanup_distributed()
         return
     summary, table = summarise(rows, skipped)
-    train, held_out = common.split_by_id([common.conversational(r) if args.conversational else r for r in rows],
-                                         args.eval_frac, args.seed)
+    rows = [common.conversational(row) for row in rows] if args.conversational else rows
+    train, held_out = common.split_by_id(rows, args.eval_frac, args.seed)
     common.write_json(sidecar(args.output, "summary"), {
         "method": args.method, "input": args.input, "rows": len(train), "eval_rows": len(held_out),
         "per_language": summary, **({"length_control": alphas} if alphas is not None else {})})
@@ -508,12 +512,14 @@ def main(argv=None):
     common.write_jsonl(args.output, train)  # last: its existence means the stage is complete
     print(f"03_reward ({args.method}) rows made and skipped per language:\n{table}")
     for lang, control in (alphas or {}).items():
-        print(f"  {lang:4} alpha {control['alpha']:.3g}: mean chosen-rejected length {control['length_gap']:+.1f} "
-              f"characters (without length control {control['length_gap_without_control']:+.1f})")
+        print(f"  {lang:4} alpha {control['alpha']:.3g}: mean chosen-rejected length "
+              f"{control['length_gap']:+.1f} characters (without length control "
+              f"{control['length_gap_without_control']:+.1f})")
     if not rows:
         print("warning: no rows were made; see the skip reasons above")
-    print(common.summary_line("03_reward", time.perf_counter() - started, tokens, method=args.method,
-                              rows=len(train), eval_rows=len(held_out), skipped=len(skipped)) + f" -> {args.output}")
+    seconds = time.perf_counter() - started
+    print(common.summary_line("03_reward", seconds, tokens, method=args.method, rows=len(train),
+                              eval_rows=len(held_out), skipped=len(skipped)) + f" -> {args.output}")
     common.cleanup_distributed()
 
 

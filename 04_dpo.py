@@ -10,10 +10,11 @@ Out: --output directory (default runs/loop/iter1/model/), loadable by any Huggin
        train_summary.json     settings, counts, speed, eval_before / eval_after; written LAST, so
                               its presence means the directory is complete
        reference_logps.jsonl  the reference log-probs, one record per pair (keyed by its content)
-       checkpoint-N/          the one, latest checkpoint while training (weights + optimizer), removed at the end
+       checkpoint-N/          the latest checkpoint while training (weights + optimizer), removed at the end
 
     python 04_dpo.py --input runs/loop/iter1/pairs.jsonl --output runs/loop/iter1/model
-    torchrun --nproc_per_node=8 04_dpo.py --model meta-llama/Llama-3.1-8B-Instruct --fsdp --gradient-checkpointing
+    torchrun --nproc_per_node=8 04_dpo.py --model meta-llama/Llama-3.1-8B-Instruct --fsdp \
+        --gradient-checkpointing
 
 One optimizer step (train_step):
   1. The step's global batch of pairs depends only on (--seed, epoch), never on how it is split,
@@ -52,54 +53,55 @@ import common
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--input", default="runs/loop/iter1/pairs.jsonl", help="pairs (or SFT rows) JSONL from 03_reward.py")
     add("--output", default="runs/loop/iter1/model", help="directory: model, metrics, summary, checkpoints")
-    add("--model", default=common.EMBEDDED_MODEL, help="policy to train: hub id, local dir, or the embedded default")
-    add("--reference", default=None, help="reference model for DPO (default: --model as it was before training)")
-    add("--loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge", "sft"], help="DPO, IPO, SLiC hinge, or NLL (IPO: see above)")
-    add("--beta", type=float, default=0.1, help="DPO temperature: how far the policy may move from the reference")
-    add("--label-smoothing", type=float, default=0.0, help="sigmoid loss only: assumed share of flipped labels (cDPO)")
-    add("--nll-weight", type=float, default=0.0, help="+ this x per-token NLL of the chosen response (DPO+NLL: 1.0)")
+    add("--model", default=common.EMBEDDED_MODEL, help="policy: hub id, directory or the embedded default")
+    add("--reference", default=None, help="DPO reference (default: --model as it was before training)")
+    add("--loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge", "sft"],
+        help="DPO, IPO, SLiC hinge, or NLL (IPO: see above)")
+    add("--beta", type=float, default=0.1, help="DPO temperature: how far the policy may leave the reference")
+    add("--label-smoothing", type=float, default=0.0, help="sigmoid: assumed share of flipped labels (cDPO)")
+    add("--nll-weight", type=float, default=0.0, help="+ this x per-token NLL of the chosen (DPO+NLL: 1.0)")
     add("--eval-pairs", default=None, help="held-out pairs file for reward accuracy before/after training")
-    add("--eval-frac", type=float, default=0.05, help="without --eval-pairs, hold out this share of prompt ids")
-    add("--max-length", type=int, default=1024, help="longest prompt+response in tokens; longer pairs are skipped")
+    add("--eval-frac", type=float, default=0.05, help="without --eval-pairs, hold out this share of ids")
+    add("--max-length", type=int, default=1024, help="longest prompt+response (tokens); longer: skipped")
     add("--batch-size", type=int, default=4, help="pairs per micro-batch per process")
     add("--grad-accum", type=int, default=2, help="micro-batches per optimizer step per process")
     add("--epochs", type=int, default=1, help="passes over the training pairs")
     add("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = all epochs)")
-    add("--lr", type=float, default=None, help="peak learning rate (default 5e-7 for DPO losses, 1e-5 for sft)")
+    add("--lr", type=float, default=None, help="peak learning rate (default: 5e-7 for DPO, 1e-5 for sft)")
     add("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
-    add("--lr-schedule", default="cosine", choices=["cosine", "linear", "constant"], help="decay after warmup")
+    add("--lr-schedule", default="cosine", choices=("cosine", "linear", "constant"), help="after warmup")
     add("--warmup-ratio", type=float, default=0.1, help="share of the steps spent warming up linearly from 0")
-    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices only, not norms/biases)")
-    add("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this (0 = no clipping)")
-    add("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory")
-    add("--fsdp", action="store_true", help="shard weights, gradients, optimizer state over processes (FSDP2)")
-    add("--save-every", type=int, default=100, help="checkpoint (with optimizer state) every N steps; 0 = never")
+    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
+    add("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: no clipping)")
+    add("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    add("--fsdp", action="store_true", help="shard weights, gradients, optimizer over processes (FSDP2)")
+    add("--save-every", type=int, default=100, help="checkpoint (with optimizer) every N steps; 0: never")
     add("--resume", action="store_true", help="require a checkpoint (a rerun continues from one anyway)")
     add("--seed", type=int, default=0, help="seed for the eval split and the data order")
     add("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     args = parser.parse_args(argv)
     args.lr = args.lr if args.lr is not None else 1e-5 if args.loss == "sft" else 5e-7
     # Refuse what cannot train before anything is loaded or written.
+    at_least_one = ("batch_size", "grad_accum", "epochs", "max_length")
     ranges = {"lr": args.lr > 0, "beta": args.beta > 0, "min_lr": 0 <= args.min_lr <= args.lr,
               "label_smoothing": 0 <= args.label_smoothing < 0.5, "nll_weight": args.nll_weight >= 0,
               "warmup_ratio": 0 <= args.warmup_ratio <= 1, "weight_decay": args.weight_decay >= 0,
               "max_grad_norm": args.max_grad_norm >= 0, "eval_frac": 0 <= args.eval_frac < 1,
-              **{name: getattr(args, name) >= 1 for name in ("batch_size", "grad_accum", "epochs", "max_length")}}
-    for name, ok in ranges.items():
-        if not (ok and math.isfinite(getattr(args, name))):
-            raise common.InputError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range")
-    conflicts = {"--label-smoothing applies to --loss sigmoid only": args.label_smoothing and args.loss != "sigmoid",
-                 "--loss sft trains plain NLL: --reference and --nll-weight do not apply":
-                 args.loss == "sft" and (args.reference or args.nll_weight),
-                 f"--output {args.output} is a file; 04 writes a directory": os.path.isfile(args.output),
-                 "--fsdp shards over processes: run under torchrun --nproc_per_node=2 or more":
-                 args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2}
-    for message in (message for message, wrong in conflicts.items() if wrong):
-        raise common.InputError(message)
+              **{name: getattr(args, name) >= 1 for name in at_least_one}}
+    common.refuse({f"--{name.replace('_', '-')} {getattr(args, name)} is out of range":
+                   not (ok and math.isfinite(getattr(args, name))) for name, ok in ranges.items()})
+    common.refuse({
+        "--label-smoothing applies to --loss sigmoid only": args.label_smoothing and args.loss != "sigmoid",
+        "--loss sft trains plain NLL: --reference and --nll-weight do not apply":
+            args.loss == "sft" and (args.reference or args.nll_weight),
+        f"--output {args.output} is a file; 04 writes a directory": os.path.isfile(args.output),
+        "--fsdp shards over processes: run under torchrun --nproc_per_node=2 or more":
+            args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2})
     return args
 
 
@@ -126,9 +128,12 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
       hinge    max(0, 1 - beta delta)                                          SLiC, Zhao et al. 2023
       + nll_weight * sum(-policy_chosen_logps) / tokens_in_batch               DPO+NLL, Pang et al. 2024
     """
-    delta = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    delta = chosen_logratios - rejected_logratios
     if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) \
+            - label_smoothing * F.logsigmoid(-beta * delta)
     elif loss_type == "ipo":
         losses = (delta - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
@@ -139,9 +144,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     if nll_weight:
         tokens = tokens_in_batch or chosen_token_counts.sum()
         loss = loss + nll_weight * (-policy_chosen_logps.sum()) / tokens
-    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
-    return loss, chosen_rewards, rejected_rewards
+    return loss, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
 # ----------------------------------------------------------------------------
@@ -162,7 +165,8 @@ def read_examples(path, args, tokenizer, report=True):
     for line_number, record in rows:
         where = f"{path}:{line_number}"
         (prompt, system), *answers = [common.row_text(record[field], field, where) for field in fields]
-        sequences = [common.tokenize_prompt_response(tokenizer, prompt, answer, system) for answer, _ in answers]
+        sequences = [common.tokenize_prompt_response(tokenizer, prompt, answer, system)
+                     for answer, _ in answers]
         length = max(len(ids) for ids, _ in sequences)
         reason = ("identical" if args.loss != "sft" and answers[0] == answers[1] else  # teaches nothing
                   "too_long" if length > args.max_length else None)
@@ -172,7 +176,8 @@ def read_examples(path, args, tokenizer, report=True):
         examples.append({"where": where, "id": str(record.get("id", where)), "length": length,
                          "key": common.content_key(*[record[f] for f in fields]), "sequences": sequences,
                          "response_tokens": [len(ids) - prompt_length for ids, prompt_length in sequences]})
-    why = {"too_long": f"longer than --max-length {args.max_length} tokens", "identical": "chosen == rejected"}
+    why = {"too_long": f"longer than --max-length {args.max_length} tokens",
+           "identical": "chosen == rejected"}
     for reason, wheres in skipped.items():
         if wheres and report:
             print(f"{path}: skipped {len(wheres)} of {len(rows)} rows, {why[reason]} (first: {wheres[0]})")
@@ -189,7 +194,8 @@ def load_data(args, tokenizer, rank):
     overlap = [example["where"] for example in eval_set if example["key"] in trained]
     if overlap:  # a row trained on says nothing about held-out accuracy
         raise common.InputError(f"--eval-pairs: {len(overlap)} of its {len(eval_set)} rows are also in "
-                                f"--input {args.input} (first: {overlap[0]}); give pairs held out of training")
+                                f"--input {args.input} (first: {overlap[0]}); "
+                                "give pairs held out of training")
     return train, eval_set, {"train": skip_counts, "eval": eval_skips}
 
 
@@ -231,7 +237,7 @@ def batch_logps(model, batch):
     """[rows] float64 summed response log-probs of a micro-batch: every example's first sequence (chosen,
     or the SFT completion), then every example's second (rejected). One forward, differentiable.
     Under bf16 autocast where common.pick_device chooses bf16 (the weights and the optimizer stay fp32)."""
-    sequences = [sequence for column in zip(*(example["sequences"] for example in batch)) for sequence in column]
+    sequences = [sequence for column in zip(*(e["sequences"] for e in batch)) for sequence in column]
     device, dtype = next(model.parameters()).device, common.pick_device()[1]
     with torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext():
         return common.response_logps(model, sequences)
@@ -244,15 +250,16 @@ def micro_batch_loss(model, batch, args, pairs_in_batch, tokens_in_batch):
         loss = -logps.sum() / tokens_in_batch
         return loss, {"loss": loss.detach()}
     n, device = len(batch), logps.device
-    reference = torch.tensor([e["reference_logps"] for e in batch], dtype=torch.float64).T.reshape(-1).to(device)
+    reference = torch.tensor([e["reference_logps"] for e in batch], dtype=torch.float64, device=device)
+    reference = reference.T.reshape(-1)  # every chosen, then every rejected, as logps
     chosen_tokens = torch.tensor([e["response_tokens"][0] for e in batch], device=device)
     loss, chosen_rewards, rejected_rewards = dpo_loss(
         logps[:n], logps[n:], reference[:n], reference[n:], args.beta, args.loss, args.label_smoothing,
         args.nll_weight, chosen_tokens, pairs_in_batch, tokens_in_batch)
     policy = logps.detach()
+    won = wins(chosen_rewards, rejected_rewards, policy[:n], policy[n:], args.beta)
     return loss, {"loss": loss.detach(), "rewards/chosen": chosen_rewards.sum(),
-                  "rewards/rejected": rejected_rewards.sum(),
-                  "rewards/accuracies": wins(chosen_rewards, rejected_rewards, policy[:n], policy[n:], args.beta),
+                  "rewards/rejected": rejected_rewards.sum(), "rewards/accuracies": won,
                   "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
                   "logps/chosen": policy[:n].sum(), "logps/rejected": policy[n:].sum(),
                   "nll_loss": -policy[:n].sum() / tokens_in_batch}
@@ -266,7 +273,8 @@ def wins(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_
 
 
 def reduce_metrics(sums, pairs):
-    """Sum every process's metric sums by name, then make the per-pair sums means (loss and NLL come normalised)."""
+    """Sum every process's metric sums by name, then make the per-pair sums means (loss and NLL come
+    normalised)."""
     total = torch.stack([torch.as_tensor(value, dtype=torch.float64) for value in sums.values()])
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -283,7 +291,7 @@ def train_step(model, optimizer, step_examples, args, rank, world):
     mine = my_micro_batches(step_examples, args.batch_size, args.grad_accum, rank)
     sums, tokens = {}, 0
     for index, batch in enumerate(mine):
-        last = index == len(mine) - 1  # gradients are all-reduced after the last micro-batch only: less traffic
+        last = index == len(mine) - 1  # gradients are all-reduced after the last micro-batch only
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
             model.set_requires_gradient_sync(last)
         with model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext():  # DDP
@@ -291,7 +299,8 @@ def train_step(model, optimizer, step_examples, args, rank, world):
             (loss * world).backward()  # DDP and FSDP AVERAGE gradients over processes; this makes it the sum
         sums = {name: sums.get(name, 0) + value for name, value in batch_sums.items()}
         tokens += sum(len(ids) for example in batch for ids, _ in example["sequences"])
-    metrics = reduce_metrics({**sums, "tokens": torch.tensor(float(tokens), device=sums["loss"].device)}, pairs)
+    sums["tokens"] = torch.tensor(float(tokens), device=sums["loss"].device)
+    metrics = reduce_metrics(sums, pairs)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
     metrics["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
@@ -311,14 +320,15 @@ def evaluate(model, examples, args, rank, world):
         # Every process joins every forward (FSDP gathers weights inside it), so one that ran out of
         # examples runs a throwaway batch and discards the result.
         _, batch_sums = micro_batch_loss(model, batch or examples[:1], args, pairs, tokens)
-        sums = {name: sums.get(name, 0) + (value if batch else 0 * value) for name, value in batch_sums.items()}
+        sums = {name: sums.get(name, 0) + (value if batch else 0 * value)
+                for name, value in batch_sums.items()}
     back_to_training(model)
     return reduce_metrics(sums, pairs)
 
 
 def back_to_training(model):
     """Train mode after forwards without gradients. FSDP2 keeps the root's weights gathered after such a
-    forward; reshard them, or the next training step's gradients for them go wrong (embeddings, output layer)."""
+    forward; reshard them, or the next step's gradients for them go wrong (embeddings, output layer)."""
     model.train()
     if hasattr(model, "reshard"):
         model.reshard()
@@ -330,10 +340,11 @@ def back_to_training(model):
 
 @torch.no_grad()
 def attach_reference_logps(load, name, train, eval_set, first_epoch, args, rank, world):
-    """Give every example its [reference chosen, reference rejected] summed log-probs; returns how many were scored.
+    """Give every example its [reference chosen, reference rejected] summed log-probs; returns how many
+    were scored now.
 
-    load(): the reference `name`, loaded and wrapped like the policy (default: the policy before its first step);
-    called only when some pair is not yet scored.
+    load(): the reference `name`, loaded and wrapped like the policy (default: the policy before its first
+    step); called only when some pair is not yet scored.
     Scored in the micro-batches the policy first sees them in (first_epoch: the first epoch's global
     batches), so policy and reference are computed alike, padding and kernel shapes included: step 1 is
     exactly ln 2 in any dtype. Written batch by batch to <output>/reference_logps.jsonl (resumable like
@@ -341,9 +352,10 @@ def attach_reference_logps(load, name, train, eval_set, first_epoch, args, rank,
     already scored alike is not scored again.
     """
     path, weights = os.path.join(args.output, "reference_logps.jsonl"), common.resolve_model(name)
-    identity = [name, common.pick_device()[0].type, args.batch_size * args.grad_accum * world] + [  # + the weight
-        (f, os.path.getsize(f), os.path.getmtime(f)) for f in sorted(glob.glob(os.path.join(weights, "*.safetensors")))]
-    # files' sizes and times, so a retrained directory is noticed
+    # The weight files' sizes and times are in it, so a retrained directory is noticed.
+    weight_files = sorted(glob.glob(os.path.join(weights, "*.safetensors")))
+    identity = [name, common.pick_device()[0].type, args.batch_size * args.grad_accum * world] + [
+        (f, os.path.getsize(f), os.path.getmtime(f)) for f in weight_files]
     examples = train + eval_set
     for example in examples:
         example["reference_key"] = common.content_key(identity, example["key"])
@@ -352,13 +364,15 @@ def attach_reference_logps(load, name, train, eval_set, first_epoch, args, rank,
     batches = [batch for step in first_epoch for batch in
                my_micro_batches([train[i] for i in step], args.batch_size, args.grad_accum, rank)]
     in_first_epoch, model = {index for step in first_epoch for index in step}, load() if pending else None
-    batches += eval_batches([e for i, e in enumerate(train) if i not in in_first_epoch], args.batch_size, rank, world)
+    not_in_first_epoch = [e for i, e in enumerate(train) if i not in in_first_epoch]
+    batches += eval_batches(not_in_first_epoch, args.batch_size, rank, world)
     for batch in tqdm(batches + eval_batches(eval_set, args.batch_size, rank, world) if pending else [],
                       desc="reference log-probs", unit="batch", disable=rank != 0, dynamic_ncols=True):
         new = [example for example in batch if key(example) in pending]
         if new or (args.fsdp and pending):  # under FSDP every process joins every forward (a throwaway one)
             logps = batch_logps(model, new or train[:1]).cpu()
-            common.save_batch(path, [{"reference_key": key(e), "logps": [logps[i].item(), logps[len(new) + i].item()]}
+            common.save_batch(path, [{"reference_key": key(e), "logps": [logps[i].item(),
+                                                                          logps[len(new) + i].item()]}
                                      for i, e in enumerate(new)], rank)
     if model is not None:
         back_to_training(model)
@@ -375,8 +389,8 @@ def attach_reference_logps(load, name, train, eval_set, first_epoch, args, rank,
 
 def load_policy(name, device, args, train=True):
     """A model to train (or, train=False, a reference scored like it): fp32 master weights, dropout off,
-    sharded under --fsdp (one shard group per decoder layer, then the rest), in DistributedDataParallel when it
-    trains under torchrun. Either way bf16 comes from autocast alone, as on one GPU: one precision path."""
+    sharded under --fsdp (one shard group per decoder layer, then the rest), in DistributedDataParallel when
+    it trains under torchrun. Either way bf16 comes from autocast alone, as on one GPU: one precision path."""
     model = common.load_model(name, device, torch.float32, args.trust_remote_code)[0]
     model.train()
     for module in model.modules():  # the reference scores without dropout, so must the policy
@@ -401,7 +415,7 @@ def load_policy(name, device, args, train=True):
 
 
 def make_optimizer(model, args, checkpoint=None):
-    """AdamW; weight decay on matrices only, as usual (not on norms and biases); its moments from `checkpoint`.
+    """AdamW, weight decay on matrices only (not on norms and biases); its moments from `checkpoint`.
 
     fused=True updates each tensor in one kernel: faster, and without the whole-model temporaries
     of the default multi-tensor version (one model copy less at peak).
@@ -411,17 +425,18 @@ def make_optimizer(model, args, checkpoint=None):
     groups = [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
-    if checkpoint:  # the weights came with the model; rank 0 alone reads the full state and sends each its shard
+    if checkpoint:  # the weights came with the model; rank 0 alone reads the full state, sends each its shard
         shared = dist.is_initialized()
         saved = torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True) \
             if not shared or dist.get_rank() == 0 else {}
-        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True,
-                                                                                     broadcast_from_rank0=shared))
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=shared)
+        set_optimizer_state_dict(model, optimizer, saved, options=options)
     return optimizer
 
 
 def learning_rate(step, total_steps, args):
-    """Linear warmup from 0, then cosine or linear decay to --min-lr (a function of the step: resumes exactly)."""
+    """Linear warmup from 0, then cosine or linear decay to --min-lr (a function of the step: resumes
+    exactly)."""
     warmup = round(args.warmup_ratio * total_steps)
     if step < warmup:
         return args.lr * (step + 1) / warmup
@@ -432,10 +447,11 @@ def learning_rate(step, total_steps, args):
 
 def all_finite(model, optimizer=None):
     """Every weight (and optimizer moment) finite, on every process: nothing else may be saved."""
-    tensors = list(model.parameters()) + [value for state in (optimizer.state.values() if optimizer else [])
-                                          for value in state.values() if torch.is_tensor(value) and value.ndim]
-    finite = torch.stack([torch.isfinite((t.to_local() if hasattr(t, "to_local") else t).detach()).all()  # FSDP:
-                          for t in tensors]).all().float()  # this process's shards
+    moments = [value for state in (optimizer.state.values() if optimizer else [])
+               for value in state.values() if torch.is_tensor(value) and value.ndim]
+    # Under FSDP each process checks its own shards.
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in list(model.parameters()) + moments]
+    finite = torch.stack([torch.isfinite(t.detach()).all() for t in local]).all().float()
     if dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
@@ -445,7 +461,7 @@ def save_model(model, tokenizer, directory, rank):
     """save_pretrained of the full (gathered) weights; a collective call under FSDP."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    first_name = {}  # a tied weight (lm_head = embeddings) is gathered as a copy under each name: store it once
+    first_name = {}  # a tied weight (lm_head = embeddings) is gathered under each name: store it once
     for name, parameter in common.unwrap(model).named_parameters(remove_duplicate=False):
         if first_name.setdefault(id(parameter), name) != name:
             state.pop(name, None)
@@ -462,10 +478,11 @@ def save_checkpoint(model, optimizer, tokenizer, trainer_state, output, rank):
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     step = trainer_state["step"]
-    final, temporary = os.path.join(output, f"checkpoint-{step}"), os.path.join(output, f"checkpoint-{step}.tmp")
+    final = os.path.join(output, f"checkpoint-{step}")
+    temporary = final + ".tmp"
     save_model(model, tokenizer, temporary, rank)
-    optimizer_state = get_optimizer_state_dict(model, optimizer,
-                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     if rank == 0:
         torch.save(optimizer_state, os.path.join(temporary, "optimizer.pt"))
         common.write_json(os.path.join(temporary, "trainer_state.json"), trainer_state)
@@ -484,8 +501,8 @@ def latest_checkpoint(output):
 
 
 # Flags a resumed run may change: they split the same global batch differently, or only say where things go.
-RESUMABLE_WITH_OTHER = ("output", "resume", "save_every", "batch_size", "grad_accum", "gradient_checkpointing", "fsdp",
-                        "trust_remote_code")
+RESUMABLE_WITH_OTHER = ("output", "resume", "save_every", "batch_size", "grad_accum",
+                        "gradient_checkpointing", "fsdp", "trust_remote_code")
 
 
 def resume_point(output, settings, require, rank):
@@ -497,10 +514,11 @@ def resume_point(output, settings, require, rank):
         state = common.read_json(os.path.join(checkpoint, "trainer_state.json"))  # claim checked its settings
     metrics_path = os.path.join(output, "metrics.jsonl")
     if rank == 0:  # the metrics of the steps after the checkpoint go: those steps run again
-        kept = [json.dumps(r) + "\n" for _, r in common.read_jsonl(metrics_path) if r["step"] <= state["step"]] \
-            if os.path.exists(metrics_path) else []
+        rows = common.read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
+        kept = [json.dumps(r) + "\n" for _, r in rows if r["step"] <= state["step"]]
         common.write_atomic(metrics_path, lambda handle: handle.writelines(kept))
-        print(f"resuming from {checkpoint} (step {state['step']})" if checkpoint else f"training into {output}")
+        print(f"resuming from {checkpoint} (step {state['step']})" if checkpoint else
+              f"training into {output}")
     return checkpoint, state
 
 

@@ -21,9 +21,11 @@ Tasks (--tasks):
               harmonic mean with accuracy. --translate-test adds `mgsm-tt`/`math-tt`: the model
               first translates the question into English, then answers that (question alignment).
               --math-mode code: the model writes a Python program instead, run in a separate, limited
-              process (no files, network, environment; time and memory limits); its last printed number counts.
-  winrate     each model's answers judged against the first model's (or --reference-answers, e.g. X-AlpacaEval's
-              GPT-4-turbo answers), in both orders (a judge that favours a slot cancels out), ties count half.
+              process (no files, network, environment; time and memory limits); its last printed number
+              counts.
+  winrate     each model's answers judged against the first model's (or --reference-answers, e.g.
+              X-AlpacaEval's GPT-4-turbo answers), in both orders (a judge that favours a slot cancels out),
+              ties count half.
               Judge: a local model's next-token log-probs of "A" vs "B" (--judge), or a model behind an
               OpenAI-compatible server (--judge-server, key from $OPENAI_API_KEY). Also the length-controlled
               win rate (AlpacaEval 2): the judge's preference fitted against the answers' length difference
@@ -81,8 +83,8 @@ correct and complete, and written in the language of the instruction.
 
 Which answer is better? Reply with one letter: A or B."""
 CHOICE_PROMPT = "{question}\n\n{options}\n\nAnswer with the letter of the correct option."
-CODE_INSTRUCTION = ("Write a short Python program that computes the answer and prints it as a number. Reply with "
-                    "the program only, in a ```python block.")
+CODE_INSTRUCTION = ("Write a short Python program that computes the answer and prints it as a number. "
+                    "Reply with the program only, in a ```python block.")
 
 
 # What the loop targets, chosen before the demo runs that report it (README, "What the demo shows"): is the
@@ -100,61 +102,67 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
-    add("--models", nargs="+", default=None, help="hub ids, directories or the embedded default; the first is the "
-        f"baseline (default: {common.EMBEDDED_MODEL}, then each finished {LOOP_RUN}/iter*/model: loop.sh's)")
+    add("--models", nargs="+", default=None, help="hub ids, directories or the embedded default; the first "
+        f"is the baseline (default: {common.EMBEDDED_MODEL}, then each finished {LOOP_RUN}/iter*/model: "
+        "loop.sh's)")
     add("--tasks", default="mgsm,math,winrate", help=f"comma-separated, from {','.join(TASKS)}")
     add("--langs", default="en,es,de,fr,ru,zh", help="comma-separated language codes")
     add("--mgsm", default="data/mgsm",
         help="MGSM: directory of mgsm_{lang}.tsv, JSONL with question/answer, or hub dataset")
-    add("--math", default="data/math", help="math set: directory of {lang}.jsonl, a JSONL file, or hub dataset")
+    add("--math", default="data/math", help="math set: directory of {lang}.jsonl, JSONL file, or hub dataset")
     add("--prompts", default="data/prompts", help="instruction prompts for the win rate")
-    add("--choice", default="data/choice", help="multiple-choice set: directory of {lang}.jsonl, a file, or hub "
-        "dataset (name:config[:split]; {lang} in it is replaced by each language)")
-    add("--math-mode", choices=("cot", "code"), default="cot", help="math answers: step-by-step text, or a Python "
-        "program run in a sandboxed child process")
-    add("--reference-answers", default=None, metavar="DIR_OR_FILE", help="win rate against these answers (JSONL "
-        "with id, prompt, response; one {lang}.jsonl per language) instead of the first model's")
+    add("--choice", default="data/choice", help="multiple-choice set: directory of {lang}.jsonl, a file, or "
+        "hub dataset (name:config[:split]; {lang} in it is replaced by each language)")
+    add("--math-mode", choices=("cot", "code"), default="cot", help="math answers: step-by-step text, or a "
+        "Python program run in a sandboxed child process")
+    add("--reference-answers", default=None, metavar="DIR_OR_FILE", help="win rate against these answers "
+        "(JSONL with id, prompt, response; one {lang}.jsonl per language) instead of the first model's")
     add("--trained-on", nargs="*", default=None, metavar="FILE", help="the loop's training records (each "
         "iteration's responses.jsonl; default: those beside the default --models): an evaluated prompt "
         "whose id or text is among them stops the run before any model loads")
     add("--output", default="runs/loop/eval", help="output directory")
-    add("--limit", type=int, default=None, help="first N problems/prompts per task (the same ids in every language)")
+    add("--limit", type=int, default=None, help="first N problems/prompts per task (the same ids in every "
+        "language)")
     add("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     add("--batch-size", type=int, default=16, help="prompts decoded at once")
-    add("--judge-limit", type=int, default=None, help="judge only the first N prompt ids (all are answered, for "
-        "language fidelity)")
+    add("--judge-limit", type=int, default=None, help="judge only the first N prompt ids (all are answered, "
+        "for language fidelity)")
     add("--token-budget", type=int, default=8192, help="local judge: rows x longest row per batch")
     add("--seed", type=int, default=0, help="seed of the bootstrap intervals")
-    add("--translate-test", action="store_true", help="also each math task translated into English, then answered")
-    common.add_server_flags(parser, server_model=False)  # a column whose model a --server lists is answered there
-    add("--answers-only", action="store_true", help="answer the tasks with the --server columns only, then stop "
-        "(no judging, no report); a later run without it reuses those answers (loop.sh: one server at a time)")
-    add("--judge", default=common.EMBEDDED_MODEL, help="win-rate judge: a local model, or the model name sent to "
-        "--judge-server")
-    add("--judge-server", nargs="+", default=None, metavar="URL", help="OpenAI-compatible base URL(s) of the judge, "
-        f"e.g. http://127.0.0.1:8000/v1 (chat completions; key from ${common.SERVER_KEY_ENV})")
+    add("--translate-test", action="store_true", help="also each math task translated into English, then "
+        "answered")
+    common.add_server_flags(parser, server_model=False)  # a column a --server lists is answered there
+    add("--answers-only", action="store_true", help="answer the tasks with the --server columns only, then "
+        "stop (no judging, no report); a later run without it reuses those answers (loop.sh: one server at a "
+        "time)")
+    add("--judge", default=common.EMBEDDED_MODEL, help="win-rate judge: a local model, or the model name "
+        "sent to --judge-server")
+    add("--judge-server", nargs="+", default=None, metavar="URL", help="OpenAI-compatible base URL(s) of the "
+        f"judge, e.g. http://127.0.0.1:8000/v1 (chat completions; key from ${common.SERVER_KEY_ENV})")
     add("--judge-max-tokens", type=int, default=8, help="longest judge reply from --judge-server")
     add("--proxy-expert", default=None, help="small tuned model for proxy-tuned decoding")
     add("--proxy-antiexpert", default=None, help="the same small model untuned")
     add("--proxy-alpha", type=float, default=1.0, help="weight of (expert - antiexpert)")
     add("--trust-remote-code", action="store_true", help="allow model code from the hub")
     args = parser.parse_args(argv)
-    args.tasks, args.langs = [t for t in args.tasks.split(",") if t], [code for code in args.langs.split(",") if code]
+    args.tasks = [task for task in args.tasks.split(",") if task]
+    args.langs = [code for code in args.langs.split(",") if code]
     unknown = [t for t in args.tasks if t not in TASKS]
-    if unknown or not args.tasks:
-        raise common.InputError(f"--tasks: unknown task(s) {','.join(unknown) or '(none)'} (known: {','.join(TASKS)})")
     for lang in args.langs:
         common.language_name(lang, "--langs")
-    if "alignment" in args.tasks and ("en" not in args.langs or len(args.langs) < 2):
-        raise common.InputError("--tasks alignment compares each language with English: --langs needs en and another")
-    if (args.proxy_expert is None) != (args.proxy_antiexpert is None):
-        raise common.InputError("--proxy-expert and --proxy-antiexpert go together")
-    if args.answers_only and not args.server:
-        raise common.InputError("--answers-only answers the columns a --server serves: give --server")
-    if min(args.max_new_tokens, args.batch_size, args.server_concurrency, args.limit or 1,
-           args.judge_limit or 1) < 1:
-        raise common.InputError("--max-new-tokens, --batch-size, --server-concurrency, --limit and "
-                                "--judge-limit must be at least 1")
+    counts = (args.max_new_tokens, args.batch_size, args.server_concurrency,
+              *(1 if count is None else count for count in (args.limit, args.judge_limit)))
+    common.refuse({
+        f"--tasks: unknown task(s) {','.join(unknown) or '(none)'} (known: {','.join(TASKS)})":
+            unknown or not args.tasks,
+        "--tasks alignment compares each language with English: --langs needs en and another":
+            "alignment" in args.tasks and ("en" not in args.langs or len(args.langs) < 2),
+        "--proxy-expert and --proxy-antiexpert go together":
+            (args.proxy_expert is None) != (args.proxy_antiexpert is None),
+        "--answers-only answers the columns a --server serves: give --server":
+            args.answers_only and not args.server,
+        "--max-new-tokens, --batch-size, --server-concurrency, --limit and --judge-limit must be at least 1":
+            min(counts) < 1})
     return args
 
 
@@ -166,25 +174,27 @@ def check_gold(answer, where):
     """A math problem's gold answer as a float; a missing or bad one is reported with file and line."""
     if answer is None:
         raise common.InputError(f"{where}: no 'answer' field (math problems need a numeric gold answer)")
-    value = answer if isinstance(answer, (int, float)) and not isinstance(answer, bool) else common.parse_number(answer)
+    numeric = isinstance(answer, (int, float)) and not isinstance(answer, bool)
+    value = answer if numeric else common.parse_number(answer)
     if value is None or not math.isfinite(value):
         raise common.InputError(f"{where}: gold answer {answer!r} is not a number")
     return float(value)
 
 
 def check_choice(record, where):
-    """A multiple-choice record, made uniform in place: `choices` a list of option texts, `answer` the right one's
-    index. Accepts options as texts or {label, text} records (as columns too, the way datasets stores them), the
-    answer as a letter or an index, and xCSQA's shape: question {stem, choices}, answerKey."""
+    """A multiple-choice record, made uniform in place: `choices` a list of option texts, `answer` the right
+    one's index. Accepts options as texts or {label, text} records (as columns too, the way datasets stores
+    them), the answer as a letter or an index, and xCSQA's shape: question {stem, choices}, answerKey."""
     if isinstance(record.get("question"), dict):  # xCSQA
         record["choices"] = record["question"].get("choices")
         record["question"] = record["question"].get("stem")
     choices, answer = record.get("choices"), record.pop("answerKey", record.get("answer"))
     if isinstance(choices, dict) and isinstance(choices.get("text"), list):  # {"label": [...], "text": [...]}
         choices = choices["text"]
-    choices = [c.get("text") if isinstance(c, dict) else c for c in choices] if isinstance(choices, list) else None
-    if not choices or not 2 <= len(choices) <= len(LETTERS) or not all(isinstance(c, str) and c.strip()
-                                                                        for c in choices):
+    if isinstance(choices, list):
+        choices = [c.get("text") if isinstance(c, dict) else c for c in choices]
+    if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS) or not all(
+            isinstance(c, str) and c.strip() for c in choices):
         raise common.InputError(f"{where}: 'choices' must list 2 to 26 non-empty options")
     index = answer if isinstance(answer, int) and not isinstance(answer, bool) else \
         LETTERS.find(answer.strip().upper()) if isinstance(answer, str) and len(answer.strip()) == 1 else -1
@@ -195,27 +205,31 @@ def check_choice(record, where):
 
 
 def load_reference_answers(source, items, langs, judge_limit):
-    """{(id, lang): answer record} from --reference-answers: one for every prompt that will be judged, asked with
-    the same text, or the run stops here, before any model loads."""
+    """{(id, lang): answer record} from --reference-answers: one for every prompt that will be judged, asked
+    with the same text, or the run stops here, before any model loads."""
     def check(record, where):
         record.setdefault("response", record.pop("output", None))  # AlpacaEval's files call it "output"
         if not isinstance(record["response"], str):
             raise common.InputError(f"{where}: a reference answer needs a 'response' text")
     answers = {(r["id"], r["lang"]): r for r in common.load_prompts(source, langs=langs, check=check)}
     judged = common.first_ids(items, judge_limit)
-    missing = [f"'{item['id']}' ({item['lang']})" for item in judged if (item["id"], item["lang"]) not in answers]
+    missing = [f"'{item['id']}' ({item['lang']})" for item in judged
+               if (item["id"], item["lang"]) not in answers]
     if missing:
-        raise common.InputError(f"--reference-answers {source}: no answer for {len(missing)} judged prompt(s), e.g. "
-                                f"{', '.join(missing[:3])}; its ids and languages must be those of --prompts")
+        raise common.InputError(f"--reference-answers {source}: no answer for {len(missing)} judged "
+                                f"prompt(s), e.g. {', '.join(missing[:3])}; its ids and languages must be "
+                                "those of --prompts")
     for item in judged:
         if answers[item["id"], item["lang"]]["prompt"].strip() != item["prompt"].strip():
-            raise common.InputError(f"--reference-answers {source}: the answer to '{item['id']}' ({item['lang']}) "
-                                    "was asked a different prompt than --prompts has under that id")
+            raise common.InputError(f"--reference-answers {source}: the answer to '{item['id']}' "
+                                    f"({item['lang']}) was asked a different prompt than --prompts has under "
+                                    "that id")
     return answers
 
 
 def unique_labels(names):
-    """Short column names: a directory's shortest distinct path tail (iter1/model, iter2/model), else the name.
+    """Short column names: a directory's shortest distinct path tail (iter1/model, iter2/model), else the
+    name.
 
     The same model given twice gets 'name (2)'.
     """
@@ -252,8 +266,9 @@ def held_out_reward_accuracy(name):
 
 
 def load_generator(column, args):
-    """What answers one column's tasks: {generate(prompt texts, desc) -> common.generate's iterator, tokenizer,
-    engine (its name), model (in-process, or None for a server column until a scored task loads it)}."""
+    """What answers one column's tasks: {generate(prompt texts, desc) -> common.generate's iterator,
+    tokenizer, engine (its name), model (in-process, or None for a server column until a scored task loads
+    it)}."""
     if column.get("servers"):  # attach_servers found them listing the model; the prompts are rendered here
         tokenizer = common.load_tokenizer(column["model"], args.trust_remote_code)
         engine = common.Server(column["servers"], column["served_as"], os.environ.get(common.SERVER_KEY_ENV),
@@ -279,7 +294,8 @@ def load_generator(column, args):
 
 
 def in_process_model(tools, column, args):
-    """The column's model loaded here: a server column's too, for the tasks that read log-probs or hidden states."""
+    """The column's model loaded here: a server column's too, for the tasks that read log-probs or hidden
+    states."""
     if tools["model"] is None:
         tools["model"] = common.load_model(column["model"], trust_remote_code=args.trust_remote_code)[0]
     return tools["model"]
@@ -287,7 +303,8 @@ def in_process_model(tools, column, args):
 
 def in_chunks(items, size, desc):
     """`items`, `size` at a time, with a progress bar."""
-    for start in tqdm(range(0, len(items), size), desc=desc, unit="batch", disable=not items, dynamic_ncols=True):
+    for start in tqdm(range(0, len(items), size), desc=desc, unit="batch", disable=not items,
+                      dynamic_ncols=True):
         yield items[start:start + size]
 
 
@@ -297,7 +314,8 @@ def in_language(text, lang):
 
 
 def answers(generate, tokenizer, items, messages, desc, counts):
-    """One greedy answer to messages[i] for each items[i]; yields lists of (item, message, sample) per batch."""
+    """One greedy answer to messages[i] for each items[i]; yields lists of (item, message, sample), a batch
+    at a time."""
     texts = [common.chat_prompt_text(tokenizer, message) for message in messages]
     for batch in generate(texts, desc):
         counts["new_tokens"] += sum(samples[0]["new_tokens"] for _, samples in batch)
@@ -335,7 +353,8 @@ def task_records(tools, items, task, mode, counts):
         for batch in answers(generate, tokenizer, to_translate, requests, "translate", counts):
             english.update({id(item): sample["text"] for item, _, sample in batch})
     messages = [item["prompt"] if task == "winrate" else math_message(english[id(item)], "en", mode)
-                if task.endswith("-tt") else math_message(item["prompt"], item["lang"], mode) for item in items]
+                if task.endswith("-tt") else math_message(item["prompt"], item["lang"], mode)
+                for item in items]
     for batch in answers(generate, tokenizer, items, messages, "answer", counts):
         records = []
         for item, message, sample in batch:
@@ -368,20 +387,17 @@ def predict(column, task_items, work, args, rank, world_size, counts):
     tools, predictions = None, {}
     for task, problems in task_items.items():
         if task in SCORED_TASKS and ("proxy" in column or args.answers_only):
-            continue  # proxy-tuning is a way to decode, with no one model to score; answers-only: the later run
+            continue  # proxy-tuning decodes with no one model to score; answers-only: the later run scores
         path = os.path.join(work, f"{column['slug']}.{task}.jsonl")
         if not os.path.exists(path):  # not finished in an earlier run
             tools = tools or load_generator(column, args)
-            items = [{**p, "model": column["label"], "task": task, "engine": "in-process" if task in SCORED_TASKS
-                      else tools["engine"]} for p in problems]
+            scored = {"choice": choice_records, "alignment": alignment_records}.get(task)
+            engine = "in-process" if scored else tools["engine"]
+            items = [{**p, "model": column["label"], "task": task, "engine": engine} for p in problems]
             key = lambda record: (record["model"], record["task"], record["id"], record["lang"])  # noqa: E731
             _, mine = common.resume(path, items, key, rank, world_size)
-            if task == "choice":
-                batches = choice_records(in_process_model(tools, column, args), tools["tokenizer"], mine, args)
-            elif task == "alignment":
-                batches = alignment_records(in_process_model(tools, column, args), tools["tokenizer"], mine, args)
-            else:
-                batches = task_records(tools, mine, task, args.math_mode, counts)
+            batches = (scored(in_process_model(tools, column, args), tools["tokenizer"], mine, args) if scored
+                       else task_records(tools, mine, task, args.math_mode, counts))
             for records in batches:
                 common.save_batch(path, records, rank)
             counts["predictions"] += len(mine)
@@ -404,9 +420,10 @@ def predict(column, task_items, work, args, rank, world_size, counts):
 PROGRAM_SECONDS, PROGRAM_BYTES = 5, 512 * 2 ** 20
 SANDBOX = f"""
 import resource, sys
-import collections, decimal, fractions, functools, itertools, math, random, statistics  # what a program may use
+import collections, decimal, fractions, functools, itertools, math, random, statistics  # a program may use
 for limit, value in ((resource.RLIMIT_CPU, {PROGRAM_SECONDS}), (resource.RLIMIT_AS, {PROGRAM_BYTES}),
-                     (resource.RLIMIT_FSIZE, 2 ** 20), (resource.RLIMIT_NOFILE, 16), (resource.RLIMIT_CORE, 0)):
+                     (resource.RLIMIT_FSIZE, 2 ** 20), (resource.RLIMIT_NOFILE, 16),
+                     (resource.RLIMIT_CORE, 0)):
     resource.setrlimit(limit, (value, value))
 program = sys.stdin.read()
 REFUSED = ("open", "import", "os.", "socket.", "subprocess.", "ctypes.", "shutil.", "fcntl.", "mmap.", "pty.")
@@ -425,17 +442,21 @@ def extract_program(text):
 
 
 def run_program(program):
-    """(status, what it printed) for a model-written program run in the sandbox above. status: "ok", "timeout",
-    "killed by signal N" (CPU time or output size) or "error: <its last line of stderr>" (an exception,
-    MemoryError and the sandbox's PermissionError among them). A program that fails prints nothing that counts."""
-    with tempfile.TemporaryDirectory() as empty, tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+    """(status, what it printed) for a model-written program run in the sandbox above. status: "ok",
+    "timeout", "killed by signal N" (CPU time or output size) or "error: <its last line of stderr>" (an
+    exception, MemoryError and the sandbox's PermissionError among them). A program that fails prints nothing
+    that counts."""
+    with tempfile.TemporaryDirectory() as empty, tempfile.TemporaryFile() as stdout, \
+            tempfile.TemporaryFile() as stderr:
         try:
-            result = subprocess.run([sys.executable, "-I", "-S", "-c", SANDBOX], input=program.encode(), env={},
-                                    cwd=empty, stdout=stdout, stderr=stderr, timeout=PROGRAM_SECONDS + 1)
+            result = subprocess.run([sys.executable, "-I", "-S", "-c", SANDBOX], input=program.encode(),
+                                    env={}, cwd=empty, stdout=stdout, stderr=stderr,
+                                    timeout=PROGRAM_SECONDS + 1)
         except subprocess.TimeoutExpired:  # subprocess.run has killed it
             return "timeout", ""
         stdout.seek(0), stderr.seek(0)
-        printed, errors = stdout.read(2 ** 20).decode(errors="replace"), stderr.read().decode(errors="replace")
+        printed = stdout.read(2 ** 20).decode(errors="replace")
+        errors = stderr.read().decode(errors="replace")
     if result.returncode < 0:
         return f"killed by signal {-result.returncode}", ""
     if result.returncode:
@@ -454,7 +475,8 @@ def letter_scorer(model, tokenizer, letters, token_budget):
     One forward per message reads every letter at the answer's first position."""
     ids = [tokenizer(letter, add_special_tokens=False).input_ids for letter in letters]
     if any(len(letter_ids) != 1 for letter_ids in ids):
-        raise common.InputError(f"the tokenizer does not have single tokens for the letters {', '.join(letters)}")
+        raise common.InputError(f"the tokenizer does not have single tokens for the letters "
+                                f"{', '.join(letters)}")
 
     def score(texts):
         prompts = [common.chat_prompt_ids(tokenizer, text) for text in texts]
@@ -477,8 +499,8 @@ def choice_records(model, tokenizer, items, args, chunk=16):
         for item, message, logps in zip(part, messages, score(messages).tolist()):
             logps = logps[:len(item["choices"])]
             prediction = int(np.argmax(logps))
-            records.append({**{k: item[k] for k in ("model", "task", "id", "lang", "engine", "choices", "answer")},
-                            "prompt": message, "prediction": prediction,
+            fields = ("model", "task", "id", "lang", "engine", "choices", "answer")
+            records.append({**{k: item[k] for k in fields}, "prompt": message, "prediction": prediction,
                             "correct": prediction == item["answer"], "letter_logps": logps})
         yield records
 
@@ -486,7 +508,7 @@ def choice_records(model, tokenizer, items, args, chunk=16):
 def mean_hidden_states(model, tokenizer, texts):
     """[n, layers + 1, hidden] float32: each text's hidden states (the embeddings, then every layer's output),
     averaged over its own tokens: not the BOS token, which every text shares, nor padding."""
-    ids = [common.prompt_ids(tokenizer, text) for text in texts]  # the plain question: no chat template to share
+    ids = [common.prompt_ids(tokenizer, text) for text in texts]  # the plain question: no chat template
     input_ids, mask = common.pad_right(ids, pad_id=0)
     device = next(model.parameters()).device
     with torch.inference_mode():
@@ -500,8 +522,8 @@ def mean_hidden_states(model, tokenizer, texts):
 
 
 def alignment_records(model, tokenizer, items, args):
-    """Yields, per non-English question, the cosine between its mean hidden state and its English original's at
-    every layer: how close the model holds the two languages' versions of one question."""
+    """Yields, per non-English question, the cosine between its mean hidden state and its English original's
+    at every layer: how close the model holds the two languages' versions of one question."""
     for part in in_chunks(items, args.batch_size, "alignment"):
         states = mean_hidden_states(model, tokenizer, [item["prompt"] for item in part] +
                                     [item["english"] for item in part])
@@ -539,8 +561,8 @@ def judge_pairs(judge, pairs):
             margin = (first["logp_b"] - first["logp_a"]) + (second["logp_a"] - second["logp_b"])
             score = 1.0 if margin > 0 else 0.0 if margin < 0 else 0.5
         else:
-            points = {"B": 1.0, "A": 0.0}.get(first["choice"], 0.5), {"A": 1.0, "B": 0.0}.get(second["choice"], 0.5)
-            score = sum(points) / 2
+            score = ({"B": 1.0, "A": 0.0}.get(first["choice"], 0.5)
+                     + {"A": 1.0, "B": 0.0}.get(second["choice"], 0.5)) / 2
         results.append((score, [dict(first, order="reference first"), dict(second, order="candidate first")]))
     return results
 
@@ -568,7 +590,7 @@ def local_judge(model, tokenizer, token_budget):
 
 
 def server_judge(server, max_tokens):
-    """A judge behind an OpenAI-compatible server (chat completions, greedy; the reply is parsed for A or B)."""
+    """A judge behind an OpenAI-compatible server (chat completions, greedy; the reply parsed for A or B)."""
     def judge(texts):
         replies = common.server_chat(server, texts, max_tokens)
         return [{"choice": match.group(1) if match else None, "reply": reply}
@@ -578,18 +600,20 @@ def server_judge(server, max_tokens):
 
 
 def judge_column(judge, reference, answers, path, rank, world_size, counts, chunk=16):
-    """Judge one column's win-rate answers against the reference answers ({(id, lang): record}); resumable like
-    the predictions."""
+    """Judge one column's win-rate answers against the reference answers ({(id, lang): record});
+    resumable like the predictions."""
     key = lambda record: (record["model"], record["id"], record["lang"])  # noqa: E731
     _, mine = common.resume(path, answers, key, rank, world_size)
     for part in in_chunks(mine, chunk, "judge"):
-        results = judge_pairs(judge, [(item["prompt"], reference[(item["id"], item["lang"])]["response"],
-                                       item["response"]) for item in part])
+        opponents = [reference[(item["id"], item["lang"])]["response"] for item in part]
+        results = judge_pairs(judge, [(item["prompt"], opponent, item["response"])
+                                      for item, opponent in zip(part, opponents)])
         counts["unreadable_verdicts"] += sum(v["choice"] is None for _, verdicts in results for v in verdicts)
-        common.save_batch(path, [{"model": item["model"], "task": "judge", "id": item["id"], "lang": item["lang"],
-                                  "score": score, "verdicts": verdicts, "length_difference": len(item["response"]) -
-                                  len(reference[(item["id"], item["lang"])]["response"])}  # characters
-                                 for item, (score, verdicts) in zip(part, results)], rank)
+        common.save_batch(path, [{"model": item["model"], "task": "judge", "id": item["id"],
+                                  "lang": item["lang"], "score": score, "verdicts": verdicts,
+                                  "length_difference": len(item["response"]) - len(opponent)}  # characters
+                                 for item, opponent, (score, verdicts) in zip(part, opponents, results)],
+                          rank)
     counts["judged"] += len(mine)
     common.finish(path, answers, key, rank)
     return [record for _, record in common.read_jsonl(path)]
@@ -598,15 +622,16 @@ def judge_column(judge, reference, answers, path, rank, world_size, counts, chun
 def judge_caveat(args, judge_model):
     """What the report says about the judge: which one, how it decides, and how far to trust it."""
     if args.judge_server:
-        return (f"Judge: `{args.judge}` behind {' '.join(args.judge_server)} (chat completions, greedy, reply parsed "
-                "for A/B). "
-                "LLM judges favour longer answers; position bias is cancelled by judging both orders.")
+        return (f"Judge: `{args.judge}` behind {' '.join(args.judge_server)} (chat completions, greedy, "
+                "reply parsed for A/B). LLM judges favour longer answers; position bias is cancelled by "
+                "judging both orders.")
     millions = sum(p.numel() for p in judge_model.parameters()) / 1e6
-    caveat = (f" **Caveat: a {millions:.0f}M-parameter judge is weak (its raw verdicts are mostly position bias); "
-              "treat these win rates as a smoke test, not evidence. Use --judge-server with a strong model.**")
-    return (f"Judge: local model `{args.judge}` ({millions:.0f}M parameters), next-token log-probs of 'A' vs 'B' "
-            "after a pairwise prompt; the candidate's margin is summed over both orders, which cancels a fixed "
-            "position bias, and its sign is the verdict." + (caveat if millions < 1000 else ""))
+    caveat = (f" **Caveat: a {millions:.0f}M-parameter judge is weak (its raw verdicts are mostly position "
+              "bias); treat these win rates as a smoke test, not evidence. Use --judge-server with a strong "
+              "model.**")
+    return (f"Judge: local model `{args.judge}` ({millions:.0f}M parameters), next-token log-probs of 'A' vs "
+            "'B' after a pairwise prompt; the candidate's margin is summed over both orders, which cancels a "
+            "fixed position bias, and its sign is the verdict." + (caveat if millions < 1000 else ""))
 
 
 # ----------------------------------------------------------------------------
@@ -634,13 +659,17 @@ def by_language(rows, langs):
 
 
 def per_language(rows, field, langs, seed):
-    return {lang: entry([float(r[field]) for r in group], seed) for lang, group in by_language(rows, langs).items()}
+    return {lang: entry([float(r[field]) for r in group], seed)
+            for lang, group in by_language(rows, langs).items()}
 
 
 def alignment_by_layer(predictions, langs, seed):
-    """{label: {lang: [entry per layer]}}: the alignment task's cosines, layer by layer (0: the embeddings)."""
-    return {label: {lang: [entry([r["cosine"][layer] for r in group], seed) for layer in range(len(group[0]["cosine"]))]
-                    for lang, group in by_language(tasks["alignment"], [g for g in langs if g != "en"]).items()}
+    """{label: {lang: [entry per layer]}}: the alignment task's cosines, layer by layer (0: the
+    embeddings)."""
+    others = [lang for lang in langs if lang != "en"]
+    return {label: {lang: [entry([r["cosine"][layer] for r in group], seed)
+                           for layer in range(len(group[0]["cosine"]))]
+                    for lang, group in by_language(tasks["alignment"], others).items()}
             for label, tasks in predictions.items() if tasks.get("alignment")}
 
 
@@ -653,10 +682,10 @@ def length_controlled(scores, length_differences, seed, samples=1000, slope_ridg
     what the preference would be if both answers were equally long. AlpacaEval 2 also fits an
     instruction-difficulty term across many models; with the few models of one run it is left out.
     The fit is Newton's method on the log-likelihood (fractional targets allowed) with a weak ridge on the
-    slope only: where the lengths hardly vary, the data cannot tell length from quality, and the estimate stays
-    near the raw win rate instead of extrapolating. "overlap" is the share of prompts on the rarer side of
-    d = 0: near 0, equal length is outside the data and the estimate is an extrapolation. The interval refits
-    on resampled prompts.
+    slope only: where the lengths hardly vary, the data cannot tell length from quality, and the estimate
+    stays near the raw win rate instead of extrapolating. "overlap" is the share of prompts on the rarer side
+    of d = 0: near 0, equal length is outside the data and the estimate is an extrapolation. The interval
+    refits on resampled prompts.
     """
     scores, differences = np.asarray(scores, dtype=float), np.asarray(length_differences, dtype=float)
     ridge = np.diag([1e-6, slope_ridge])  # the intercept's 1e-6 keeps the Newton matrix invertible
@@ -681,8 +710,8 @@ def consistency(rows, langs, seed):
     """CrossIn cross-lingual consistency over parallel problems, and its harmonic mean with accuracy.
 
     A problem is consistent when it got an answer in every language and the answers agree
-    (numbers within 1e-3, or the same option). Accuracy here is over the same problems and languages. Intervals
-    resample problems (each with all its languages) so the two stay paired.
+    (numbers within 1e-3, or the same option). Accuracy here is over the same problems and languages.
+    Intervals resample problems (each with all its languages) so the two stay paired.
     """
     by_id = {}
     for row in rows:
@@ -690,16 +719,17 @@ def consistency(rows, langs, seed):
     parallel = [group for group in by_id.values() if all(lang in group for lang in langs)]
     if not parallel or len(langs) < 2:
         return {}
-    same = np.array([all(group[lang]["prediction"] is not None for lang in langs) and
-                     max(group[lang]["prediction"] for lang in langs) - min(group[lang]["prediction"] for lang in langs)
-                     <= common.ANSWER_TOLERANCE for group in parallel], dtype=float)
+    answers = [[group[lang]["prediction"] for lang in langs] for group in parallel]
+    same = np.array([None not in values and max(values) - min(values) <= common.ANSWER_TOLERANCE
+                     for values in answers], dtype=float)
     correct = np.array([np.mean([group[lang]["correct"] for lang in langs]) for group in parallel])
 
     def harmonic(cons, acc):
         return 0.0 if cons + acc == 0 else 2 * cons * acc / (cons + acc)
 
-    return {"consistency": {"all": entry(same, seed)}, "consistency x accuracy (harmonic mean)": {
-        "all": bootstrap(len(parallel), lambda picks: harmonic(same[picks].mean(), correct[picks].mean()), seed)}}
+    both = bootstrap(len(parallel), lambda picks: harmonic(same[picks].mean(), correct[picks].mean()), seed)
+    return {"consistency": {"all": entry(same, seed)},
+            "consistency x accuracy (harmonic mean)": {"all": both}}
 
 
 def compute_results(columns, predictions, judgements, langs, seed, opponent="first model"):
@@ -715,13 +745,15 @@ def compute_results(columns, predictions, judgements, langs, seed, opponent="fir
             if task == "winrate" and label in judgements:
                 metrics[f"winrate vs {opponent}"] = per_language(judgements[label], "score", langs, seed)
                 metrics[f"winrate vs {opponent}, length-controlled"] = {
-                    lang: length_controlled([r["score"] for r in group], [r["length_difference"] for r in group], seed)
+                    lang: length_controlled([r["score"] for r in group],
+                                            [r["length_difference"] for r in group], seed)
                     for lang, group in by_language(judgements[label], langs).items()}
             if task == "alignment":
                 rows = [dict(r, mean_cosine=float(np.mean(r["cosine"]))) for r in rows]
-                metrics["alignment cosine with English (mean over layers)"] = per_language(rows, "mean_cosine",
-                                                                                          langs, seed)
-            if rows and "in_language" in rows[0] and not task.endswith("-tt"):  # -tt answers are English by design
+                metrics["alignment cosine with English (mean over layers)"] = per_language(
+                    rows, "mean_cosine", langs, seed)
+            # -tt answers are English by design.
+            if rows and "in_language" in rows[0] and not task.endswith("-tt"):
                 name = INSTRUCTION_FIDELITY if task == "winrate" else f"{task} language fidelity"
                 metrics[name] = per_language(rows, "in_language", langs, seed)
         if column.get("held_out"):
@@ -753,37 +785,43 @@ def effect_lines(effect, results, labels):
     for metric, table in effect.items():
         for lang, value in table.items():
             low, high = (100 * bound for bound in value["ci"])
-            lines.append(f"| {metric} | {lang} | " + " | ".join(cell(results[label][metric].get(lang))
-                                                             for label in labels)
-                         + f" | {100 * value['score']:+.1f} [{low:+.1f}, {high:+.1f}] n={value['n']} |")
+            cells = " | ".join(cell(results[label][metric].get(lang)) for label in labels)
+            lines.append(f"| {metric} | {lang} | {cells} | {100 * value['score']:+.1f} "
+                         f"[{low:+.1f}, {high:+.1f}] n={value['n']} |")
             if low > 0 or high < 0:
                 clear.append(f"{lang} {100 * value['score']:+.1f}")
     return lines + ["", "Differences whose interval excludes zero: " + (", ".join(clear) or "none") +
-                    ". The interval is a bootstrap over prompts, each model's answers to a prompt kept together.", ""]
+                    ". The interval is a bootstrap over prompts, each model's answers to a prompt kept "
+                    "together.", ""]
 
 
 def metric_names(results, labels):
-    """Every metric once, in the order compute_results makes them; the baseline lacks some, so it goes last."""
+    """Every metric once, in the order compute_results makes them; the baseline lacks some, so it goes
+    last."""
     return list(dict.fromkeys(metric for label in labels[1:] + labels[:1] for metric in results[label]))
 
 
 def cell(value, base=None):
     if value is None:
         return "–"
-    text = f"{100 * value['score']:.1f} [{100 * value['ci'][0]:.1f}, {100 * value['ci'][1]:.1f}] n={value['n']}"
+    low, high = value["ci"]
+    text = f"{100 * value['score']:.1f} [{100 * low:.1f}, {100 * high:.1f}] n={value['n']}"
     if base is not None:
         text += f" ({100 * (value['score'] - base['score']):+.1f})"
     return text
 
 
 def alignment_lines(alignment, most=9):
-    """The per-layer alignment table: a row per model and language, a column per layer (at most `most`, evenly
-    spaced, the first and last always), each cell the mean cosine; eval.json has every layer with intervals."""
+    """The per-layer alignment table: a row per model and language, a column per layer (at most `most`,
+    evenly spaced, the first and last always), each cell the mean cosine; eval.json has every layer with
+    intervals."""
     layers = len(next(iter(next(iter(alignment.values())).values())))
-    shown = sorted({round(k * (layers - 1) / (most - 1)) for k in range(most)}) if layers > most else range(layers)
-    lines = ["## Representation alignment", "", "Cosine between each question's mean hidden state and its English "
-             "original's, by layer (0: the embeddings). Higher: the model holds the two versions closer.", "",
-             "| model | lang | " + " | ".join(f"layer {k}" for k in shown) + " |", "|---|---|" + "---|" * len(shown)]
+    shown = range(layers) if layers <= most else sorted({round(k * (layers - 1) / (most - 1))
+                                                         for k in range(most)})
+    lines = ["## Representation alignment", "", "Cosine between each question's mean hidden state and its "
+             "English original's, by layer (0: the embeddings). Higher: the model holds the two versions "
+             "closer.", "", "| model | lang | " + " | ".join(f"layer {k}" for k in shown) + " |",
+             "|---|---|" + "---|" * len(shown)]
     for label, table in alignment.items():
         lines += [f"| `{label}` | {lang} | " + " | ".join(f"{values[k]['score']:.3f}" for k in shown) + " |"
                   for lang, values in table.items()]
@@ -799,22 +837,26 @@ def write_report(path, columns, results, effect, alignment, held_out, judge_text
              "points (+/-). Each cell: score in % [95% bootstrap interval] n=number of items.", ""]
     lines += [f"- `{c['label']}`: {c['description']}" for c in columns] + [""]
     if held_out:
-        lines += [f"Held out: no evaluated prompt is among the {held_out['training_prompt_ids']} prompt ids (in any "
-                  f"language) or the texts the loop trained on ({', '.join(held_out['trained_on'])}).", ""]
+        lines += [f"Held out: no evaluated prompt is among the {held_out['training_prompt_ids']} prompt ids "
+                  "(in any language) or the texts the loop trained on "
+                  f"({', '.join(held_out['trained_on'])}).", ""]
     if effect:
         lines += effect_lines(effect, results, [c["label"] for c in columns if "proxy" not in c])
     opponent = "the reference answers" if args.reference_answers else "the first model"
-    lines += ["## All metrics", "", (f"Math: greedy, max {args.max_new_tokens} new tokens, the last number in the "
-              + ("output of the model's program (run in a sandboxed child process) " if args.math_mode == "code" else
-                 "answer ") + "counts, right within 1e-3 of gold. Consistency (CrossIn): share of parallel problems "
-              "answered alike (the same number, the same option) in every language. "
-              if set(args.tasks) & set(MATH_TASKS + ("choice",)) else "") +
-              ("Multiple choice: the option whose letter gets the highest log-prob as the answer's first token. "
-               if "choice" in args.tasks else "") +
-              "Language fidelity: share of answers detected (py3langid) in the prompt's language; an answer of only "
-              "numbers counts as faithful, an empty one does not. `all` pools the languages." +
-              (" Alignment: the cosine x100 (mean over layers) of a question's mean hidden state and its English "
-               "original's." if "alignment" in args.tasks else ""), ""]
+    tasks = set(args.tasks)
+    counted = ("output of the model's program (run in a sandboxed child process) "
+               if args.math_mode == "code" else "answer ")
+    notes = [  # (whether it applies, what the report says about how a metric is measured)
+        (tasks & set(MATH_TASKS + ("choice",)), f"Math: greedy, max {args.max_new_tokens} new tokens, the "
+         f"last number in the {counted}counts, right within 1e-3 of gold. Consistency (CrossIn): share of "
+         "parallel problems answered alike (the same number, the same option) in every language. "),
+        ("choice" in tasks, "Multiple choice: the option whose letter gets the highest log-prob as the "
+         "answer's first token. "),
+        (True, "Language fidelity: share of answers detected (py3langid) in the prompt's language; an answer "
+         "of only numbers counts as faithful, an empty one does not. `all` pools the languages."),
+        ("alignment" in tasks, " Alignment: the cosine x100 (mean over layers) of a question's mean hidden "
+         "state and its English original's.")]
+    lines += ["## All metrics", "", "".join(text for applies, text in notes if applies), ""]
     if any(metric.startswith("winrate vs") for label in labels for metric in results[label]):
         extrapolated = [f"`{label}` {lang}" for label in labels for metric, table in results[label].items()
                         if metric.endswith("length-controlled") for lang, value in table.items()
@@ -822,8 +864,9 @@ def write_report(path, columns, results, effect, alignment, held_out, judge_text
         lines += [f"Win rate: share of pairwise judgements won against {opponent}, both orders, ties half. "
                   "Length-controlled (AlpacaEval 2): the judge's preference fitted by logistic regression on "
                   "tanh(length difference / its std) and read at equal length." + (
-                      " Under 10% of prompts had answers on both sides of equal length, so equal length is outside "
-                      f"the data and these are extrapolations: {', '.join(extrapolated)}." if extrapolated else ""),
+                      " Under 10% of prompts had answers on both sides of equal length, so equal length is "
+                      f"outside the data and these are extrapolations: {', '.join(extrapolated)}."
+                      if extrapolated else ""),
                   judge_text, ""]
     skipped = [c["label"] for c in columns if "proxy" in c]
     if skipped and set(args.tasks) & set(SCORED_TASKS):
@@ -841,8 +884,9 @@ def write_report(path, columns, results, effect, alignment, held_out, judge_text
 
 
 def plot_report(path, columns, results, effect, alignment, langs):
-    """The effect first (last - first model, per language), then one panel per metric: bars per model, whiskers
-    for the intervals; last, the alignment by layer: a line per model (colour) and language (line style)."""
+    """The effect first (last - first model, per language), then one panel per metric: bars per model,
+    whiskers for the intervals; last, the alignment by layer: a line per model (colour) and language (line
+    style)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -860,8 +904,8 @@ def plot_report(path, columns, results, effect, alignment, langs):
     panels += [("alignment with English, by layer", None)] if alignment else []
     if not panels:
         return False
-    figure, axes = plt.subplots(math.ceil(len(panels) / 2), 2, figsize=(13, 3.4 * math.ceil(len(panels) / 2)),
-                                squeeze=False)
+    rows = math.ceil(len(panels) / 2)
+    figure, axes = plt.subplots(rows, 2, figsize=(13, 3.4 * rows), squeeze=False)
     groups = langs + ["all"]
     for axis, (title, series) in zip(axes.flat, panels):
         if series is None:
@@ -873,10 +917,11 @@ def plot_report(path, columns, results, effect, alignment, langs):
             axis.set(xlabel="layer (0: embeddings)", ylabel="cosine", title=title)
             axis.legend(fontsize=6, ncol=2)
             continue
+        width = 0.8 / len(series)
         for k, (label, table) in enumerate(series.items()):  # model k: colour k, the k-th bar of every group
-            values = [(i + (k - (len(series) - 1) / 2) * 0.8 / len(series), table[lang])
+            values = [(i + (k - (len(series) - 1) / 2) * width, table[lang])
                       for i, lang in enumerate(groups) if lang in table]
-            axis.bar([x for x, _ in values], [100 * v["score"] for _, v in values], 0.8 / len(series), capsize=2,
+            axis.bar([x for x, _ in values], [100 * v["score"] for _, v in values], width, capsize=2,
                      yerr=[[100 * (v["score"] - v["ci"][0]) for _, v in values],
                            [100 * (v["ci"][1] - v["score"]) for _, v in values]],
                      color="black" if label == "difference" else f"C{k % 10}", label=label)
@@ -915,7 +960,8 @@ def loop_models():
 
 def make_columns(names, args):
     """One column per model to evaluate (plus the proxy-tuned one), each with a label and a work-file slug."""
-    columns = [{"label": label, "model": name, "description": name, "held_out": held_out_reward_accuracy(name)}
+    columns = [{"label": label, "model": name, "description": name,
+                "held_out": held_out_reward_accuracy(name)}
                for label, name in zip(unique_labels(names), names)]
     if args.proxy_expert:
         columns.append({"label": "proxy-tuned", "model": names[0], "proxy": True, "held_out": None,
@@ -937,12 +983,14 @@ def attach_servers(columns, urls):
         listed = common.served_models(url)
         matched = 0
         for column in columns:
-            name = next((n for n in (column["model"], common.resolve_model(column["model"])) if n in listed), None)
+            known_as = (column["model"], common.resolve_model(column["model"]))
+            name = next((n for n in known_as if n in listed), None)
             if name and "proxy" not in column:
                 column.setdefault("servers", []).append(url.rstrip("/"))
                 column["served_as"], matched = name, matched + 1
         if not matched:
-            raise common.InputError(f"--server {url}: serves {listed}, none of --models (name them as it lists them)")
+            raise common.InputError(f"--server {url}: serves {listed}, none of --models (name them as it "
+                                    "lists them)")
 
 
 def load_tasks(tasks, langs, args):
@@ -956,14 +1004,17 @@ def load_tasks(tasks, langs, args):
             if args.translate_test:
                 task_items[f"{task}-tt"] = task_items[task]
         elif task == "choice":  # every record checked and made uniform, by file and line
-            task_items[task] = common.load_prompts(args.choice, langs=langs, limit=args.limit, check=check_choice)
-        elif task == "alignment":  # MGSM's parallel questions, each non-English one beside its English original
+            task_items[task] = common.load_prompts(args.choice, langs=langs, limit=args.limit,
+                                                   check=check_choice)
+        elif task == "alignment":  # MGSM's parallel questions, each non-English one beside its English one
             questions = common.load_prompts(args.mgsm, langs=langs, limit=args.limit)
             english = {q["id"]: q["prompt"] for q in questions if q["lang"] == "en"}
-            task_items[task] = [{**q, "english": english.get(q["id"])} for q in questions if q["lang"] != "en"]
+            task_items[task] = [{**q, "english": english.get(q["id"])}
+                                for q in questions if q["lang"] != "en"]
             for q in task_items[task]:
                 if q["english"] is None:
-                    raise common.InputError(f"{args.mgsm}: question '{q['id']}' ({q['lang']}) has no English version")
+                    raise common.InputError(f"{args.mgsm}: question '{q['id']}' ({q['lang']}) has no English "
+                                            "version")
         else:
             task_items[task] = common.load_prompts(args.prompts, langs=langs, limit=args.limit)
     return task_items
@@ -971,21 +1022,23 @@ def load_tasks(tasks, langs, args):
 
 def check_held_out(task_items, trained_on):
     """Stop if an evaluated prompt was trained on: the same text, or (instruction prompts) the same id in any
-    language, since the parallel prompt is the same prompt translated. Returns what the report says about it."""
-    trained = [(path, record) for path in trained_on for _, record in common.read_jsonl(path, required=("id",))]
+    language, since the parallel prompt is the same prompt translated. Returns what the report says about
+    it."""
+    trained = [(path, record) for path in trained_on
+               for _, record in common.read_jsonl(path, required=("id",))]
     ids, texts = {str(r["id"]): path for path, r in trained}, {r.get("prompt"): path for path, r in trained}
     for task, items in task_items.items():
         for item in items:
             path = texts.get(item["prompt"]) or (task == "winrate" and ids.get(str(item["id"])))
             if path:
-                raise common.InputError(f"{task} prompt '{item['id']}' ({item['lang']}) was trained on ({path}): "
-                                        "evaluate on prompts no iteration trained on")
+                raise common.InputError(f"{task} prompt '{item['id']}' ({item['lang']}) was trained on "
+                                        f"({path}): evaluate on prompts no iteration trained on")
     return {"trained_on": trained_on, "training_prompt_ids": len(ids), "overlap": 0} if trained_on else None
 
 
 def judge_all(columns, predictions, reference_answers, work, args, rank, world_size, counts, api):
-    """({label: judgements}, the judge's description for the report): every column against --reference-answers,
-    or every column after the first against the first."""
+    """({label: judgements}, the judge's description for the report): every column against
+    --reference-answers, or every column after the first against the first."""
     reference = reference_answers or {(r["id"], r["lang"]): r for r in common.first_ids(
         predictions[columns[0]["label"]]["winrate"], args.judge_limit)}
     judge, judge_model = (api, None) if api else load_local_judge(args)
@@ -993,7 +1046,7 @@ def judge_all(columns, predictions, reference_answers, work, args, rank, world_s
         (f"-vs-{common.content_key(sorted((k, r['response']) for k, r in reference.items()))[:8]}"
          if reference_answers else "")
     judgements = {column["label"]: judge_column(  # resumable: judges only what is not on disk
-        judge, reference, [r for r in common.first_ids(predictions[column["label"]]["winrate"], args.judge_limit)],
+        judge, reference, common.first_ids(predictions[column["label"]]["winrate"], args.judge_limit),
         os.path.join(work, f"{column['slug']}.judge-{judge_name}.jsonl"), rank, world_size, counts)
         for column in (columns if reference_answers else columns[1:])}
     return judgements, judge_caveat(args, judge_model)
@@ -1010,14 +1063,16 @@ def write_outputs(output, columns, predictions, judgements, judge_text, task_ite
     common.write_jsonl(os.path.join(output, "predictions.jsonl"), [
         {**row, **(verdicts.get((label, row["id"], row["lang"]), {}) if task == "winrate" else {})}
         for label, by_task in predictions.items() for task, rows in by_task.items() for row in rows])
-    write_report(os.path.join(output, "report.md"), columns, results, effect, alignment, held_out, judge_text, args)
+    write_report(os.path.join(output, "report.md"), columns, results, effect, alignment, held_out, judge_text,
+                 args)
     plotted = plot_report(os.path.join(output, "report.png"), columns, results, effect, alignment, langs)
+    engines = {label: sorted({row.get("engine", "in-process") for rows in by_task.values() for row in rows})
+               for label, by_task in predictions.items()}
     common.write_json(os.path.join(output, "eval.json"), {
-        "models": [{**{k: c[k] for k in ("label", "model", "description")}, "engines": sorted(
-                    {row.get("engine", "in-process") for rows in predictions[c["label"]].values() for row in rows})}
+        "models": [{**{k: c[k] for k in ("label", "model", "description")}, "engines": engines[c["label"]]}
                    for c in columns], "tasks": list(task_items),
-        "langs": langs, "judge": judge_text or None, "max_new_tokens": args.max_new_tokens, "held_out": held_out,
-        "effect": effect, "results": results, "alignment_by_layer": alignment})
+        "langs": langs, "judge": judge_text or None, "max_new_tokens": args.max_new_tokens,
+        "held_out": held_out, "effect": effect, "results": results, "alignment_by_layer": alignment})
     print(f"wrote {os.path.join(output, 'eval.json')}, predictions.jsonl, report.md"
           + (", report.png" if plotted else ""))
 
@@ -1038,9 +1093,10 @@ def main(argv=None):
             common.model_config(name, args.trust_remote_code)
     attach_servers(columns, args.server or [])
     task_items = load_tasks(args.tasks, args.langs, args)
-    reference_answers = load_reference_answers(args.reference_answers, task_items["winrate"], args.langs,
-                                               args.judge_limit) if args.reference_answers and "winrate" in task_items \
-        else None
+    reference_answers = None
+    if args.reference_answers and "winrate" in task_items:
+        reference_answers = load_reference_answers(args.reference_answers, task_items["winrate"], args.langs,
+                                                   args.judge_limit)
     held_out = check_held_out(task_items, args.trained_on)
     rank, world_size = common.setup_distributed()
     settings = {name: value for name, value in vars(args).items()
@@ -1048,9 +1104,12 @@ def main(argv=None):
                                 "server_concurrency", "answers_only")}
     if common.claim(os.path.join(args.output, "eval.json"), settings, rank, partial=False):
         return
-    # The judge's server is asked for its models now: a wrong URL, key or model name fails before any generation.
-    api = server_judge(common.connect(args.judge_server, args.judge, args.server_concurrency), args.judge_max_tokens) \
-        if judging and args.judge_server else None
+    # The judge's server is asked for its models now: a wrong URL, key or model name fails before any
+    # generation.
+    api = None
+    if judging and args.judge_server:
+        api = server_judge(common.connect(args.judge_server, args.judge, args.server_concurrency),
+                           args.judge_max_tokens)
     work = os.path.join(args.output, "work")
     counts = {"new_tokens": 0, "predictions": 0, "judged": 0, "no_number": 0, "unreadable_verdicts": 0}
     started = time.perf_counter()
@@ -1059,16 +1118,20 @@ def main(argv=None):
     predictions = {column["label"]: predict(column, task_items, work, args, rank, world_size, counts)
                    for column in columns if column.get("servers") or not args.answers_only}
     if args.answers_only:
-        print(f"05_eval --answers-only: answered {', '.join(predictions)} ({counts['predictions']} now) in {work}")
+        print(f"05_eval --answers-only: answered {', '.join(predictions)} ({counts['predictions']} now) in "
+              f"{work}")
         return common.cleanup_distributed()
-    # 2. Judge: each later column's win-rate answers against the first column's (or all against --reference-answers).
-    judgements, judge_text = judge_all(columns, predictions, reference_answers, work, args, rank, world_size, counts,
-                                       api) if judging else ({}, "")
+    # 2. Judge: each later column's win-rate answers against the first column's (or all against
+    #    --reference-answers).
+    judgements, judge_text = judge_all(columns, predictions, reference_answers, work, args, rank, world_size,
+                                       counts, api) if judging else ({}, "")
     # 3. Write eval.json, predictions.jsonl and the report.
     if rank == 0:
-        write_outputs(args.output, columns, predictions, judgements, judge_text, task_items, held_out, args.langs, args)
+        write_outputs(args.output, columns, predictions, judgements, judge_text, task_items, held_out,
+                      args.langs, args)
     print(common.summary_line(
-        "05_eval" + (f"[rank {rank}]" if world_size > 1 else ""), time.perf_counter() - started, counts["new_tokens"],
+        "05_eval" + (f"[rank {rank}]" if world_size > 1 else ""), time.perf_counter() - started,
+        counts["new_tokens"],
         models=len(columns), tasks=len(task_items), predictions_made_now=counts["predictions"],
         judged_now=counts["judged"], answers_without_a_number=counts["no_number"],
         unreadable_judge_replies=counts["unreadable_verdicts"]))

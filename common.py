@@ -45,6 +45,17 @@ class InputError(Exception):
     """A mistake in what the user gave us. Printed as one line, never a traceback."""
 
 
+def first_line(error):
+    """An exception's message, cut to its first line (at most 200 characters) for a one-line error."""
+    return (str(error).splitlines() or [""])[0][:200]
+
+
+def refuse(problems):
+    """Stop with the first message of {message: is it so} that holds (flags are checked before any work)."""
+    for message in (message for message, holds in problems.items() if holds):
+        raise InputError(message)
+
+
 def run_main(main):
     """Run a script's main(); user errors become one line on stderr and exit code 2."""
     try:
@@ -85,8 +96,8 @@ def read_jsonl(path, required=()):
             raise InputError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
         for field in required:
             if record.get(field) in (None, "", [], {}):
-                raise InputError(f"{path}:{line_number}: " + (f"field '{field}' is empty" if field in record else
-                                                              f"missing field '{field}'"))
+                problem = f"field '{field}' is empty" if field in record else f"missing field '{field}'"
+                raise InputError(f"{path}:{line_number}: {problem}")
         rows.append((line_number, record))
     return rows
 
@@ -115,7 +126,8 @@ def read_json(path):
 
 
 def write_jsonl(path, records):
-    write_atomic(path, lambda handle: handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_atomic(path, lambda handle: handle.writelines(json.dumps(r, ensure_ascii=False) + "\n"
+                                                        for r in records))
 
 
 def write_json(path, value):
@@ -179,7 +191,8 @@ def finish(out_path, items, key, rank=0):
         by_key = {key(record): record for record in read_finished(out_path)}
         missing = [key(item) for item in items if key(item) not in by_key]
         if missing:
-            raise RuntimeError(f"{out_path}: {len(missing)} records missing after every rank finished: {missing[0]}")
+            raise RuntimeError(f"{out_path}: {len(missing)} records missing after every rank finished: "
+                               f"{missing[0]}")
         write_jsonl(out_path, [by_key[key(item)] for item in items])
         for path in glob.glob(glob.escape(out_path) + ".part*"):
             os.remove(path)
@@ -213,10 +226,12 @@ def claim(out_path, settings, rank=0, partial=None):
     partial = glob.glob(glob.escape(out_path) + ".part*") if partial is None else partial
     if saved is not None and (partial or os.path.exists(out_path)):
         now = json.loads(json.dumps(settings))  # as it reads back from the file: tuples are lists
-        name = next((name for name in sorted(set(saved) | set(now)) if saved.get(name) != now.get(name)), None)
+        differ = [name for name in sorted(set(saved) | set(now)) if saved.get(name) != now.get(name)]
+        name = differ[0] if differ else None
         if name is not None:
-            raise InputError(f"{out_path}: made with {name}={saved.get(name)!r}, now {now.get(name)!r}; rerun with "
-                             f"the same settings, or delete {out_path} and {out_path}.* to start over")
+            raise InputError(f"{out_path}: made with {name}={saved.get(name)!r}, now {now.get(name)!r}; "
+                             f"rerun with the same settings, or delete {out_path} and {out_path}.* "
+                             "to start over")
     if os.path.exists(out_path):
         if saved is None:
             raise InputError(f"{out_path} exists, with no record of the settings it was made with; delete it")
@@ -332,7 +347,8 @@ def _raw_records(path):
         answer = parse_number(columns[1])
         if answer is None:
             raise InputError(f"{where}: answer '{columns[1].strip()}' is not a number")
-        rows.append((where, {"question": columns[0], "answer": answer, "lang": lang}, f"{prefix}-{line_number - 1}"))
+        record = {"question": columns[0], "answer": answer, "lang": lang}
+        rows.append((where, record, f"{prefix}-{line_number - 1}"))
     return rows
 
 
@@ -345,7 +361,8 @@ def _language_of_file(path):
 def load_prompts(source, langs=None, limit=None, split="train", check=None):
     """Prompts from a file, a directory of per-language files, or a hub dataset name.
 
-    - `x.jsonl` (or `x.json`, one JSON array): records with `lang` and `prompt` (or `instruction`, `question`).
+    - `x.jsonl` (or `x.json`, one JSON array): records with `lang` and `prompt` (or `instruction`,
+      `question`).
     - a directory: `{lang}.jsonl`, `{lang}.json` or `*_{lang}.tsv` files; the language is the file name.
     - `x.tsv`: MGSM-style question<TAB>answer, language from the file name.
     - anything else: a Hugging Face dataset name, `name`, `name:config` or `name:config:split`; `{lang}` in
@@ -357,18 +374,20 @@ def load_prompts(source, langs=None, limit=None, split="train", check=None):
     for code in langs or []:
         language_name(code, "--langs")
     if os.path.isdir(source) or os.path.isfile(source):
-        files = [source] if os.path.isfile(source) else sorted(  # in a directory, the file name is the language
+        # In a directory, the file name is the language.
+        files = [source] if os.path.isfile(source) else sorted(
             f for f in glob.glob(os.path.join(source, "*")) if f.endswith((".jsonl", ".json", ".tsv"))
             and _language_of_file(f) in (langs or LANGUAGES))
         if not files:
             raise InputError(f"{source}: no {{lang}}.jsonl, {{lang}}.json or *_{{lang}}.tsv files"
                              + (f" for languages {','.join(langs)}" if langs else ""))
-        # A record without a `lang` field is in its file's language (`de.json`, `mgsm_de.tsv`), if the name says one.
-        prompts = [_normalise_prompt(record, _language_of_file(f) if _language_of_file(f) in LANGUAGES else None,
-                                     default_id, where, check)
+        # A record without a `lang` field is in its file's language (`de.json`, `mgsm_de.tsv`), if the name
+        # says one.
+        file_lang = {f: _language_of_file(f) if _language_of_file(f) in LANGUAGES else None for f in files}
+        prompts = [_normalise_prompt(record, file_lang[f], default_id, where, check)
                    for f in files for where, record, default_id in _raw_records(f)]
-    elif os.path.exists(os.path.dirname(source) or ".") and os.sep in source or source.endswith((".jsonl", ".json",
-                                                                                              ".tsv")):
+    elif (os.path.exists(os.path.dirname(source) or ".") and os.sep in source
+          or source.endswith((".jsonl", ".json", ".tsv"))):
         raise InputError(f"{source}: no such file")
     else:
         names = [source.replace("{lang}", code) for code in langs or []] if "{lang}" in source else [source]
@@ -397,10 +416,10 @@ def _load_hub_prompts(name, split, check):
         dataset = datasets.load_dataset(dataset_name, config or None, split=split)
     except Exception as error:  # the hub's many failure types all mean the same thing to a user
         raise InputError(f"{name}: not a file or directory, and loading it as a Hugging Face "
-                         f"dataset failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
+                         f"dataset failed: {type(error).__name__}: {first_line(error)}") from None
     lang = _language_of_file(config) if _language_of_file(config) in LANGUAGES else None  # es, X-CSQA-es
-    return [_normalise_prompt(row, row.get("lang", lang), f"{dataset_name}-{index}", f"{name}[{index}]", check)
-            for index, row in enumerate(dataset)]
+    return [_normalise_prompt(row, row.get("lang", lang), f"{dataset_name}-{index}", f"{name}[{index}]",
+                              check) for index, row in enumerate(dataset)]
 
 
 # ----------------------------------------------------------------------------
@@ -460,35 +479,22 @@ def resolve_model(name):
     return embedded_model_dir() if name == EMBEDDED_MODEL else name
 
 
-@functools.cache
-def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
-    """True where the CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX), as Linux lists its flags.
-
-    There torch's bf16 matrix products run about 2x fp32's; elsewhere bf16 is emulated and slower than fp32.
-    """
-    if not os.path.isfile(cpuinfo):
-        return False
-    with open(cpuinfo) as handle:
-        flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def pick_device():
-    """(device, dtype): CUDA with bf16 where the GPU has it (fp32 on a T4 or V100), else the CPU, with bf16
-    where it has bf16 in hardware (cpu_has_bf16) and fp32 elsewhere.
+    """(device, dtype): CUDA with bf16 where the GPU has it (fp32 on a T4 or V100), else the CPU in fp32, or
+    in bf16 with LOOP_BF16=1 (fast only on CPUs with bf16 in hardware: AVX512-BF16 or AMX; README,
+    "Precision").
 
     bf16 means: generation with bf16 weights, and 04's forward under bf16 autocast (fp32 weights, optimizer,
     loss). A difference of two close models (03's implicit reward, 05's judge, proxy-tuning) loads in fp32 on
-    every device. LOOP_BF16=0 keeps the CPU in fp32; LOOP_BF16=1 makes it take bf16 on any CPU.
+    every device.
     """
     if torch.cuda.is_available():
         return (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))),
                 torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
-    choice = os.environ.get("LOOP_BF16", "")
-    if choice not in ("", "0", "1"):
-        raise InputError(f"LOOP_BF16={choice}: 0 (fp32), 1 (bf16) or unset (bf16 where the CPU has it)")
-    bf16 = choice == "1" or (choice == "" and cpu_has_bf16())
-    return torch.device("cpu"), torch.bfloat16 if bf16 else torch.float32
+    choice = os.environ.get("LOOP_BF16") or "0"
+    if choice not in ("0", "1"):
+        raise InputError(f"LOOP_BF16={choice}: 0 (fp32, the default on a CPU) or 1 (bf16)")
+    return torch.device("cpu"), torch.bfloat16 if choice == "1" else torch.float32
 
 
 def model_config(name, trust_remote_code=False):
@@ -497,7 +503,7 @@ def model_config(name, trust_remote_code=False):
     try:
         return AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:  # ValueError: a directory or id that is not a model
-        raise InputError(f"{name}: not a model we can load ({str(error).splitlines()[0][:200]})") from None
+        raise InputError(f"{name}: not a model we can load ({first_line(error)})") from None
 
 
 def load_tokenizer(name, trust_remote_code=False):
@@ -505,7 +511,7 @@ def load_tokenizer(name, trust_remote_code=False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:  # ValueError: a directory without tokenizer files
-        raise InputError(f"--model {name}: cannot load a tokenizer ({str(error).splitlines()[0][:200]})") from None
+        raise InputError(f"--model {name}: cannot load a tokenizer ({first_line(error)})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -526,7 +532,7 @@ def load_model(name, device=None, dtype=None, trust_remote_code=False, scored=Tr
         model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code, use_kernels=False)
     except OSError as error:
-        raise InputError(f"--model {name}: cannot load a model ({str(error).splitlines()[0][:200]})") from None
+        raise InputError(f"--model {name}: cannot load a model ({first_line(error)})") from None
     model.to(device).eval()
     try:
         if scored:
@@ -545,8 +551,10 @@ def chat_prompt_text(tokenizer, user_message, system=None, assistant_prefix=""):
 
     `assistant_prefix` primes the answer (02 uses it to open the <translated> tag).
     """
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + assistant_prefix
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": user_message})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + assistant_prefix
 
 
 def adds_bos(tokenizer):
@@ -561,7 +569,8 @@ def prompt_ids(tokenizer, text):
     is tokenised without adding special tokens: adding them again is the classic double-BOS bug.
     """
     ids = tokenizer(text, add_special_tokens=False).input_ids
-    if adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:  # a template that leaves BOS to the tokenizer
+    # A template that leaves BOS to the tokenizer.
+    if adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
         ids = [tokenizer.bos_token_id] + ids
     return ids
 
@@ -626,8 +635,9 @@ def generate_batches(model, tokenizer, prompt_ids, num_samples=1, temperature=0.
     progress = tqdm(total=len(order), desc=desc, unit="prompt", disable=not show_progress, dynamic_ncols=True)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        rows = decode_batch(models, [prompt_ids[i] for i in batch], num_samples, tokenizer.pad_token_id, stop_ids,
-                            temperature, top_p, repetition_penalty, max_new_tokens, proxy[2] if proxy else 0.0)
+        rows = decode_batch(models, [prompt_ids[i] for i in batch], num_samples, tokenizer.pad_token_id,
+                            stop_ids, temperature, top_p, repetition_penalty, max_new_tokens,
+                            proxy[2] if proxy else 0.0)
         progress.update(len(batch))
         yield [(index, decode_samples(tokenizer, samples, stop_ids)) for index, samples in zip(batch, rows)]
     progress.close()
@@ -646,12 +656,13 @@ def decode_batch(models, prompts, num_samples, pad_id, stop_ids, temperature, to
     # 1. Prefill: the prompts left-padded (so every row ends in the same column), once per model.
     longest = max(len(ids) for ids in prompts)
     input_ids = torch.tensor([[pad_id] * (longest - len(ids)) + ids for ids in prompts], device=device)
-    attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts],
+                                  device=device)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # real tokens only: padding changes nothing
     caches, logits = [], []
     for model in models:
-        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                       logits_to_keep=1)
+        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                       use_cache=True, logits_to_keep=1)
         if num_samples > 1:  # 2. the N samples of a prompt share its prefill: copy its cache rows
             output.cache.batch_repeat_interleave(num_samples)
         caches.append(output.cache)
@@ -662,7 +673,8 @@ def decode_batch(models, prompts, num_samples, pad_id, stop_ids, temperature, to
         1, torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:]).clamp(max=vocab - 1), True)
     seen, attention_mask, positions = (tensor.repeat_interleave(num_samples, dim=0)
                                        for tensor in (seen, attention_mask, positions[:, -1:]))
-    owners = [(prompt, sample) for prompt in range(len(prompts)) for sample in range(num_samples)]  # of each row
+    # The (prompt, sample) of each row.
+    owners = [(prompt, sample) for prompt in range(len(prompts)) for sample in range(num_samples)]
     new_tokens = [[[] for _ in range(num_samples)] for _ in prompts]
     stops = set(stop_ids)
     for step in range(max_new_tokens):
@@ -693,7 +705,8 @@ def decode_batch(models, prompts, num_samples, pad_id, stop_ids, temperature, to
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(keep), 1)], dim=1)
         positions = positions + 1
         logits = [model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=positions,
-                        cache=cache, use_cache=True).logits[:, -1].float() for model, cache in zip(models, caches)]
+                        cache=cache, use_cache=True).logits[:, -1].float()
+                  for model, cache in zip(models, caches)]
     return new_tokens
 
 
@@ -725,17 +738,18 @@ def decode_samples(tokenizer, rows, stop_ids):
 
 def generate(engine, tokenizer, prompts, num_samples=1, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
              max_new_tokens=256, batch_size=16, desc="generate", show_progress=True, proxy=None, seed=0):
-    """Generate answers to rendered chat prompts (chat_prompt_text) on either engine; yields [(index, samples)].
+    """Generate answers to rendered chat prompts (chat_prompt_text) on either engine; yields
+    [(index, samples)].
 
     engine: a model (the decode loop above, batch_size prompts at a time) or a Server (every prompt a request,
     records yielded as their replies come). Samples are {"text", "truncated", "new_tokens"} either way.
     """
     if isinstance(engine, Server):
-        return server_generate(engine, tokenizer, prompts, num_samples, temperature, top_p, repetition_penalty,
-                               max_new_tokens, desc, show_progress, seed)
+        return server_generate(engine, tokenizer, prompts, num_samples, temperature, top_p,
+                               repetition_penalty, max_new_tokens, desc, show_progress, seed)
     return generate_batches(engine, tokenizer, [prompt_ids(tokenizer, text) for text in prompts], num_samples,
-                            temperature, top_p, repetition_penalty, max_new_tokens, batch_size, desc, show_progress,
-                            proxy)
+                            temperature, top_p, repetition_penalty, max_new_tokens, batch_size, desc,
+                            show_progress, proxy)
 
 
 # ----------------------------------------------------------------------------
@@ -754,11 +768,11 @@ SERVER_KEY_ENV = "OPENAI_API_KEY"  # the API key, if the server wants one (vLLM 
 def add_server_flags(parser, server_model=True):
     """--server, --server-model, --server-concurrency: the same flags in 01, 02 and 05."""
     parser.add_argument("--server", nargs="+", default=None, metavar="URL",
-                        help="generate on OpenAI-compatible servers (vLLM, SGLang, transformers serve) at these "
-                             "base URLs, e.g. http://127.0.0.1:8000/v1, requests shared out among them; the chat "
-                             f"template is rendered here with the model's own tokenizer; key from ${SERVER_KEY_ENV}. "
-                             "A repetition penalty goes as the extra field vLLM and SGLang take; a server that "
-                             "rejects it (transformers serve) stops the run")
+                        help="generate on OpenAI-compatible servers (vLLM, SGLang, transformers serve) at "
+                        "these base URLs, e.g. http://127.0.0.1:8000/v1, requests shared out among them; the "
+                        "chat template is rendered here with the model's own tokenizer; key from "
+                        f"${SERVER_KEY_ENV}. A repetition penalty goes as the extra field vLLM and SGLang "
+                        "take; a server that rejects it (transformers serve) stops the run")
     if server_model:
         parser.add_argument("--server-model", default=None,
                             help="model name to request (default: the one model the server lists)")
@@ -782,10 +796,11 @@ def request_json(url, body=None, key=None, attempts=6, timeout=600):
             if error.code not in (429, 500, 502, 503, 504) or attempt == attempts - 1:
                 detail = error.read().decode(errors="replace")[:300]
                 raise InputError(f"{url}: HTTP {error.code} {error.reason} {detail}") from None
-        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as error:  # refused,
-            # unreachable, cut off mid-reply, no reply
+        # Refused, unreachable, cut off mid-reply, no reply:
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as error:
             if attempt == attempts - 1:
-                raise InputError(f"{url}: no reply after {attempts} tries ({getattr(error, 'reason', error)})") \
+                why = getattr(error, 'reason', error)
+                raise InputError(f"{url}: no reply after {attempts} tries ({why})") \
                     from None
         except json.JSONDecodeError as error:
             raise InputError(f"{url}: the reply is not JSON ({error.msg})") from None
@@ -808,10 +823,12 @@ def connect(urls, model=None, concurrency=64):
     for url in urls:
         listed = served_models(url)
         if model is None and len(listed) != 1:
-            raise InputError(f"--server {url}: lists {len(listed)} models {listed[:5]}; name one with --server-model")
+            raise InputError(f"--server {url}: lists {len(listed)} models {listed[:5]}; "
+                             "name one with --server-model")
         model = model or listed[0]
         if model not in listed:
-            raise InputError(f"--server {url}: does not serve '{model}' (it lists: {', '.join(listed) or 'none'})")
+            raise InputError(f"--server {url}: does not serve '{model}' "
+                             f"(it lists: {', '.join(listed) or 'none'})")
     return Server(urls, model, os.environ.get(SERVER_KEY_ENV), concurrency)
 
 
@@ -825,16 +842,18 @@ def server_generate(server, tokenizer, prompts, num_samples, temperature, top_p,
                            num_samples, dict(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                                              stop=stop, seed=int(content_key(seed, text), 16) % 2 ** 31),
                            repetition_penalty): index for index, text in enumerate(prompts)}
+    replies = concurrent.futures.as_completed(futures)
     try:
-        for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc=desc, unit="prompt",
-                           disable=not show_progress, dynamic_ncols=True):
+        for future in tqdm(replies, total=len(futures), desc=desc, unit="prompt", disable=not show_progress,
+                           dynamic_ncols=True):
             yield [(futures[future], future.result())]
     finally:  # on an error or a kill, drop the queue; only the requests in flight finish
         pool.shutdown(wait=False, cancel_futures=True)
 
 
 def server_samples(server, url, tokenizer, text, num_samples, body, repetition_penalty):
-    """num_samples answers to one prompt: [{"text", "truncated", "new_tokens"}], as decode_samples gives them."""
+    """num_samples answers to one prompt: [{"text", "truncated", "new_tokens"}], as decode_samples gives
+    them."""
     expected_tokens = len(prompt_ids(tokenizer, text))
     if adds_bos(tokenizer) and text.startswith(tokenizer.bos_token):
         text = text[len(tokenizer.bos_token):]  # the server's tokenizer adds BOS itself, as ours would
@@ -849,16 +868,18 @@ def server_samples(server, url, tokenizer, text, num_samples, body, repetition_p
         except InputError as error:
             if "repetition_penalty" not in str(error):
                 raise
-            raise InputError(f"{error}: this server takes no repetition penalty (vLLM and SGLang do, transformers "
-                             "serve does not); rerun with --repetition-penalty 1.0") from None
+            raise InputError(f"{error}: this server takes no repetition penalty (vLLM and SGLang do, "
+                             "transformers serve does not); rerun with --repetition-penalty 1.0") from None
         choices = reply.get("choices") if isinstance(reply, dict) else None
         if not choices or not all(isinstance(choice, dict) and isinstance(choice.get("text"), str)
                                   for choice in choices):
-            raise InputError(f"--server {url}: not a completions reply (no choices with text): {str(reply)[:200]}")
+            raise InputError(f"--server {url}: not a completions reply (no choices with text): "
+                             f"{str(reply)[:200]}")
         usage = reply.get("usage") or {}
         if usage.get("prompt_tokens") not in (None, expected_tokens):
-            raise InputError(f"--server {url}: the server read the prompt as {usage['prompt_tokens']} tokens, we "
-                             f"count {expected_tokens}: is it serving the model whose tokenizer --model names?")
+            raise InputError(f"--server {url}: the server read the prompt as {usage['prompt_tokens']} "
+                             f"tokens, we count {expected_tokens}: is it serving the model whose tokenizer "
+                             "--model names?")
         for choice in choices:
             ended = choice.get("finish_reason") != "length"
             tokens = usage["completion_tokens"] if len(choices) == 1 and "completion_tokens" in usage else \
@@ -1005,7 +1026,8 @@ def response_logps(model, sequences, per_token=False, chunk_rows=None):
     # Position t predicts token t + 1: keep the positions whose next token is a response token.
     rows = torch.tensor([row for row, (ids, start) in enumerate(sequences) for _ in range(start, len(ids))],
                         device=device)
-    positions = torch.tensor([t - 1 for ids, start in sequences for t in range(start, len(ids))], device=device)
+    positions = torch.tensor([t - 1 for ids, start in sequences for t in range(start, len(ids))],
+                             device=device)
     targets = input_ids[rows, positions + 1]
     chunk_rows = chunk_rows or max(1, 2 ** 24 // output_layer.weight.shape[0])
 
@@ -1018,7 +1040,8 @@ def response_logps(model, sequences, per_token=False, chunk_rows=None):
         pieces.append(torch.utils.checkpoint.checkpoint(chunk_logps, states, labels, use_reentrant=False)
                       if torch.is_grad_enabled() else chunk_logps(states, labels))
     logps = torch.cat(pieces)
-    summed = torch.zeros(len(sequences), dtype=torch.float64, device=device).index_add(0, rows, logps.double())
+    summed = torch.zeros(len(sequences), dtype=torch.float64, device=device)
+    summed = summed.index_add(0, rows, logps.double())
     if not per_token:
         return summed
     return summed, list(logps.detach().cpu().split([len(ids) - start for ids, start in sequences]))
@@ -1187,7 +1210,8 @@ def parse_number(text):
         if len(set(separators)) == 2:          # both kinds: the last one is the decimal point
             whole, fraction = digits[:last], digits[last + 1:]
             digits = re.sub(r"[.,]", "", whole) + "." + fraction
-        elif len(separators) > 1 or (decimals == 3 and not re.match(r"0[.,]", digits)):  # 1,234,567, 1.234: thousands
+        # 1,234,567 and 1.234: thousands
+        elif len(separators) > 1 or (decimals == 3 and not re.match(r"0[.,]", digits)):
             digits = re.sub(r"[.,]", "", digits)
         else:                                   # 18.00, 3,5 -> decimal
             digits = digits.replace(",", ".")
@@ -1210,7 +1234,7 @@ def same_number(found, gold):
 
 
 def split_by_id(rows, fraction, seed, id_of=lambda row: str(row["id"])):
-    """(train, held_out): whole prompt ids held out, so a prompt (in every language) never lands on both sides.
+    """(train, held_out): whole prompt ids held out, so a prompt (in every language) is never on both sides.
 
     Holds out round(fraction x ids), at least one id and never every id.
     """

@@ -11,11 +11,14 @@
                     tokens/s, and step 1's loss minus ln 2 (the policy is its own reference there)
   --compile         bf16 weights, eager vs the model's forward under torch.compile(dynamic=True), 32 prompts x 64
                     tokens, the compile's own time reported (alone: ~7 min on 2 cores)
+  --fp32            what bounds the fp32 decode: GFLOP/s of fp32 and bf16 matrix products at 8 to 512 rows (the
+                    decode multiplies 32-96 rows by each weight matrix), and fp32 decode at batch 32 vs 96
 Each pair runs A, B, A, B; a rate is the better of its two rounds. The thread count torch uses is printed first.
 
     python bench/bench_cpu.py            # the demo's sizes (~15 min on 2 cores)
     python bench/bench_cpu.py --quick    # 32 prompts, 48 new tokens, 8 pairs
     python bench/bench_cpu.py --compile  # the torch.compile row only
+    python bench/bench_cpu.py --fp32     # what bounds the fp32 decode: matrix products by rows; batch 32 vs 96
 """
 import argparse
 import importlib.util
@@ -149,6 +152,42 @@ def decode_rows(quick):
     return rows
 
 
+def fp32_rows():
+    """What bounds the fp32 decode: matrix products at decode's row counts, and a larger decode batch."""
+    rows, generator = [], torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):  # 60 of SmolLM2-135M's 576 x 1536 MLP matrices: past the caches
+        weights = [torch.randn(576, 1536, generator=generator).to(dtype) for _ in range(60)]
+        for count in (8, 32, 64, 128, 512):
+            x = torch.randn(count, 576, generator=generator).to(dtype)
+            best = math.inf
+            for _ in range(3):
+                started = time.perf_counter()
+                for weight in weights:
+                    x @ weight
+                best = min(best, time.perf_counter() - started)
+            rows.append({"lever": "matrix product", "metric": f"{str(dtype)[6:]} GFLOP/s, {count} rows x 576 x 1536",
+                         "before": "", "after": f"{2 * count * 576 * 1536 * len(weights) / best / 1e9:.1f}",
+                         "ratio": ""})
+            print(rows[-1], flush=True)
+    model, tokenizer = common.load_model(common.EMBEDDED_MODEL, dtype=torch.float32, scored=False)
+    prompts = common.load_prompts(os.path.join(REPO, "data", "alpagasus"), langs=["en", "es", "de", "fr"], limit=24)
+    ids = [common.chat_prompt_ids(tokenizer, p["prompt"]) for p in prompts]
+    rates, texts = {32: 0.0, 96: 0.0}, {}
+    for _ in range(2):  # A, B, A, B
+        for batch_size in rates:
+            started, samples = time.perf_counter(), {}
+            for batch in common.generate_batches(model, tokenizer, ids, max_new_tokens=64, repetition_penalty=1.1,
+                                                 batch_size=batch_size, show_progress=False):
+                samples.update((index, sample) for index, (sample,) in batch)
+            seconds = time.perf_counter() - started
+            rates[batch_size] = max(rates[batch_size], sum(s["new_tokens"] for s in samples.values()) / seconds)
+            texts[batch_size] = [samples[i]["text"] for i in range(len(ids))]
+    same = sum(a == b for a, b in zip(texts[32], texts[96]))
+    return rows + [{"lever": "decode batch", "metric": f"fp32 answer tokens/s, {len(ids)} prompts x 64 new tokens "
+                    f"(answers identical: {same} of {len(ids)})", "before": f"batch 32 {rates[32]:.1f}",
+                    "after": f"batch 96 {rates[96]:.1f}", "ratio": rates[96] / rates[32]}]
+
+
 def compile_rows():
     """bf16 decode, eager vs torch.compile of the forward; the first compiled run includes the compile."""
     eager, tokenizer = common.load_model(common.EMBEDDED_MODEL, dtype=torch.bfloat16, scored=False)
@@ -205,11 +244,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller inputs, for a first look")
     parser.add_argument("--compile", action="store_true", help="only the torch.compile row")
+    parser.add_argument("--fp32", action="store_true", help="only the fp32 rows: matrix products by row count, "
+                        "and the fp32 decode at batch 32 vs 96 (~3 min)")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
+    flags = open("/proc/cpuinfo").read().split() if os.path.isfile("/proc/cpuinfo") else []
     print(f"torch {torch.__version__}: {torch.get_num_threads()} threads on {os.cpu_count()} cores; "
-          f"bf16 in hardware: {common.cpu_has_bf16()}", flush=True)
-    rows = compile_rows() if args.compile else decode_rows(args.quick) + dpo_rows(args.quick)
+          f"bf16 in hardware: {'avx512_bf16' in flags or 'amx_bf16' in flags}", flush=True)
+    rows = compile_rows() if args.compile else fp32_rows() if args.fp32 else \
+        decode_rows(args.quick) + dpo_rows(args.quick)
     print("\n| lever | metric | before | after | after / before |\n|---|---|---|---|---|")
     for row in rows:
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] != "" else ""

@@ -18,8 +18,8 @@ sys.path.insert(0, REPO)
 
 import common  # noqa: E402
 
-# The tests check numbers against hand computations in fp32: on a CPU with bf16 in hardware the code would choose
-# bf16 (common.pick_device). Tests of the bf16 path set LOOP_BF16=1 themselves; subprocesses inherit this.
+# The tests check numbers against hand computations in fp32, the CPU's default (common.pick_device), even where the
+# user's shell sets LOOP_BF16=1. Tests of the bf16 path set LOOP_BF16=1 themselves; subprocesses inherit this.
 os.environ["LOOP_BF16"] = "0"
 
 

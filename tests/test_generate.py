@@ -135,21 +135,16 @@ def test_batched_greedy_in_bf16_starts_like_one_prompt_at_a_time(lively_model):
         assert len(together) == len(alone) == 12 and together[:3] == alone[:3]
 
 
-def test_the_cpu_takes_bf16_where_it_has_bf16_in_hardware(tmp_path, monkeypatch):
-    with_bf16 = write(tmp_path / "epyc", "processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
-    with_amx = write(tmp_path / "xeon", "processor\t: 0\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile\n")
-    without = write(tmp_path / "older", "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
-    assert common.cpu_has_bf16(with_bf16) and common.cpu_has_bf16(with_amx)
-    assert not common.cpu_has_bf16(without) and not common.cpu_has_bf16(str(tmp_path / "no-such-file"))
+def test_the_cpu_runs_fp32_unless_loop_bf16_asks_for_bf16(monkeypatch):
+    """fp32 is the CPU's default: with bf16 generation and training the demo's effect did not hold (RESULTS.md)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for has_bf16 in (True, False):
-        monkeypatch.setattr(common, "cpu_has_bf16", lambda: has_bf16)
-        for choice, expected in (("", torch.bfloat16 if has_bf16 else torch.float32), ("0", torch.float32),
-                                 ("1", torch.bfloat16)):
-            monkeypatch.setenv("LOOP_BF16", choice)
-            assert common.pick_device() == (torch.device("cpu"), expected), (has_bf16, choice)
+    monkeypatch.delenv("LOOP_BF16")
+    assert common.pick_device() == (torch.device("cpu"), torch.float32)
+    for choice, expected in (("", torch.float32), ("0", torch.float32), ("1", torch.bfloat16)):
+        monkeypatch.setenv("LOOP_BF16", choice)
+        assert common.pick_device() == (torch.device("cpu"), expected), choice
     monkeypatch.setenv("LOOP_BF16", "yes")
-    with pytest.raises(common.InputError, match="LOOP_BF16=yes"):
+    with pytest.raises(common.InputError, match="LOOP_BF16=yes: 0"):
         common.pick_device()
 
 
@@ -289,7 +284,7 @@ def test_torchrun_two_ranks_gives_the_same_records_as_one_process(tmp_path, tiny
 
 @pytest.mark.slow
 def test_bf16_generation_keeps_the_language_the_demo_measures():
-    """Where the CPU has bf16 in hardware, 01, 02 and 05 generate with bf16 weights (common.pick_device). Rounding
+    """With LOOP_BF16=1, 01, 02 and 05 generate with bf16 weights (common.pick_device). Rounding
     changes an answer's words, but the demo reads its language: on 24 held-out prompts (6 per language, greedy, 48
     tokens) bf16's answers are in the same language as fp32's at least 22 times (the bench: 92 of 96), and each
     language's fidelity moves by at most one answer."""

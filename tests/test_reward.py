@@ -203,7 +203,7 @@ NO_GERMAN = [json.dumps(dict(r, translations={"es": r["translations"]["es"]}), e
     (GOOD + [json.dumps(record("q7", "es", "Hola", ["Hola"], {"en": ["Hi"]}))], (),
      ":10: id 'q7' in 'es' has no 'en' record with the same id"),
     (NO_GERMAN, (), ":1: the 'en' record has no translations into 'de'"),
-    (GOOD[3:], (), "no 'en' records; imbalance needs the dominant language's answers"),
+    (GOOD[3:], (), "no 'en' records; imbalance needs the teacher's answers"),
     (GOOD[:2] + [GOOD[2].replace('"translations": {', '"translations": {"fr": [], ')] + GOOD[3:], (),
      ":3: translations['fr'] must be 1 strings or nulls, one per response"),
     (GOOD[:1] + ["{not json"] + GOOD[2:], (), ":2: not valid JSON"),
