@@ -183,6 +183,15 @@ def fp32_rows():
             rates[batch_size] = max(rates[batch_size], sum(s["new_tokens"] for s in samples.values()) / seconds)
             texts[batch_size] = [samples[i]["text"] for i in range(len(ids))]
     same = sum(a == b for a, b in zip(texts[32], texts[96]))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        for _ in common.generate_batches(model, tokenizer, ids[:32], max_new_tokens=32, repetition_penalty=1.1,
+                                         batch_size=32, show_progress=False):
+            pass
+    events = profile.key_averages()
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    rows.append({"lever": "decode profile", "metric": "fp32 decode of 32 rows: share of CPU time in matrix "
+                 "products (torch.profiler, self time)", "before": "", "after":
+                 f"{matmul / sum(e.self_cpu_time_total for e in events):.0%}", "ratio": ""})
     return rows + [{"lever": "decode batch", "metric": f"fp32 answer tokens/s, {len(ids)} prompts x 64 new tokens "
                     f"(answers identical: {same} of {len(ids)})", "before": f"batch 32 {rates[32]:.1f}",
                     "after": f"batch 96 {rates[96]:.1f}", "ratio": rates[96] / rates[32]}]
