@@ -475,7 +475,8 @@ def parse_args(argv=None):
     for code in args.targets or []:
         common.language_name(code, "--targets")
     common.refuse({
-        "--batch-size and --limit must be at least 1": args.batch_size < 1 or (args.limit or 1) < 1,
+        "--batch-size and --limit must be at least 1":
+            args.batch_size < 1 or (args.limit is not None and args.limit < 1),
         "--piece-tokens and --retries must be >= 0, --retry-temperature > 0":
             args.piece_tokens < 0 or args.retries < 0 or not args.retry_temperature > 0,
         "--temperature must be >= 0, --top-p in (0, 1], --repetition-penalty > 0":

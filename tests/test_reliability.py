@@ -238,6 +238,18 @@ def test_01_degenerate_input_is_refused(tmp_path, tiny_model, content, flags, me
     assert os.listdir(tmp_path) == ["p.jsonl"]  # nothing written at all
 
 
+@pytest.mark.parametrize("script, flags, message", [
+    ("02_translate.py", ["--limit", "0"], "--batch-size and --limit must be at least 1"),
+    ("02_translate.py", ["--batch-size", "0"], "--batch-size and --limit must be at least 1"),
+    ("05_eval.py", ["--limit", "0"], "--limit and --judge-limit must be at least 1"),
+    ("05_eval.py", ["--judge-limit", "0"], "--limit and --judge-limit must be at least 1"),
+])
+def test_a_count_of_zero_is_refused_before_any_work(tmp_path, script, flags, message):
+    """0 is a count, not "no limit": refused in one line before anything is read or written."""
+    error_line(run_script(script, *flags, "--output", tmp_path / "out"), message)
+    assert os.listdir(tmp_path) == []
+
+
 def test_02_refuses_an_empty_file(tmp_path):
     (tmp_path / "r.jsonl").write_text("\n")
     result = run_script("02_translate.py", "--input", tmp_path / "r.jsonl", "--output", tmp_path / "t.jsonl")
