@@ -14,6 +14,12 @@ rows that already stopped do not count).
     python bench/bench_generate.py                     # 96 prompts, 256 new tokens (~18 min on 2 cores)
     python bench/bench_generate.py --num-prompts 32    # one batch of 32 (~8 min)
     python bench/bench_generate.py --quick             # 8 prompts, 64 new tokens
+    python bench/bench_generate.py --sweep             # ours vs generate() at every size the demo decodes at
+
+--sweep runs, for each size (prompts x new tokens, all prompts in one batch): 8 x 64 (a small --limit),
+32 x 128 (01's batch in the demo), 96 x 128 (01's 32 prompts x 3 samples in iteration 2, as 96 rows) and
+64 x 64 (05's batch); our loop and generate() in one process, alternated (a warm-up pair first, then
+--rounds pairs, the order flipped each round), the fastest of each kept.
 """
 import argparse
 import json
@@ -69,6 +75,50 @@ def measure(variant, num_prompts, batch_size, max_new_tokens):
     print(json.dumps({"tokens": tokens, "seconds": seconds, "peak_memory_mb": peak_mb}))
 
 
+def sweep(sizes, rounds):
+    """Ours vs generate() at each (prompts, new tokens), all prompts one batch; alternated in one process."""
+    import torch
+
+    import common
+    model, tokenizer = common.load_model(common.EMBEDDED_MODEL)
+    prompts = common.load_prompts(os.path.join(REPO, "data", "prompts"), langs=["en", "es", "de", "fr"])
+    stop_ids = common.end_of_turn_ids(tokenizer)
+    rows = []
+    for num_prompts, max_new_tokens in sizes:
+        picked = (prompts * 2)[::max(1, len(prompts) // num_prompts)][:num_prompts]
+        ids = sorted([common.chat_prompt_ids(tokenizer, p["prompt"]) for p in picked], key=len, reverse=True)
+
+        def ours():
+            return [sample["text"] for batch in common.generate_batches(
+                model, tokenizer, ids, batch_size=len(ids), max_new_tokens=max_new_tokens, repetition_penalty=1.1,
+                show_progress=False) for _, samples in batch for sample in samples]
+
+        def library():
+            longest = max(len(row) for row in ids)
+            input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(row)) + row for row in ids])
+            mask = torch.tensor([[0] * (longest - len(row)) + [1] * len(row) for row in ids])
+            with torch.inference_mode():
+                output = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
+                                        max_new_tokens=max_new_tokens, repetition_penalty=1.1,
+                                        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+            return [common.decode_samples(tokenizer, [row], stop_ids)[0]["text"]
+                    for row in output[:, longest:].tolist()]
+        best, texts = {"ours": float("inf"), "generate()": float("inf")}, {}
+        for round_ in range(rounds + 1):  # round 0 warms both up and is not counted
+            order = [("ours", ours), ("generate()", library)]
+            for name, function in order if round_ % 2 else order[::-1]:
+                start = time.perf_counter()
+                texts[name] = function()
+                if round_:
+                    best[name] = min(best[name], time.perf_counter() - start)
+        same = sum(a == b for a, b in zip(texts["ours"], texts["generate()"]))
+        rows.append({"stage": "01 generate", "metric": f"seconds, {num_prompts} prompts x {max_new_tokens} new "
+                     f"tokens in one batch: generate() / ours ({same} of {num_prompts} answers identical)",
+                     "ours": best["ours"], "baseline": best["generate()"],
+                     "ratio": best["generate()"] / best["ours"], "peak_memory_mb": "-"})
+    return rows
+
+
 def run_variant(variant, num_prompts, batch_size, max_new_tokens):
     command = [sys.executable, __file__, "--child", variant, "--num-prompts", str(num_prompts),
                "--batch-size", str(batch_size), "--max-new-tokens", str(max_new_tokens)]
@@ -94,6 +144,8 @@ def run(quick=False, num_prompts=96):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer prompts and tokens")
+    parser.add_argument("--sweep", action="store_true", help="ours vs generate() at the demo's decode sizes")
+    parser.add_argument("--rounds", type=int, default=2, help="--sweep: alternated pairs per size")
     parser.add_argument("--child", choices=["ours", "single", "hf-batch"], help=argparse.SUPPRESS)
     parser.add_argument("--num-prompts", type=int, default=96,
                         help="96: the demo's prompts (24 per language); other counts: spread over all bundled prompts")
@@ -103,6 +155,7 @@ if __name__ == "__main__":
     if args.child:
         measure(args.child, args.num_prompts, args.batch_size, args.max_new_tokens)
     else:
-        for row in run(args.quick, args.num_prompts):
+        sizes = ((8, 64), (32, 128), (96, 128), (64, 64))
+        for row in sweep(sizes, args.rounds) if args.sweep else run(args.quick, args.num_prompts):
             print(f"{row['stage']}: {row['metric']}: ours {row['ours']:.1f}, baseline {row['baseline']:.1f}, "
                   f"ratio {row['ratio']:.2f}x, peak MB {row['peak_memory_mb']}")
