@@ -14,7 +14,8 @@ rows that already stopped do not count).
     python bench/bench_generate.py                     # 96 prompts, 256 new tokens (~18 min on 2 cores)
     python bench/bench_generate.py --num-prompts 32    # one batch of 32 (~8 min)
     python bench/bench_generate.py --quick             # 8 prompts, 64 new tokens
-    python bench/bench_generate.py --sweep             # ours vs generate() at every size the demo decodes at
+    python bench/bench_generate.py --sweep             # ours vs generate() at the sizes the demo decodes at
+    python bench/bench_generate.py --sweep --sizes 8x64 --rounds 6   # one size, more rounds
 
 --sweep runs, for each size (prompts x new tokens, all prompts in one batch): 8 x 64 (a small --limit),
 32 x 128 (01's batch in the demo), 96 x 128 (01's 32 prompts x 3 samples in iteration 2, as 96 rows) and
@@ -146,6 +147,7 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="fewer prompts and tokens")
     parser.add_argument("--sweep", action="store_true", help="ours vs generate() at the demo's decode sizes")
     parser.add_argument("--rounds", type=int, default=2, help="--sweep: alternated pairs per size")
+    parser.add_argument("--sizes", default="8x64,32x128,96x128,64x64", help="--sweep: PROMPTSxTOKENS,...")
     parser.add_argument("--child", choices=["ours", "single", "hf-batch"], help=argparse.SUPPRESS)
     parser.add_argument("--num-prompts", type=int, default=96,
                         help="96: the demo's prompts (24 per language); other counts: spread over all bundled prompts")
@@ -155,7 +157,7 @@ if __name__ == "__main__":
     if args.child:
         measure(args.child, args.num_prompts, args.batch_size, args.max_new_tokens)
     else:
-        sizes = ((8, 64), (32, 128), (96, 128), (64, 64))
+        sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes.split(",")]
         for row in sweep(sizes, args.rounds) if args.sweep else run(args.quick, args.num_prompts):
             print(f"{row['stage']}: {row['metric']}: ours {row['ours']:.1f}, baseline {row['baseline']:.1f}, "
                   f"ratio {row['ratio']:.2f}x, peak MB {row['peak_memory_mb']}")
