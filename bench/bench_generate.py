@@ -34,6 +34,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
+def library_generate(model, tokenizer, batch, max_new_tokens):
+    """model.generate() on left-padded prompts (greedy, repetition penalty 1.1) -> our sample records."""
+    import torch
+
+    import common
+    stop_ids = common.end_of_turn_ids(tokenizer)
+    longest = max(len(ids) for ids in batch)
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(ids)) + ids for ids in batch])
+    attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in batch])
+    with torch.inference_mode():
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                max_new_tokens=max_new_tokens, repetition_penalty=1.1, eos_token_id=stop_ids,
+                                pad_token_id=tokenizer.pad_token_id)
+    return [common.decode_samples(tokenizer, [row], stop_ids) for row in output[:, longest:].tolist()]
+
+
 def measure(variant, num_prompts, batch_size, max_new_tokens):
     """Run in a child process: generate, print one JSON line with tokens, seconds, peak memory."""
     import torch
@@ -49,17 +65,9 @@ def measure(variant, num_prompts, batch_size, max_new_tokens):
         prompts = prompts[::max(1, len(prompts) // num_prompts)][:num_prompts]
     prompt_ids = [common.chat_prompt_ids(tokenizer, p["prompt"]) for p in prompts]
     settings = dict(max_new_tokens=max_new_tokens, repetition_penalty=1.1, show_progress=False)
-    stop_ids = common.end_of_turn_ids(tokenizer)
 
-    def hf_generate(batch):  # model.generate on left-padded prompts -> our sample records
-        longest = max(len(ids) for ids in batch)
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(ids)) + ids for ids in batch])
-        attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in batch])
-        with torch.inference_mode():
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                                    max_new_tokens=max_new_tokens, repetition_penalty=1.1, eos_token_id=stop_ids,
-                                    pad_token_id=tokenizer.pad_token_id)
-        return [common.decode_samples(tokenizer, [row], stop_ids) for row in output[:, longest:].tolist()]
+    def hf_generate(batch):
+        return library_generate(model, tokenizer, batch, max_new_tokens)
     start = time.perf_counter()
     if variant == "ours":
         outputs = [s for batch in common.generate_batches(model, tokenizer, prompt_ids, batch_size=batch_size,
@@ -78,12 +86,9 @@ def measure(variant, num_prompts, batch_size, max_new_tokens):
 
 def sweep(sizes, rounds):
     """Ours vs generate() at each (prompts, new tokens), all prompts one batch; alternated in one process."""
-    import torch
-
     import common
     model, tokenizer = common.load_model(common.EMBEDDED_MODEL)
     prompts = common.load_prompts(os.path.join(REPO, "data", "prompts"), langs=["en", "es", "de", "fr"])
-    stop_ids = common.end_of_turn_ids(tokenizer)
     rows = []
     for num_prompts, max_new_tokens in sizes:
         picked = (prompts * 2)[::max(1, len(prompts) // num_prompts)][:num_prompts]
@@ -95,15 +100,7 @@ def sweep(sizes, rounds):
                 show_progress=False) for _, samples in batch for sample in samples]
 
         def library():
-            longest = max(len(row) for row in ids)
-            input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(row)) + row for row in ids])
-            mask = torch.tensor([[0] * (longest - len(row)) + [1] * len(row) for row in ids])
-            with torch.inference_mode():
-                output = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
-                                        max_new_tokens=max_new_tokens, repetition_penalty=1.1,
-                                        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-            return [common.decode_samples(tokenizer, [row], stop_ids)[0]["text"]
-                    for row in output[:, longest:].tolist()]
+            return [samples[0]["text"] for samples in library_generate(model, tokenizer, ids, max_new_tokens)]
         best, texts = {"ours": float("inf"), "generate()": float("inf")}, {}
         for round_ in range(rounds + 1):  # round 0 warms both up and is not counted
             order = [("ours", ours), ("generate()", library)]
