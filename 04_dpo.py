@@ -81,6 +81,11 @@ def parse_args(argv=None):
     add("--warmup-ratio", type=float, default=0.1, help="share of the steps spent warming up linearly from 0")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices, not norms or biases)")
     add("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: no clipping)")
+    add("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank, the model frozen (0: all weights)")
+    add("--lora-alpha", type=float, default=None, help="LoRA: the update is scaled by alpha / rank (default 2 x rank)")
+    add("--lora-dropout", type=float, default=0.0, help="LoRA: dropout on the adapters' input")
+    add("--lora-targets", default=",".join(LORA_TARGETS),
+        help="LoRA: the linear layers to adapt, by last name (default: attention and MLP, Llama-style names)")
     add("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     add("--fsdp", action="store_true", help="shard weights, gradients, optimizer over processes (FSDP2)")
     add("--save-every", type=int, default=100, help="checkpoint (with optimizer) every N steps; 0: never")
@@ -89,12 +94,15 @@ def parse_args(argv=None):
     add("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     args = parser.parse_args(argv)
     args.lr = args.lr if args.lr is not None else 1e-5 if args.loss == "sft" else 5e-7
+    args.lora_alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
     # Refuse what cannot train before anything is loaded or written.
     at_least_one = ("batch_size", "grad_accum", "epochs", "max_length")
     ranges = {"lr": args.lr > 0, "beta": args.beta > 0, "min_lr": 0 <= args.min_lr <= args.lr,
               "label_smoothing": 0 <= args.label_smoothing < 0.5, "nll_weight": args.nll_weight >= 0,
               "warmup_ratio": 0 <= args.warmup_ratio <= 1, "weight_decay": args.weight_decay >= 0,
               "max_grad_norm": args.max_grad_norm >= 0, "eval_frac": 0 <= args.eval_frac < 1,
+              "lora_rank": args.lora_rank >= 0, "lora_dropout": 0 <= args.lora_dropout < 1,
+              "lora_alpha": args.lora_alpha > 0 or not args.lora_rank,
               **{name: getattr(args, name) >= 1 for name in at_least_one}}
     common.refuse({f"--{name.replace('_', '-')} {getattr(args, name)} is out of range":
                    not (ok and math.isfinite(getattr(args, name))) for name, ok in ranges.items()})
@@ -148,6 +156,55 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         tokens = tokens_in_batch or chosen_token_counts.sum()
         loss = loss + nll_weight * (-policy_chosen_logps.sum()) / tokens
     return loss, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+# ----------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): low-rank adapters on the frozen model's linear layers. Needs only torch; copy it out
+# whole. Targets named q_proj ... down_proj are every attention and MLP projection of Llama, Qwen, Gemma,
+# Mistral and SmolLM; lm_head and the embeddings stay frozen.
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS):
+    """Freeze `model`; give each nn.Linear whose last name is in `targets` a trainable low-rank update.
+    Returns the adapted layers' names.
+
+    A target layer's y = W x becomes y = W x + (alpha / rank) * B A dropout(x), with A [rank, in] random
+    (nn.Linear's own init, as PEFT's) and B [out, rank] zero: the model starts exactly as it was, so DPO's
+    step 1 is still ln 2. A and B are fp32 whatever W's dtype, and sit on the layer as `lora_A` and `lora_B`:
+    their parameter names are PEFT's, less its "base_model.model." prefix. A forward hook adds the term.
+    """
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    for name in names:
+        layer = model.get_submodule(name)
+        device = layer.weight.device
+        layer.lora_A = torch.nn.Linear(layer.in_features, rank, bias=False, device=device, dtype=torch.float32)
+        layer.lora_B = torch.nn.Linear(rank, layer.out_features, bias=False, device=device, dtype=torch.float32)
+        torch.nn.init.zeros_(layer.lora_B.weight)
+        layer.lora_dropout, layer.lora_scaling = torch.nn.Dropout(dropout), alpha / rank
+        layer.register_forward_hook(lora_forward)
+    return names
+
+
+def lora_forward(layer, inputs, output):
+    """Forward hook of an adapted layer: its frozen output W x plus (alpha / rank) * B A dropout(x)."""
+    x = layer.lora_dropout(inputs[0]).to(layer.lora_A.weight.dtype)
+    return output + (layer.lora_B(layer.lora_A(x)) * layer.lora_scaling).to(output.dtype)
+
+
+def merge_lora(state, scaling):
+    """A state dict of an adapted model -> the plain model's, each adapter folded into its layer in fp32:
+    W + scaling * B A. Merged and stored in fp32: a LoRA delta is often below bf16's step at W's size."""
+    merged = {name: value.float() for name, value in state.items() if ".lora_" not in name}
+    for name in [name for name in state if name.endswith(".lora_A.weight")]:
+        layer = name[:-len(".lora_A.weight")]
+        delta = scaling * state[f"{layer}.lora_B.weight"].float() @ state[name].float()
+        merged[f"{layer}.weight"] = merged[f"{layer}.weight"] + delta  # not +=: it may be the live weight
+    return merged
 
 
 # ----------------------------------------------------------------------------
@@ -390,11 +447,18 @@ def attach_reference_logps(load, name, train, eval_set, first_epoch, args, rank,
 # Model setup, checkpoints
 
 
-def load_policy(name, device, args, train=True):
+def load_policy(name, device, args, train=True, checkpoint=None):
     """A model to train (or, train=False, a reference scored like it): fp32 master weights, dropout off,
     sharded under --fsdp (one shard group per decoder layer, then the rest), in DistributedDataParallel when
-    it trains under torchrun. Either way bf16 comes from autocast alone, as on one GPU: one precision path."""
-    model = common.load_model(name, device, torch.float32, args.trust_remote_code)[0]
+    it trains under torchrun. Either way bf16 comes from autocast alone, as on one GPU: one precision path.
+
+    With --lora-rank the model is frozen and trains adapters (from `checkpoint`'s, resuming). Never updated, it
+    needs no fp32 master copy: on a GPU it is stored in bf16 (but fp32 under --fsdp, which gathers one dtype
+    per shard group), the adapters in fp32.
+    """
+    bf16_base = args.lora_rank and device.type == "cuda" and not args.fsdp
+    model = common.load_model(name, device, common.pick_device()[1] if bf16_base else torch.float32,
+                              args.trust_remote_code)[0]
     model.train()
     for module in model.modules():  # the reference scores without dropout, so must the policy
         if isinstance(module, torch.nn.Dropout):
@@ -402,6 +466,13 @@ def load_policy(name, device, args, train=True):
         for attribute, value in vars(module).items():  # attention dropout is often a plain float attribute
             if "dropout" in attribute and isinstance(value, float):
                 setattr(module, attribute, 0.0)
+    if args.lora_rank and train:
+        targets = args.lora_targets.split(",")
+        if not add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets):
+            raise common.InputError(f"--lora-targets {args.lora_targets}: no linear layer of {name} has "
+                                    "one of these names")
+        if checkpoint:
+            load_adapter(model, os.path.join(checkpoint, "adapter"))
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -453,37 +524,72 @@ def all_finite(model, optimizer=None):
     moments = [value for state in (optimizer.state.values() if optimizer else [])
                for value in state.values() if torch.is_tensor(value) and value.ndim]
     # Under FSDP each process checks its own shards.
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in list(model.parameters()) + moments]
+    trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: the frozen model cannot change
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in trained + moments]
     finite = torch.stack([torch.isfinite(t.detach()).all() for t in local]).all().float()
     if dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
 
 
-def save_model(model, tokenizer, directory, rank):
-    """save_pretrained of the full (gathered) weights; a collective call under FSDP."""
+PEFT_PREFIX = "base_model.model."  # PEFT's adapter files name each weight under its wrapper
+
+
+def save_model(model, tokenizer, directory, rank, args, merged=True):
+    """save_pretrained of the full (gathered) weights; a collective call under FSDP.
+
+    With --lora-rank: the adapter in PEFT's format in directory/adapter/ (PeftModel.from_pretrained and
+    vLLM's --lora-modules load it onto --model), and, merged=True, the model with it merged in, in fp32.
+    """
+    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     first_name = {}  # a tied weight (lm_head = embeddings) is gathered under each name: store it once
     for name, parameter in common.unwrap(model).named_parameters(remove_duplicate=False):
         if first_name.setdefault(id(parameter), name) != name:
             state.pop(name, None)
-    if rank == 0:
-        common.unwrap(model).save_pretrained(directory, state_dict=state)
-        tokenizer.save_pretrained(directory)
+    if rank != 0:
+        return
+    if args.lora_rank:
+        adapter = os.path.join(directory, "adapter")
+        os.makedirs(adapter, exist_ok=True)
+        save_file({PEFT_PREFIX + name: value.contiguous() for name, value in state.items() if ".lora_" in name},
+                  os.path.join(adapter, "adapter_model.safetensors"), metadata={"format": "pt"})
+        common.write_json(os.path.join(adapter, "adapter_config.json"), {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": common.resolve_model(
+                args.model), "r": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+            "target_modules": sorted({n.rsplit(".", 3)[-3] for n in state if n.endswith(".lora_A.weight")}),
+            "bias": "none", "fan_in_fan_out": False})
+        if not merged:
+            return
+        state = merge_lora(state, args.lora_alpha / args.lora_rank)
+    common.unwrap(model).save_pretrained(directory, state_dict=state)
+    tokenizer.save_pretrained(directory)
 
 
-def save_checkpoint(model, optimizer, tokenizer, trainer_state, output, rank):
-    """checkpoint-N/: weights (safetensors), optimizer state (torch.save), trainer_state.json.
+def load_adapter(model, directory):
+    """Load the adapters saved by save_model (PEFT's names) into a model that add_lora adapted alike."""
+    from safetensors.torch import load_file
+    saved = {name.removeprefix(PEFT_PREFIX): value
+             for name, value in load_file(os.path.join(directory, "adapter_model.safetensors")).items()}
+    expected = {name for name, _ in model.named_parameters() if ".lora_" in name}
+    if set(saved) != expected:
+        raise common.InputError(f"{directory}: its adapters are not those of --lora-rank/--lora-targets now")
+    model.load_state_dict(saved, strict=False)
+
+
+def save_checkpoint(model, optimizer, tokenizer, trainer_state, args, rank):
+    """checkpoint-N/: weights (safetensors; LoRA: adapter/ only), optimizer state (torch.save),
+    trainer_state.json.
 
     Written as checkpoint-N.tmp and renamed when complete; only then is the older one deleted, so a
     kill at any moment leaves at least one whole checkpoint.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    step = trainer_state["step"]
+    step, output = trainer_state["step"], args.output
     final = os.path.join(output, f"checkpoint-{step}")
     temporary = final + ".tmp"
-    save_model(model, tokenizer, temporary, rank)
+    save_model(model, tokenizer, temporary, rank, args, merged=False)  # LoRA: the adapters alone
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     if rank == 0:
@@ -550,7 +656,9 @@ def prepare(args, rank, world):
                                 f"of {run.global_batch} (--batch-size x --grad-accum x processes)")
     run.total_steps = min(run.steps_per_epoch * args.epochs, args.max_steps or math.inf)
     checkpoint, run.state = resume_point(args.output, run.settings, args.resume, rank)
-    run.model = load_policy(checkpoint or args.model, run.device, args)
+    # A LoRA checkpoint holds the adapters alone: the model is --model's, the adapters the checkpoint's.
+    run.model = load_policy(checkpoint if checkpoint and not args.lora_rank else args.model, run.device, args,
+                            checkpoint=checkpoint)
     reference = args.reference or args.model  # by default the policy itself, before its first step
     fresh = reference == args.model and checkpoint is None
 
@@ -609,14 +717,14 @@ def train_loop(run, args, rank, world):
                                  lr=f"{lr:.1e}")
         progress.update(1)
         if saving:
-            save_checkpoint(run.model, run.optimizer, run.tokenizer, state, args.output, rank)
+            save_checkpoint(run.model, run.optimizer, run.tokenizer, state, args, rank)
     progress.close()
 
 
 def finish_run(run, args, rank, world):
     """Step 3: held-out metrics, the model, then train_summary.json (it marks the directory complete)."""
     eval_after = evaluate(run.model, run.eval_set, args, rank, world)
-    save_model(run.model, run.tokenizer, args.output, rank)
+    save_model(run.model, run.tokenizer, args.output, rank, args)
     if rank != 0:
         return
     state, seconds = run.state, time.perf_counter() - run.started
