@@ -47,6 +47,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import common
@@ -81,11 +82,10 @@ def parse_args(argv=None):
     add("--warmup-ratio", type=float, default=0.1, help="share of the steps spent warming up linearly from 0")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices, not norms or biases)")
     add("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: no clipping)")
-    add("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank, the model frozen (0: all weights)")
-    add("--lora-alpha", type=float, default=None, help="LoRA: the update is scaled by alpha / rank (default 2 x rank)")
+    add("--lora-rank", type=int, default=0, help="LoRA: train adapters of this rank, model frozen (0: off)")
+    add("--lora-alpha", type=float, default=None, help="LoRA: scale by alpha/rank (default: 2 x rank)")
     add("--lora-dropout", type=float, default=0.0, help="LoRA: dropout on the adapters' input")
-    add("--lora-targets", default=",".join(LORA_TARGETS),
-        help="LoRA: the linear layers to adapt, by last name (default: attention and MLP, Llama-style names)")
+    add("--lora-targets", default=",".join(LORA_TARGETS), help="LoRA: linear layers to adapt, by last name")
     add("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     add("--fsdp", action="store_true", help="shard weights, gradients, optimizer over processes (FSDP2)")
     add("--save-every", type=int, default=100, help="checkpoint (with optimizer) every N steps; 0: never")
@@ -175,15 +175,14 @@ def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS):
     step 1 is still ln 2. A and B are fp32 whatever W's dtype, and sit on the layer as `lora_A` and `lora_B`:
     their parameter names are PEFT's, less its "base_model.model." prefix. A forward hook adds the term.
     """
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    model.requires_grad_(False)
     names = [name for name, module in model.named_modules()
              if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
     for name in names:
         layer = model.get_submodule(name)
-        device = layer.weight.device
-        layer.lora_A = torch.nn.Linear(layer.in_features, rank, bias=False, device=device, dtype=torch.float32)
-        layer.lora_B = torch.nn.Linear(rank, layer.out_features, bias=False, device=device, dtype=torch.float32)
+        where = {"device": layer.weight.device, "dtype": torch.float32}
+        layer.lora_A = torch.nn.Linear(layer.in_features, rank, bias=False, **where)
+        layer.lora_B = torch.nn.Linear(rank, layer.out_features, bias=False, **where)
         torch.nn.init.zeros_(layer.lora_B.weight)
         layer.lora_dropout, layer.lora_scaling = torch.nn.Dropout(dropout), alpha / rank
         layer.register_forward_hook(lora_forward)
@@ -452,9 +451,9 @@ def load_policy(name, device, args, train=True, checkpoint=None):
     sharded under --fsdp (one shard group per decoder layer, then the rest), in DistributedDataParallel when
     it trains under torchrun. Either way bf16 comes from autocast alone, as on one GPU: one precision path.
 
-    With --lora-rank the model is frozen and trains adapters (from `checkpoint`'s, resuming). Never updated, it
-    needs no fp32 master copy: on a GPU it is stored in bf16 (but fp32 under --fsdp, which gathers one dtype
-    per shard group), the adapters in fp32.
+    With --lora-rank the model is frozen and trains adapters (from `checkpoint`'s, resuming). Never updated,
+    it needs no fp32 master copy: on a GPU it is stored in bf16 (but fp32 under --fsdp, which gathers one
+    dtype per shard group), the adapters in fp32.
     """
     bf16_base = args.lora_rank and device.type == "cuda" and not args.fsdp
     model = common.load_model(name, device, common.pick_device()[1] if bf16_base else torch.float32,
@@ -469,10 +468,11 @@ def load_policy(name, device, args, train=True, checkpoint=None):
     if args.lora_rank and train:
         targets = args.lora_targets.split(",")
         if not add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets):
-            raise common.InputError(f"--lora-targets {args.lora_targets}: no linear layer of {name} has "
-                                    "one of these names")
-        if checkpoint:
-            load_adapter(model, os.path.join(checkpoint, "adapter"))
+            raise common.InputError(f"--lora-targets {args.lora_targets} names no linear layer of {name}")
+        if checkpoint:  # resuming: the adapters as the checkpoint left them (PEFT's names, as saved)
+            saved = load_file(os.path.join(checkpoint, "adapter", "adapter_model.safetensors"))
+            model.load_state_dict({name.removeprefix(PEFT_PREFIX): value for name, value in saved.items()},
+                                  strict=False)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -541,7 +541,6 @@ def save_model(model, tokenizer, directory, rank, args, merged=True):
     With --lora-rank: the adapter in PEFT's format in directory/adapter/ (PeftModel.from_pretrained and
     vLLM's --lora-modules load it onto --model), and, merged=True, the model with it merged in, in fp32.
     """
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     first_name = {}  # a tied weight (lm_head = embeddings) is gathered under each name: store it once
@@ -551,15 +550,7 @@ def save_model(model, tokenizer, directory, rank, args, merged=True):
     if rank != 0:
         return
     if args.lora_rank:
-        adapter = os.path.join(directory, "adapter")
-        os.makedirs(adapter, exist_ok=True)
-        save_file({PEFT_PREFIX + name: value.contiguous() for name, value in state.items() if ".lora_" in name},
-                  os.path.join(adapter, "adapter_model.safetensors"), metadata={"format": "pt"})
-        common.write_json(os.path.join(adapter, "adapter_config.json"), {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": common.resolve_model(
-                args.model), "r": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-            "target_modules": sorted({n.rsplit(".", 3)[-3] for n in state if n.endswith(".lora_A.weight")}),
-            "bias": "none", "fan_in_fan_out": False})
+        save_adapter(state, os.path.join(directory, "adapter"), args)
         if not merged:
             return
         state = merge_lora(state, args.lora_alpha / args.lora_rank)
@@ -567,15 +558,17 @@ def save_model(model, tokenizer, directory, rank, args, merged=True):
     tokenizer.save_pretrained(directory)
 
 
-def load_adapter(model, directory):
-    """Load the adapters saved by save_model (PEFT's names) into a model that add_lora adapted alike."""
-    from safetensors.torch import load_file
-    saved = {name.removeprefix(PEFT_PREFIX): value
-             for name, value in load_file(os.path.join(directory, "adapter_model.safetensors")).items()}
-    expected = {name for name, _ in model.named_parameters() if ".lora_" in name}
-    if set(saved) != expected:
-        raise common.InputError(f"{directory}: its adapters are not those of --lora-rank/--lora-targets now")
-    model.load_state_dict(saved, strict=False)
+def save_adapter(state, directory, args):
+    """The adapters of an adapted model's state dict, in PEFT's format: adapter_model.safetensors (PEFT's
+    names) and adapter_config.json. PeftModel.from_pretrained and vLLM's --lora-modules load it onto
+    --model."""
+    os.makedirs(directory, exist_ok=True)
+    adapters = {PEFT_PREFIX + name: value.contiguous() for name, value in state.items() if ".lora_" in name}
+    save_file(adapters, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+    common.write_json(os.path.join(directory, "adapter_config.json"), {  # target_modules: q_proj, ...
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": args.lora_rank, "lora_alpha": args.lora_alpha,
+        "lora_dropout": args.lora_dropout, "target_modules": sorted({n.rsplit(".", 3)[-3] for n in adapters}),
+        "base_model_name_or_path": common.resolve_model(args.model)})
 
 
 def save_checkpoint(model, optimizer, tokenizer, trainer_state, args, rank):
@@ -586,8 +579,7 @@ def save_checkpoint(model, optimizer, tokenizer, trainer_state, args, rank):
     kill at any moment leaves at least one whole checkpoint.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    step, output = trainer_state["step"], args.output
-    final = os.path.join(output, f"checkpoint-{step}")
+    final = os.path.join(args.output, f"checkpoint-{trainer_state['step']}")
     temporary = final + ".tmp"
     save_model(model, tokenizer, temporary, rank, args, merged=False)  # LoRA: the adapters alone
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -596,7 +588,7 @@ def save_checkpoint(model, optimizer, tokenizer, trainer_state, args, rank):
         torch.save(optimizer_state, os.path.join(temporary, "optimizer.pt"))
         common.write_json(os.path.join(temporary, "trainer_state.json"), trainer_state)
         os.replace(temporary, final)
-        for old in glob.glob(os.path.join(output, "checkpoint-*")):
+        for old in glob.glob(os.path.join(args.output, "checkpoint-*")):
             if old != final:
                 shutil.rmtree(old)
     common.barrier()
