@@ -19,6 +19,14 @@ TRL is never a project dependency: install it into a separate venv and pass its 
     python bench/bench_dpo.py                                    # 32 pairs, 8 steps (+ TRL if found)
     python bench/bench_dpo.py --quick                            # 8 pairs, 2 steps
     python bench/bench_dpo.py --trl-python /tmp/trlvenv/bin/python
+
+--lora: full training against --lora-rank 8, 16 and 64 (alpha 2 x rank), each 04 run as a user runs it, in
+alternating order over --rounds rounds (full, r8, r16, r64, then backwards), the best tokens/s and the highest
+peak resident memory of each; then, in this process, the bytes each variant's training state holds per model
+parameter after one step (weights + gradients + AdamW moments, counted off the live tensors), fp32 as on a
+CPU and with the frozen model in bf16 as on a GPU.
+
+    python bench/bench_dpo.py --lora [--rounds 2]
 """
 import argparse
 import json
@@ -100,7 +108,7 @@ def in_loop_child(pairs_path):
     spec.loader.exec_module(dpo)
     args = SimpleNamespace(loss="sigmoid", beta=BETA, label_smoothing=0.0, nll_weight=0.0, max_length=MAX_LENGTH,
                            batch_size=BATCH, grad_accum=1, max_grad_norm=1.0, lr=LR, weight_decay=0.0,
-                           gradient_checkpointing=False, fsdp=False, trust_remote_code=False)
+                           gradient_checkpointing=False, fsdp=False, trust_remote_code=False, lora_rank=0)
     device, _ = common.pick_device()
     tokenizer = common.load_tokenizer(common.EMBEDDED_MODEL)
     examples, _ = dpo.read_examples(pairs_path, args, tokenizer, report=False)
@@ -235,6 +243,77 @@ def run(quick=False, trl_python=DEFAULT_TRL_PYTHON):
     return rows
 
 
+LORA_RANKS = (8, 16, 64)
+
+
+def state_bytes(lora_rank, base_dtype, pairs_path):
+    """Bytes of 04's training state after one optimizer step, counted off the live tensors, and the model's
+    parameter count: (weights, gradients, AdamW moments, parameters)."""
+    from types import SimpleNamespace
+
+    import torch
+    sys.path.insert(0, REPO)
+    import common
+    dpo = load_dpo()
+    args = SimpleNamespace(loss="sigmoid", beta=BETA, label_smoothing=0.0, nll_weight=0.0, max_length=MAX_LENGTH,
+                           batch_size=BATCH, grad_accum=1, max_grad_norm=1.0, lr=LR, weight_decay=0.0)
+    model = common.load_model(common.EMBEDDED_MODEL, torch.device("cpu"), base_dtype)[0].train()
+    parameters = sum(p.numel() for p in model.parameters())
+    if lora_rank:
+        dpo.add_lora(model, lora_rank, 2.0 * lora_rank)
+    examples, _ = dpo.read_examples(pairs_path, args, common.load_tokenizer(common.EMBEDDED_MODEL), report=False)
+    for example in examples[:BATCH]:
+        example["reference_logps"] = [-100.0, -100.0]
+    optimizer = dpo.make_optimizer(model, args)
+    # One step, then the gradients as they stand before zero_grad: step and keep them
+    loss, _ = dpo.micro_batch_loss(model, examples[:BATCH], args, BATCH, 1)
+    loss.backward()
+    optimizer.step()
+    size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    weights = size(model.parameters())
+    gradients = size(p.grad for p in model.parameters() if p.grad is not None)
+    moments = size(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.ndim)
+    return weights, gradients, moments, parameters
+
+
+def load_dpo():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("dpo", os.path.join(REPO, "04_dpo.py"))
+    dpo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dpo)
+    return dpo
+
+
+def run_lora(rounds):
+    """Full training against LoRA at each rank, alternated; then the bytes-per-parameter table."""
+    import torch
+    variants = [("full", [])] + [(f"r{rank}", ["--lora-rank", str(rank)]) for rank in LORA_RANKS]
+    results = {name: [] for name, _ in variants}
+    with tempfile.TemporaryDirectory(prefix="bench_lora_") as scratch:
+        pairs_path = os.path.join(scratch, "pairs.jsonl")
+        write_pairs(pairs_path, 32)
+        for round_index in range(rounds):
+            for name, flags in variants if round_index % 2 == 0 else variants[::-1]:
+                results[name].append(run_ours(pairs_path, scratch, f"{name}-{round_index}", flags))
+        print(f"\n{'variant':<8} {'train tokens/s':>15} {'vs full':>8} {'peak RSS MB':>12}  (best of {rounds})")
+        full = max(r["tokens_per_second"] for r in results["full"])
+        for name, _ in variants:
+            best = max(r["tokens_per_second"] for r in results[name])
+            peak = max(r["peak_memory_mb"] for r in results[name])
+            print(f"{name:<8} {best:>15.1f} {best / full:>7.2f}x {peak:>12.0f}")
+        print(f"\n{'variant':<8} {'frozen':>8} {'weights':>8} {'grads':>8} {'AdamW':>8} {'total':>8}"
+              "   bytes per model parameter, after one step")
+        for base_dtype in (torch.float32, torch.bfloat16):
+            for name, _ in variants:
+                if name == "full" and base_dtype != torch.float32:
+                    continue  # full training keeps fp32 master weights on every device
+                rank = 0 if name == "full" else int(name[1:])
+                weights, gradients, moments, parameters = state_bytes(rank, base_dtype, pairs_path)
+                per = [value / parameters for value in (weights, gradients, moments)]
+                frozen = str(base_dtype).replace("torch.", "") if rank else "-"
+                print(f"{name:<8} {frozen:>8} {per[0]:>8.3f} {per[1]:>8.3f} {per[2]:>8.3f} {sum(per):>8.3f}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="8 pairs (2 steps) instead of 32 (8 steps)")
@@ -243,8 +322,13 @@ if __name__ == "__main__":
     parser.add_argument("--child-trl", nargs=4, metavar=("PAIRS", "MODEL_DIR", "OUTPUT", "CHECKPOINTING"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--child-in-loop", metavar="PAIRS", help=argparse.SUPPRESS)
+    parser.add_argument("--lora", action="store_true", help="full training against LoRA at rank 8, 16, 64")
+    parser.add_argument("--rounds", type=int, default=2, help="--lora: alternated rounds (best of each)")
     args = parser.parse_args()
-    if args.child_trl:
+    if args.lora:
+        print(f"command: python bench/bench_dpo.py --lora --rounds {args.rounds}")
+        run_lora(args.rounds)
+    elif args.child_trl:
         trl_child(*args.child_trl)
     elif args.child_in_loop:
         in_loop_child(args.child_in_loop)

@@ -16,6 +16,9 @@ it, copy its tokenizer*.json and chat_template.jinja into a folder and name it).
      pairs of 512 tokens: seconds, peak memory, tokens/s, model FLOPs utilisation (6 x params x tokens / time /
      989 TFLOP/s, the H100/H200 bf16 dense peak). A shape whose training does not fit says why, with the memory
      arithmetic, and the next smaller shape is measured instead.
+  3. 04 --lora-rank 16 at Llama-3-8B's shape, as 04 runs it on one GPU: the frozen model stored in bf16, fp32
+     adapters on every attention and MLP projection, the same 16 pairs x 512 tokens: step 1 is ln 2, then
+     seconds, peak memory, tokens/s and MFU (4 x params x tokens: the frozen weights get no gradient).
 Each row goes to --out as results.json and results.md. --cpu-smoke asserts the correctness rows.
 """
 import argparse
@@ -57,10 +60,10 @@ SHAPES = {
 PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM, dense bf16
 # What each size of run does: (correctness shape, speed shapes, training shapes to try in order, sizes).
 PLANS = {
-    "gpu": dict(correct="small", speed=["1b", "8b"], train=["8b", "3b", "1b"], prompts=64, new_tokens=256,
-                score_rows=256, length=512, pairs=16, micro_batch=4, agreement_tokens=64),
-    "cpu-smoke": dict(correct="tiny", speed=["tiny"], train=["tiny"], prompts=4, new_tokens=8, score_rows=8,
-                      length=64, pairs=4, micro_batch=1, agreement_tokens=16),
+    "gpu": dict(correct="small", speed=["1b", "8b"], train=["8b", "3b", "1b"], lora=["8b"], prompts=64,
+                new_tokens=256, score_rows=256, length=512, pairs=16, micro_batch=4, agreement_tokens=64),
+    "cpu-smoke": dict(correct="tiny", speed=["tiny"], train=["tiny"], lora=["tiny"], prompts=4, new_tokens=8,
+                      score_rows=8, length=64, pairs=4, micro_batch=1, agreement_tokens=16),
 }
 
 
@@ -226,11 +229,21 @@ def training_memory_text(parameters, dtype_bytes=4):
             f"{gib * 8:.0f} + bf16 weight copies {gib * 2:.0f} = {gib * 18:.0f} GiB before activations")
 
 
-def training_rows(rows, shapes, tokenizer, plan, device):
-    """04's train_step at the largest shape that fits: step 1 is ln 2, then two timed steps."""
+def lora_memory_text(parameters, adapters):
+    """The memory arithmetic of 04 --lora-rank on a GPU: bf16 frozen weights; fp32 adapters, their gradients
+    and AdamW moments (16 bytes each)."""
+    gib = 2 ** 30
+    return (f"{parameters / 1e9:.2f}B params: bf16 weights {parameters * 2 / gib:.1f} GiB + adapters "
+            f"({adapters / 1e6:.0f}M) with grads and AdamW {adapters * 16 / gib:.1f} GiB before activations")
+
+
+def training_rows(rows, shapes, tokenizer, plan, device, lora_rank=0):
+    """04's train_step at the largest shape that fits: step 1 is ln 2, then two timed steps. With lora_rank:
+    04 --lora-rank's step (the model frozen in bf16, fp32 adapters, AdamW over the adapters)."""
     args = argparse.Namespace(batch_size=plan["micro_batch"], grad_accum=plan["pairs"] // plan["micro_batch"],
                               loss="sigmoid", beta=0.1, label_smoothing=0.0, nll_weight=1.0, max_grad_norm=1.0,
                               lr=5e-7, weight_decay=0.0)
+    name = f"04 LoRA r{lora_rank} step" if lora_rank else "04 train step"
     generator = torch.Generator().manual_seed(1)
     length, prompt_length = plan["length"], plan["length"] // 4
     examples = []
@@ -246,8 +259,12 @@ def training_rows(rows, shapes, tokenizer, plan, device):
         if device.type == "cuda":
             torch.cuda.empty_cache()
         try:
-            model = build_model(shape, tokenizer, torch.float32, device)
+            model = build_model(shape, tokenizer, common.pick_device()[1] if lora_rank else torch.float32, device)
             parameters = sum(p.numel() for p in model.parameters())
+            if lora_rank:  # as 04's load_policy does on a GPU
+                dpo.add_lora(model, lora_rank, 2.0 * lora_rank)
+            adapters = sum(p.numel() for p in model.parameters() if p.requires_grad) if lora_rank else 0
+            memory_text = lora_memory_text(parameters, adapters) if lora_rank else training_memory_text(parameters)
             model.train()
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -265,20 +282,21 @@ def training_rows(rows, shapes, tokenizer, plan, device):
             parameters = sum(p.numel() for p in model.parameters()) if model is not None else 0
             del model, optimizer
             torch.cuda.empty_cache()
-            row(rows, "04 train step: does not fit", shape, "OOM", "", training_memory_text(parameters) +
+            text = lora_memory_text(parameters, 0) if lora_rank else training_memory_text(parameters)
+            row(rows, f"{name}: does not fit", shape, "OOM", "", text +
                 f" (of {torch.cuda.get_device_properties(0).total_memory / 2 ** 30:.0f} GiB)")
             continue
         tokens = sum(len(ids) for example in examples for ids, _ in example["sequences"])
         seconds, peak = min(t[1] for t in timed), max(t[2] or 0 for t in timed)
-        row(rows, "04 train step 1: loss - NLL - ln 2", shape, f"{dpo_part(first) - math.log(2):.1e}", "nats",
-            "DPO+NLL; the reference scored in the step's micro-batches")
-        row(rows, "04 train step: seconds", shape, f"{seconds:.2f}", "s/step",
+        flops = 4 if lora_rank else 6  # per parameter and token: forward 2, backward 2 (+ 2 for weight grads)
+        row(rows, f"{name.replace(' step', ' step 1')}: loss - NLL - ln 2", shape,
+            f"{dpo_part(first) - math.log(2):.1e}", "nats", "DPO+NLL; the reference scored in the step's micro-batches")
+        row(rows, f"{name}: seconds", shape, f"{seconds:.2f}", "s/step",
             f"{plan['pairs']} pairs x {length} tokens, micro-batch {args.batch_size} pair(s) x {args.grad_accum}")
-        row(rows, "04 train step: tokens/s", shape, f"{tokens / seconds:.0f}", "tokens/s")
-        row(rows, "04 train step: peak memory", shape, peak_text(peak if device.type == "cuda" else None), "",
-            training_memory_text(parameters))
-        row(rows, "04 train step: MFU", shape, f"{6 * parameters * tokens / seconds / PEAK_BF16_FLOPS:.1%}",
-            "", "6 x params x tokens / s / 989 TFLOP/s (checkpointing's recompute not counted)")
+        row(rows, f"{name}: tokens/s", shape, f"{tokens / seconds:.0f}", "tokens/s")
+        row(rows, f"{name}: peak memory", shape, peak_text(peak if device.type == "cuda" else None), "", memory_text)
+        row(rows, f"{name}: MFU", shape, f"{flops * parameters * tokens / seconds / PEAK_BF16_FLOPS:.1%}",
+            "", f"{flops} x params x tokens / s / 989 TFLOP/s (checkpointing's recompute not counted)")
         return first
     return None
 
@@ -300,7 +318,8 @@ def main():
     parser.add_argument("--tokenizer", default=None, help="a folder with the tokenizer files (default: the "
                         "embedded model's converted directory)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: the code paths, < 1 min")
-    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: correctness,speed,train")
+    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: correctness,speed,train "
+                        "(train: both the full and the LoRA rows)")
     parser.add_argument("--train", default=None, help="training shapes to try, in order (default: 8b,3b,1b)")
     parser.add_argument("--micro-batch", type=int, default=None, help="pairs per micro-batch in the training rows "
                         "(default: 4 on a GPU, 1 in --cpu-smoke; 16 pairs a step)")
@@ -339,6 +358,10 @@ def main():
             write_results(args.out, rows, command)
         if "train" not in skip:
             first = training_rows(rows, plan["train"], tokenizer, plan, device)
+            if args.cpu_smoke:
+                assert first is not None and abs(dpo_part(first) - math.log(2)) < 1e-6, first
+            write_results(args.out, rows, command)
+            first = training_rows(rows, plan["lora"], tokenizer, plan, device, lora_rank=16)
             if args.cpu_smoke:
                 assert first is not None and abs(dpo_part(first) - math.log(2)) < 1e-6, first
     write_results(args.out, rows, command)
