@@ -199,9 +199,8 @@ def merge_lora(state, scaling):
     """A state dict of an adapted model -> the plain model's, each adapter folded into its layer in fp32:
     W + scaling * B A. Merged and stored in fp32: a LoRA delta is often below bf16's step at W's size."""
     merged = {name: value.float() for name, value in state.items() if ".lora_" not in name}
-    for name in [name for name in state if name.endswith(".lora_A.weight")]:
-        layer = name[:-len(".lora_A.weight")]
-        delta = scaling * state[f"{layer}.lora_B.weight"].float() @ state[name].float()
+    for layer in [name.removesuffix(".lora_A.weight") for name in state if name.endswith(".lora_A.weight")]:
+        delta = scaling * state[f"{layer}.lora_B.weight"].float() @ state[f"{layer}.lora_A.weight"].float()
         merged[f"{layer}.weight"] = merged[f"{layer}.weight"] + delta  # not +=: it may be the live weight
     return merged
 
@@ -741,9 +740,10 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world = common.setup_distributed()
     run = prepare(args, rank, world)  # 1. data, model, reference log-probs, optimizer (None: complete)
-    if run is not None:
-        train_loop(run, args, rank, world)  # 2. the optimizer steps, checkpointed
-        finish_run(run, args, rank, world)  # 3. held-out metrics, the model, the summary
+    with common.writing(args.output):  # a full disk is one line; the latest whole checkpoint stays
+        if run is not None:
+            train_loop(run, args, rank, world)  # 2. the optimizer steps, checkpointed
+            finish_run(run, args, rank, world)  # 3. held-out metrics, the model, the summary
     common.barrier()
     common.cleanup_distributed()
 

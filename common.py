@@ -15,7 +15,9 @@ Read top to bottom, this file is the vocabulary the scripts speak:
 """
 import collections
 import concurrent.futures
+import contextlib
 import datetime
+import errno
 import fcntl
 import functools
 import glob
@@ -23,6 +25,7 @@ import hashlib
 import http.client
 import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -65,8 +68,32 @@ def run_main(main):
         sys.exit(2)
 
 
+# What a disk says when it refuses a write: full, over quota, read-only, past a file-size limit (ulimit -f).
+DISK_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Around writes into `path` (a file or a folder): a disk that refuses them stops the stage with one line
+    naming the path and the free space there, not a traceback. What was finished before (part files,
+    checkpoints) is kept, so the same command continues once there is room."""
+    try:
+        yield
+    except Exception as error:  # an OSError, or safetensors' own error: its text carries the OS error number
+        number = getattr(error, "errno", None) or int((re.search(r"os error (\d+)", str(error)) or [0, 0])[1])
+        if number not in DISK_REFUSALS:
+            raise
+        where = os.path.abspath(path)
+        while not os.path.exists(where):
+            where = os.path.dirname(where)
+        free = shutil.disk_usage(where).free / 2 ** 20
+        raise InputError(f"{path}: {os.strerror(number)} ({free:.1f} MiB free there); make room and rerun "
+                         "the same command: it continues from what was finished") from None
+
+
 def _lines(path):
-    """(line number, text) of each non-blank line of a UTF-8 file; a bad byte is named by file and line."""
+    """(line number, text) of each non-blank line of a UTF-8 file; a bad byte, or a byte-order mark (which
+    would ride into the first record's text), is named by file and line."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file" + (" (it is a directory)" if os.path.isdir(path) else ""))
     with open(path, "rb") as handle:
@@ -75,8 +102,18 @@ def _lines(path):
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
                 raise InputError(f"{path}:{line_number}: not valid UTF-8 (byte {error.start})") from None
+            if line_number == 1 and line.startswith("\ufeff"):
+                raise InputError(f"{path}:1: starts with a byte-order mark (U+FEFF); save it without one")
             if line.strip():
                 yield line_number, line
+
+
+def _finite(text):
+    """A JSON number as a float. One too large for a float (1e400 reads as inf) is refused, as NaN is."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is not a finite number")
+    return value
 
 
 def read_jsonl(path, required=()):
@@ -88,7 +125,7 @@ def read_jsonl(path, required=()):
     rows = []
     for line_number, line in _lines(path):
         try:
-            record = json.loads(line, parse_constant=_not_json)
+            record = json.loads(line, parse_constant=_not_json, parse_float=_finite)
         except ValueError as error:  # a JSONDecodeError is one too
             reason = getattr(error, "msg", error)
             raise InputError(f"{path}:{line_number}: not valid JSON ({reason})") from None
@@ -108,30 +145,51 @@ def _not_json(name):
 
 
 def write_atomic(path, write, binary=False):
-    """Call write(handle) on `path.partial`, then rename it to `path`: the file only ever appears whole."""
+    """Call write(handle) on `path.partial`, then rename it to `path`: the file only ever appears whole (a
+    refused write removes the partial file and stops with one line)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     partial = path + ".partial"
-    with open(partial, "wb") if binary else open(partial, "w", encoding="utf-8") as handle:
-        write(handle)
+    try:
+        with writing(path), open(partial, "wb") if binary else open(partial, "w", encoding="utf-8") as handle:
+            write(handle)
+    except BaseException:  # a half-written partial file is no use to anyone: remove it, and stop as we were
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
     os.replace(partial, path)
 
 
 def read_json(path):
-    """A JSON file; a broken one is named in one line, never a traceback."""
+    """A JSON file; a broken one (or one holding NaN or an infinite number) is named in one line."""
     try:
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: not valid JSON ({error})") from None
+            return json.load(handle, parse_constant=_not_json, parse_float=_finite)
+    except (ValueError, UnicodeDecodeError) as error:  # a JSONDecodeError is a ValueError
+        raise InputError(f"{path}: not valid JSON ({first_line(error)})") from None
+
+
+def json_line(record, path):
+    """One JSONL line of `record`, bound for `path`. A NaN or infinite number stops with one line naming the
+    record, before anything is written: no file of ours ever holds one."""
+    try:
+        return json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
+    except ValueError:
+        name = ", ".join(f"{field} {record[field]!r}" for field in ("id", "lang") if field in record)
+        raise InputError(f"{path}: the record ({name or 'no id'}) holds NaN or an infinite number; "
+                         "not written") from None
 
 
 def write_jsonl(path, records):
-    write_atomic(path, lambda handle: handle.writelines(json.dumps(r, ensure_ascii=False) + "\n"
-                                                        for r in records))
+    lines = [json_line(record, path) for record in records]
+    write_atomic(path, lambda handle: handle.writelines(lines))
 
 
 def write_json(path, value):
-    write_atomic(path, lambda handle: json.dump(value, handle, ensure_ascii=False, indent=1))
+    try:
+        text = json.dumps(value, ensure_ascii=False, indent=1, allow_nan=False)
+    except ValueError:
+        raise InputError(f"{path}: would hold NaN or an infinite number; not written") from None
+    write_atomic(path, lambda handle: handle.write(text))
 
 
 def content_key(*parts):
@@ -178,8 +236,9 @@ def resume(out_path, items, key, rank=0, world_size=1):
 
 def save_batch(out_path, records, rank=0):
     """Append records to this rank's part file and force them to disk: a kill after this loses none."""
-    with open(f"{out_path}.part{rank}", "a", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    lines = [json_line(record, out_path) for record in records]  # every line checked before any is written
+    with writing(out_path), open(f"{out_path}.part{rank}", "a", encoding="utf-8") as handle:
+        handle.writelines(lines)
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -325,6 +384,8 @@ def _normalise_prompt(record, lang, default_id, where, check=None):
     if lang is None:
         raise InputError(f"{where}: no 'lang' field (or put each language in its own {{lang}}.jsonl)")
     language_name(lang, where)
+    if "id" in record and record["id"] in (None, ""):
+        raise InputError(f"{where}: 'id' is {json.dumps(record['id'])}; give each prompt an id, or none")
     return {"id": str(record.pop("id", default_id)), "lang": lang, "prompt": text, **record}
 
 
@@ -345,8 +406,9 @@ def _raw_records(path):
         if len(columns) < 2 or not columns[1].strip():
             raise InputError(f"{where}: expected question<TAB>answer, found no answer")
         answer = parse_number(columns[1])
-        if answer is None:
-            raise InputError(f"{where}: answer '{columns[1].strip()}' is not a number")
+        if answer is None or not math.isfinite(answer):  # 400 nines read as a float are inf
+            kind = "a number" if answer is None else "a finite number"
+            raise InputError(f"{where}: answer '{columns[1].strip()[:40]}' is not {kind}")
         record = {"question": columns[0], "answer": answer, "lang": lang}
         rows.append((where, record, f"{prefix}-{line_number - 1}"))
     return rows
@@ -384,28 +446,28 @@ def load_prompts(source, langs=None, limit=None, split="train", check=None):
         # A record without a `lang` field is in its file's language (`de.json`, `mgsm_de.tsv`), if the name
         # says one.
         file_lang = {f: _language_of_file(f) if _language_of_file(f) in LANGUAGES else None for f in files}
-        prompts = [_normalise_prompt(record, file_lang[f], default_id, where, check)
+        entries = [(where, _normalise_prompt(record, file_lang[f], default_id, where, check))
                    for f in files for where, record, default_id in _raw_records(f)]
     elif (os.path.exists(os.path.dirname(source) or ".") and os.sep in source
           or source.endswith((".jsonl", ".json", ".tsv"))):
         raise InputError(f"{source}: no such file")
     else:
         names = [source.replace("{lang}", code) for code in langs or []] if "{lang}" in source else [source]
-        prompts = [prompt for name in names for prompt in _load_hub_prompts(name, split, check)]
+        entries = [entry for name in names for entry in _load_hub_prompts(name, split, check)]
+    seen = {}  # (id, lang) -> where it was first seen
+    for where, prompt in entries:
+        first = seen.setdefault((prompt["id"], prompt["lang"]), where)
+        if first != where:
+            raise InputError(f"{where}: id '{prompt['id']}' appears twice in language '{prompt['lang']}' "
+                             f"(first at {first})")
+    prompts = [prompt for _, prompt in entries]
     if langs:
         missing = [code for code in langs if not any(p["lang"] == code for p in prompts)]
         if missing:
             raise InputError(f"{source}: no prompts in language(s) {', '.join(missing)}")
         prompts = [p for p in prompts if p["lang"] in langs]
         prompts.sort(key=lambda p: langs.index(p["lang"]))  # stable: file order within a language
-    prompts = first_ids(prompts, limit)
-    seen = set()
-    for prompt in prompts:
-        key = (prompt["id"], prompt["lang"])
-        if key in seen:
-            raise InputError(f"{source}: id '{prompt['id']}' appears twice in language '{prompt['lang']}'")
-        seen.add(key)
-    return prompts
+    return first_ids(prompts, limit)
 
 
 def _load_hub_prompts(name, split, check):
@@ -418,8 +480,9 @@ def _load_hub_prompts(name, split, check):
         raise InputError(f"{name}: not a file or directory, and loading it as a Hugging Face "
                          f"dataset failed: {type(error).__name__}: {first_line(error)}") from None
     lang = _language_of_file(config) if _language_of_file(config) in LANGUAGES else None  # es, X-CSQA-es
-    return [_normalise_prompt(row, row.get("lang", lang), f"{dataset_name}-{index}", f"{name}[{index}]",
-                              check) for index, row in enumerate(dataset)]
+    wheres = [f"{name}[{index}]" for index in range(len(dataset))]
+    return [(where, _normalise_prompt(row, row.get("lang", lang), f"{dataset_name}-{index}", where, check))
+            for index, (where, row) in enumerate(zip(wheres, dataset))]
 
 
 # ----------------------------------------------------------------------------
@@ -498,12 +561,35 @@ def pick_device():
 
 
 def model_config(name, trust_remote_code=False):
-    """The config of a model: a second's check that `name` is one, before any work is done with another."""
+    """The config of a model, its weight files checked whole: a second's check that `name` is one, before any
+    work is done with another."""
     from transformers import AutoConfig
     try:
-        return AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:  # ValueError: a directory or id that is not a model
         raise InputError(f"{name}: not a model we can load ({first_line(error)})") from None
+    check_weights(name)
+    return config
+
+
+def check_weights(name):
+    """Stop with one line unless each safetensors file of a local model directory is whole: its header reads,
+    and its tensors end exactly where the file does (a copy or a save cut short does not). A hub id is
+    checked by the download."""
+    directory = resolve_model(name)
+    for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*.safetensors"))):
+        size, end = os.path.getsize(path), None
+        with open(path, "rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            if 8 + header_size <= size:
+                with contextlib.suppress(ValueError, KeyError, TypeError):  # not a header: said below
+                    header = json.loads(handle.read(header_size))
+                    end = 8 + header_size + max([0] + [v["data_offsets"][1] for k, v in header.items()
+                                                      if k != "__metadata__"])
+        if end != size:
+            raise InputError(f"{name}: {os.path.basename(path)} is cut short or damaged ({size} bytes, "
+                             f"{'unreadable header' if end is None else f'its tensors need {end}'}); "
+                             "rerun the stage that wrote it, or copy it again")
 
 
 def load_tokenizer(name, trust_remote_code=False):
@@ -525,6 +611,7 @@ def load_model(name, device=None, dtype=None, trust_remote_code=False, scored=Tr
     """
     from transformers import AutoModelForCausalLM
     device, dtype = device or pick_device()[0], dtype or pick_device()[1]
+    check_weights(name)
     tokenizer = load_tokenizer(name, trust_remote_code)
     try:
         # use_kernels=False: transformers would otherwise fetch compiled kernels from the hub and run them

@@ -1,0 +1,213 @@
+"""Faults a hostile user (or a full disk) causes: no non-finite number is read or written, a byte-order mark or a
+cut model file is one line, and a disk that refuses a write is one line with the finished work kept."""
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+from conftest import REPO, read_records, run_script
+from test_reliability import ENV, error_line, pairs_file, prompts_file, write
+
+
+# ----------------------------------------------------------------------------
+# 1. Nothing non-finite is read or written
+
+
+def test_a_number_too_large_for_a_float_is_refused_at_its_line(tmp_path, tiny_model):
+    """json reads 1e400 as inf; it is refused like NaN, in any field, read or not, before anything is written."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"id": "a", "lang": "en", "prompt": "Hi."}\n'
+                    '{"id": "b", "lang": "en", "prompt": "Hello.", "answer": 1e400}\n', encoding="utf-8")
+    output = tmp_path / "responses.jsonl"
+    result = run_script("01_generate.py", "--model", tiny_model, "--prompts", path, "--langs", "en",
+                        "--output", output, "--max-new-tokens", "2", env=ENV)
+    error_line(result, f"{path}:2: not valid JSON (1e400 is not a finite number)")
+    assert not output.exists()
+
+
+def test_an_mgsm_answer_too_large_for_a_float_is_refused(tmp_path, tiny_model):
+    path = tmp_path / "mgsm_en.tsv"
+    path.write_text("What is one plus one?\t2\nHow many nines?\t" + "9" * 400 + "\n", encoding="utf-8")
+    output = tmp_path / "responses.jsonl"
+    result = run_script("01_generate.py", "--model", tiny_model, "--prompts", path, "--langs", "en",
+                        "--output", output, "--max-new-tokens", "2", env=ENV)
+    error_line(result, f"{path}:2: answer '999", "is not a finite number")
+    assert not output.exists()
+
+
+def test_02_refuses_an_infinite_copied_field_before_writing(tmp_path, tiny_model):
+    """A field 02 only carries through (here 01's temperature, edited to 1e400) stops 02 at its line, naming
+    02's input, and no translated.jsonl appears."""
+    responses = tmp_path / "responses.jsonl"
+    run_script("01_generate.py", "--model", tiny_model, "--prompts", prompts_file(tmp_path / "p.jsonl", n=2),
+               "--langs", "en,es", "--output", responses, "--max-new-tokens", "4", env=ENV, check=True)
+    lines = responses.read_text(encoding="utf-8").splitlines()
+    record = json.loads(lines[1])
+    lines[1] = json.dumps(record).replace('"temperature": 0.0', '"temperature": 1e400')
+    assert "1e400" in lines[1]
+    responses.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    output = tmp_path / "translated.jsonl"
+    result = run_script("02_translate.py", "--translator", tiny_model, "--input", responses, "--output", output,
+                        env=ENV)
+    error_line(result, f"{responses}:2: not valid JSON (1e400 is not a finite number)")
+    assert not output.exists() and not list(tmp_path.glob("translated.jsonl.part*"))
+
+
+def test_writers_refuse_non_finite_numbers_before_writing(tmp_path):
+    """save_batch, write_jsonl and write_json: a NaN or an infinity stops with one line naming the record, and
+    neither a part file nor a final file (nor a .partial) is left."""
+    out = str(tmp_path / "out.jsonl")
+    good, bad = {"id": "a", "lang": "en", "score": 1.0}, {"id": "b", "lang": "es", "score": float("nan")}
+    for write_records in (lambda: common.save_batch(out, [good, bad]), lambda: common.write_jsonl(out, [good, bad])):
+        with pytest.raises(common.InputError, match=r"out.jsonl: the record \(id 'b', lang 'es'\) holds NaN"):
+            write_records()
+        assert os.listdir(tmp_path) == []
+    with pytest.raises(common.InputError, match="would hold NaN or an infinite number"):
+        common.write_json(str(tmp_path / "eval.json"), {"es": {"score": float("inf")}})
+    assert os.listdir(tmp_path) == []
+    common.write_jsonl(out, [good])  # and a finite record is written as before
+    assert read_records(out) == [good]
+
+
+# ----------------------------------------------------------------------------
+# 2. One rule for every reader: a byte-order mark is refused at line 1; duplicate and null ids name their line
+
+
+@pytest.mark.parametrize("name, content", [
+    ("mgsm_en.tsv", "\ufeffWhat is one plus one?\t2\n"),
+    ("prompts.jsonl", '\ufeff{"id": "a", "lang": "en", "prompt": "Hi."}\n'),
+])
+def test_a_byte_order_mark_is_refused_in_every_reader(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(common.InputError, match=rf"{name}:1: starts with a byte-order mark \(U\+FEFF\)"):
+        common.load_prompts(str(path), langs=["en"])
+
+
+def test_05_refuses_an_mgsm_file_with_a_byte_order_mark(tmp_path, tiny_model):
+    mgsm = tmp_path / "mgsm"
+    mgsm.mkdir()
+    (mgsm / "mgsm_en.tsv").write_text("\ufeffWhat is one plus one?\t2\nAnd two plus two?\t4\n", encoding="utf-8")
+    result = run_script("05_eval.py", "--models", tiny_model, "--tasks", "mgsm", "--langs", "en", "--mgsm", mgsm,
+                        "--output", tmp_path / "eval", "--max-new-tokens", "2", env=ENV)
+    error_line(result, "mgsm_en.tsv:1: starts with a byte-order mark")
+    assert not (tmp_path / "eval" / "eval.json").exists()
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"id": "a", "lang": "en", "prompt": "x"}', '{"id": "b", "lang": "en", "prompt": "y"}',
+      '{"id": "a", "lang": "en", "prompt": "z"}'], "p.jsonl:3: id 'a' appears twice in language 'en' (first at"),
+    (['{"id": "a", "lang": "en", "prompt": "x"}', '{"id": null, "lang": "en", "prompt": "y"}'],
+     "p.jsonl:2: 'id' is null"),
+])
+def test_duplicate_and_null_ids_name_their_line(tmp_path, lines, message):
+    path = write(tmp_path / "p.jsonl", lines)
+    with pytest.raises(common.InputError) as raised:
+        common.load_prompts(path, langs=["en"], limit=1)  # the duplicate lies past --limit: still refused
+    assert message in str(raised.value)
+
+
+# ----------------------------------------------------------------------------
+# 3. A cut model is one line, before any work
+
+
+def test_a_cut_model_file_stops_05_before_the_first_answer(tmp_path, tiny_model):
+    """A model whose model.safetensors was cut in half (a copy or a save cut short): 05 names it before the
+    base model answers anything; so do 03 and 04, which load it."""
+    cut = tmp_path / "cut-model"
+    cut.mkdir()
+    for name in os.listdir(tiny_model):
+        data = open(os.path.join(tiny_model, name), "rb").read()
+        (cut / name).write_bytes(data[:len(data) // 2] if name == "model.safetensors" else data)
+    result = run_script("05_eval.py", "--models", tiny_model, cut, "--tasks", "winrate", "--langs", "en",
+                        "--prompts", prompts_file(tmp_path / "p.jsonl"), "--output", tmp_path / "eval",
+                        "--max-new-tokens", "2", env=ENV)
+    error_line(result, f"{cut}: model.safetensors is cut short or damaged")
+    assert not (tmp_path / "eval" / "work").exists()  # nothing was answered
+    trained = run_script("04_dpo.py", "--model", cut, "--input", pairs_file(tmp_path / "pairs.jsonl"),
+                         "--output", tmp_path / "out", "--eval-frac", "0", env=ENV)
+    error_line(trained, f"{cut}: model.safetensors is cut short or damaged")
+    common.check_weights(tiny_model)  # a whole one passes
+
+
+# ----------------------------------------------------------------------------
+# 4. A disk that refuses a write: one line, the finished work kept, the same command continues
+
+
+def small_disk(tmp_path, size_kib):
+    """A folder on a filesystem of `size_kib` KiB (tmpfs: this user may mount one), or None where mounting is
+    not allowed (then the tests below limit the size of any file the process writes instead: ulimit -f)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(disk)],
+                             capture_output=True).returncode == 0
+    return disk, mounted
+
+
+def run_limited(script, *args, mounted, file_limit):
+    """run_script, with every file this process writes limited to `file_limit` bytes unless on a small disk."""
+    command = [sys.executable, os.path.join(REPO, script), *map(str, args)]
+    limit = None if mounted else lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, preexec_fn=limit,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+
+def grow(disk, mounted):
+    """Make room: a bigger filesystem (or, without one, the next run has no file-size limit)."""
+    if mounted:
+        subprocess.run(["mount", "-o", "remount,size=65536k", str(disk)], check=True)
+
+
+@pytest.fixture
+def unmount():
+    disks = []
+    yield disks.append
+    for disk in disks:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_04_on_a_full_disk_keeps_its_checkpoint_and_continues(tmp_path, tiny_model, unmount):
+    """LoRA checkpoints are small and fit; the merged model does not: one line naming the output, no
+    train_summary.json, the last checkpoint kept; with room, the same command resumes from it and ends with
+    the weights of a run that never ran out of space."""
+    flags = ["--input", pairs_file(tmp_path / "pairs.jsonl"), "--model", tiny_model, "--eval-frac", "0",
+             "--lora-rank", "4", "--batch-size", "1", "--grad-accum", "1", "--lr", "1e-2", "--save-every", "3"]
+    straight = tmp_path / "straight"
+    run_script("04_dpo.py", *flags, "--output", straight, env=ENV, check=True)
+    disk, mounted = small_disk(tmp_path, 1024)
+    if mounted:
+        unmount(disk)
+    output = disk / "out"
+    result = run_limited("04_dpo.py", *flags, "--output", output, mounted=mounted, file_limit=2 ** 20)
+    line = error_line(result, f"{output}: ", "MiB free there); make room and rerun the same command")
+    assert ("No space left on device" if mounted else "File too large") in line
+    assert not (output / "train_summary.json").exists()
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-6"]
+    grow(disk, mounted)
+    resumed = run_script("04_dpo.py", *flags, "--output", output, env=ENV, check=True)
+    assert "resuming from" in resumed.stdout and (output / "train_summary.json").exists()
+    ours, theirs = load_file(output / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+def test_01_on_a_full_disk_writes_no_output_and_continues(tmp_path, tiny_model, unmount):
+    disk, mounted = small_disk(tmp_path, 64)
+    if mounted:
+        unmount(disk)
+        (disk / "filler").write_bytes(b"x" * (64 * 1024 - 4096 * 2))  # two pages left: a lock and settings file
+    output = disk / "responses.jsonl"
+    flags = ["--model", tiny_model, "--prompts", prompts_file(tmp_path / "p.jsonl", n=3), "--langs", "en,es",
+             "--output", output, "--max-new-tokens", "4"]
+    result = run_limited("01_generate.py", *flags, mounted=mounted, file_limit=64)  # tempfile probes write 4
+    error_line(result, f"error: {output}", "MiB free there); make room and rerun the same command")
+    assert not output.exists() and not list(disk.glob("responses.jsonl.partial"))
+    if mounted:
+        os.remove(disk / "filler")
+    resumed = run_script("01_generate.py", *flags, env=ENV, check=True)
+    assert len(read_records(output)) == 6, resumed.stdout
