@@ -71,8 +71,9 @@ def main(argv=None):
         raise common.InputError(f"{args.prompts}: no prompts")
     sampling = {name: getattr(args, name) for name in ("temperature", "top_p", "repetition_penalty",
                                                        "max_new_tokens", "num_samples", "seed")}
-    settings = {"model": args.model, "prompts": common.content_key(prompts), "sampling": sampling}
-    if common.claim(args.output, settings, rank):
+    settings = {"model": args.model, "langs": args.langs, "limit": args.limit, "split": args.split,
+                **sampling, "prompts": common.content_key(prompts)}
+    if common.claim(args.output, settings, rank, files={"prompts": args.prompts}):
         return
     engine, tokenizer, context = common.load_engine(args.model, args.server, args.server_model,
                                                     args.server_concurrency, args.trust_remote_code)

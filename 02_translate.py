@@ -498,7 +498,8 @@ def main(argv=None):
     shaping = ("translator", "dominant", "targets", "into_dominant", "questions", "temperature", "top_p",
                "repetition_penalty", "seed", "piece_tokens", "retries", "retry_temperature")
     settings = {name: getattr(args, name) for name in shaping}
-    if common.claim(args.output, {**settings, "input": common.content_key(records)}, rank):
+    if common.claim(args.output, {**settings, "input": common.content_key(records)}, rank,
+                    files={"input": args.input}):
         return
     torch.manual_seed(args.seed + rank)
     engine, tokenizer, context = common.load_engine(args.translator, args.server, args.server_model,

@@ -484,7 +484,7 @@ def main(argv=None):
     settings = {name: value for name, value in vars(args).items()
                 if name not in ("input", "output", "batch_size", "token_budget", "trust_remote_code")}
     settings["input"] = common.content_key([record for _, record in records.values()])
-    if common.claim(args.output, settings, rank):
+    if common.claim(args.output, settings, rank, files={"input": args.input}):
         return
     tokens, alphas = None, None
     if args.method == "implicit":

@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import gc
 import glob
-import hashlib
 import json
 import math
 import os
@@ -635,11 +634,11 @@ def prepare(args, rank, world):
     run.tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
     run.train, run.eval_set, run.skip_counts = load_data(args, run.tokenizer, rank)
     # What a resumed run must share: the data, the objective, the schedule, the global batch.
-    with open(args.input, "rb") as handle:
-        input_sha256 = hashlib.sha256(handle.read()).hexdigest()
     run.settings = {**{name: value for name, value in vars(args).items() if name not in RESUMABLE_WITH_OTHER},
-                    "global_batch": run.global_batch, "input_sha256": input_sha256}
-    if common.claim(run.summary_path, run.settings, rank, partial=latest_checkpoint(args.output) is not None):
+                    "the global batch (--batch-size x --grad-accum x processes)": run.global_batch,
+                    "pairs": common.content_key([example["key"] for example in run.train + run.eval_set])}
+    if common.claim(run.summary_path, run.settings, rank, partial=latest_checkpoint(args.output) is not None,
+                    files={"pairs": args.input}):
         return None
     run.steps_per_epoch = len(run.train) // run.global_batch
     if run.steps_per_epoch == 0:

@@ -261,13 +261,15 @@ def finish(out_path, items, key, rank=0):
 _locks = []  # lock files this process holds, until it exits
 
 
-def claim(out_path, settings, rank=0, partial=None):
+def claim(out_path, settings, rank=0, partial=None, files=None):
     """Before a stage writes `out_path`: True (saying so) when it is already complete with these settings.
 
     The settings that shape its records (model, sampling, lengths, data, method flags) are kept in
     `out_path.settings.json`; a rerun with other ones, over a finished output or over partial work
-    (`partial`, default: part files of `out_path` exist), stops with one line naming the first difference.
-    A lock on `out_path.lock` stops a second copy of the same command at once.
+    (`partial`, default: part files of `out_path` exist), stops with one line naming the first difference:
+    an option as the user types it, with both values (a key that is an option's name: `max_new_tokens` is
+    --max-new-tokens; any other key is said as it is written), or, for a key in `files` (a hash of what a file
+    holds), that file. A lock on `out_path.lock` stops a second copy of the same command at once.
     """
     settings_path = f"{out_path}.settings.json"
     if os.path.isdir(out_path):
@@ -285,12 +287,15 @@ def claim(out_path, settings, rank=0, partial=None):
     partial = glob.glob(glob.escape(out_path) + ".part*") if partial is None else partial
     if saved is not None and (partial or os.path.exists(out_path)):
         now = json.loads(json.dumps(settings))  # as it reads back from the file: tuples are lists
-        differ = [name for name in sorted(set(saved) | set(now)) if saved.get(name) != now.get(name)]
-        name = differ[0] if differ else None
-        if name is not None:
-            raise InputError(f"{out_path}: made with {name}={saved.get(name)!r}, now {now.get(name)!r}; "
-                             f"rerun with the same settings, or delete {out_path} and {out_path}.* "
-                             "to start over")
+        files = files or {}
+        differ = sorted((name in files, name) for name in set(saved) | set(now)
+                        if saved.get(name) != now.get(name))
+        for is_file, name in differ[:1]:  # options first: they say most
+            option = f"--{name.replace('_', '-')}" if name.isidentifier() else name
+            what = (f"made from other records than {files[name]} holds now" if is_file else
+                    f"{option}: made with {saved.get(name)!r}, now {now.get(name)!r}")
+            raise InputError(f"{out_path}: {what}; rerun with the same settings, or delete {out_path} and "
+                             f"{out_path}.* to start over")
     if os.path.exists(out_path):
         if saved is None:
             raise InputError(f"{out_path} exists, with no record of the settings it was made with; delete it")

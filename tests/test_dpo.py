@@ -149,7 +149,7 @@ def test_step_one_loss_is_ln2_and_outputs_load(tmp_path, tiny_model):
     again, _ = train(tmp_path, tiny_model, pairs_file, "out", *same)
     assert "is complete" in _.stdout
     other = run_script("04_dpo.py", "--input", pairs_file, "--output", output, "--model", tiny_model, env=ENV)
-    assert other.returncode == 2 and "made with eval_frac=0.0, now 0.05" in other.stderr  # complete only if the same
+    assert other.returncode == 2 and "--eval-frac: made with 0.0, now 0.05" in other.stderr  # complete only if the same
     os.remove(output / "train_summary.json")
     changed = [PAIRS[0][:3] + ("The capital is Paris, of course.",)] + PAIRS[1:]
     output, _ = train(tmp_path, tiny_model, write_pairs(tmp_path / "pairs.jsonl", changed), "out",
@@ -261,7 +261,7 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, tiny_model, env):
     assert not (killed / "train_summary.json").exists()
 
     changed = run_script("04_dpo.py", *command[2:], "--lr", "2e-3", "--resume", env=env)
-    assert changed.returncode == 2 and "lr=0.001" in changed.stderr  # a checkpoint refuses other settings
+    assert changed.returncode == 2 and "--lr: made with 0.001, now 0.002" in changed.stderr  # a checkpoint refuses other settings
     resumed = run_script("04_dpo.py", *command[2:], "--resume", env=env, check=True)
     assert "resuming from" in resumed.stdout
     assert max_difference(weights(straight), weights(killed)) == 0.0

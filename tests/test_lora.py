@@ -153,7 +153,7 @@ def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(tmp_path, tiny_m
     assert sorted(os.listdir(os.path.join(checkpoint, "adapter"))) == ["adapter_config.json",
                                                                        "adapter_model.safetensors"]
     other = run_script("04_dpo.py", *command[2:], "--lora-rank", "4", "--lora-alpha", "16", "--resume", env=ENV)
-    assert other.returncode == 2 and "lora_rank=8, now 4" in other.stderr
+    assert other.returncode == 2 and "--lora-rank: made with 8, now 4" in other.stderr
     resumed = run_script("04_dpo.py", *command[2:], "--resume", env=ENV, check=True)
     assert "resuming from" in resumed.stdout
     assert max_difference(weights(straight), weights(killed)) == 0.0
@@ -167,7 +167,7 @@ def test_lora_settings_and_bad_flags_name_the_option(tmp_path, tiny_model):
     output, _ = train(tmp_path, tiny_model, pairs_file, "out", *LORA, *flags)
     _, other = train(tmp_path, tiny_model, pairs_file, "out", "--lora-rank", "4", "--lora-alpha", "16", *flags,
                      check=False)
-    assert other.returncode == 2 and "made with lora_rank=8, now 4" in other.stderr
+    assert other.returncode == 2 and "--lora-rank: made with 8, now 4" in other.stderr
     for bad, says in ((("--lora-rank", "-1"), "--lora-rank -1 is out of range"),
                       (("--lora-rank", "8", "--lora-dropout", "1"), "--lora-dropout 1.0 is out of range"),
                       (("--lora-rank", "8", "--lora-targets", "c_attn"),

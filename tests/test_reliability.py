@@ -102,10 +102,17 @@ def test_01_rerun_with_other_settings_is_refused_over_partial_and_finished_outpu
     run_script("01_generate.py", *flags, "--max-new-tokens", "4", env=ENV, check=True)
     finished = out.read_text()
     changed = run_script("01_generate.py", *flags, "--max-new-tokens", "8", env=ENV)
-    assert "made with sampling=" in error_line(changed, str(out), "delete")
+    error_line(changed, f"{out}: --max-new-tokens: made with 4, now 8; rerun with the same settings", "delete")
     assert out.read_text() == finished
     os.rename(out, f"{out}.part0")  # as a killed run leaves it: every record in a part file, no final file
-    error_line(run_script("01_generate.py", *flags, "--max-new-tokens", "8", env=ENV), "made with sampling=")
+    error_line(run_script("01_generate.py", *flags, "--max-new-tokens", "8", env=ENV),
+               "--max-new-tokens: made with 4, now 8")
+    error_line(run_script("01_generate.py", *flags, "--max-new-tokens", "4", "--limit", "2", env=ENV),
+               "--limit: made with None, now 2")  # a setting, not a hash of the prompts it chose
+    write(tmp_path / "p.jsonl", [{"id": "p0", "lang": "en", "prompt": "Something else."}])
+    error_line(run_script("01_generate.py", *flags, "--max-new-tokens", "4", env=ENV),
+               f"made from other records than {tmp_path / 'p.jsonl'} holds now")
+    prompts_file(tmp_path / "p.jsonl")
     assert not out.exists()
     resumed = run_script("01_generate.py", *flags, "--max-new-tokens", "4", env=ENV, check=True)
     assert "resumed from 6" in resumed.stdout and out.read_text() == finished
@@ -119,7 +126,11 @@ def test_02_rerun_with_another_translator_is_refused(tmp_path, tiny_model, tiny_
     run_script("02_translate.py", "--input", responses, "--output", out, env=ENV, check=True)
     os.rename(out, f"{out}.part0")
     other = run_script("02_translate.py", "--input", responses, "--output", out, "--translator", tiny_model_b, env=ENV)
-    error_line(other, f"translator='{tiny_model}', now '{tiny_model_b}'")
+    error_line(other, f"--translator: made with '{tiny_model}', now '{tiny_model_b}'")
+    write(tmp_path / "responses.jsonl", [{"id": "a", "lang": lang, "prompt": "x", "responses": ["Goodbye."], "model": tiny_model}
+                      for lang in ("en", "es")])
+    error_line(run_script("02_translate.py", "--input", responses, "--output", out, env=ENV),
+               f"made from other records than {responses} holds now")
     assert not out.exists()
 
 
@@ -133,7 +144,7 @@ def test_03_rerun_with_other_settings_is_refused(tmp_path):
     again = run_script("03_reward.py", "--input", source, "--output", out)
     assert again.returncode == 0 and "already exists and is complete" in again.stdout
     error_line(run_script("03_reward.py", "--input", source, "--output", out, "--eval-frac", "0.5"),
-               "made with eval_frac=0.0, now 0.5")
+               "--eval-frac: made with 0.0, now 0.5")
 
 
 def test_05_a_changed_limit_never_reads_stale_predictions(tmp_path, tiny_model):
