@@ -1,4 +1,4 @@
-"""Stage 1: sample the policy's answers to the same prompts in every language.
+"""01_generate.py: sample the policy's answers to the same prompts in every language.
 
 In:  prompts, as a directory of {lang}.jsonl files (default: the bundled data/alpagasus, training
      prompts; 05 evaluates on data/prompts, which no stage trains on),

@@ -448,7 +448,7 @@ def parse_args(argv=None):
     add("--into-dominant", action=argparse.BooleanOptionalAction, default=True,
         help="also translate the other languages' answers into the dominant language, for 03's "
              "dominant-language pairs (default: yes; --no-into-dominant: only out of it, as the CPU demo "
-             "does, where a 135M model copies its source instead: README)")
+             "does, where a 135M model copies its source instead: RESULTS.md section 2)")
     add("--questions", action="store_true",
         help="also translate each non-dominant prompt into the dominant language (field prompt_en)")
     add("--batch-size", type=int, default=64, help="pieces translated together (default: %(default)s; a "

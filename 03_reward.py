@@ -1,4 +1,4 @@
-"""Stage 3: turn the policy's own answers into preference pairs (or SFT rows).
+"""03_reward.py: turn the policy's own answers into preference pairs (or SFT rows).
 
 In:  translated.jsonl from 02_translate.py (methods imbalance and crossin), responses.jsonl
      from 01_generate.py (implicit), or any of these or a prompts JSONL (qalign).
@@ -62,7 +62,8 @@ def parse_args(argv=None):
     add("--seed", type=int, default=0, help="seed of the held-out split and the crossin mix")
     add("--eval-frac", type=float, default=0.0,
         help="hold out this share of prompt ids into <output>.eval.jsonl (at least one id)")
-    add("--conversational", action="store_true", help="write TRL's form: chat messages (README)")
+    add("--conversational", action="store_true",
+        help="write TRL's form: chat messages (README, \"The four published methods\")")
     add("--keep-truncated", action="store_true",
         help="also use answers that hit max_new_tokens in 01 (skipped by default)")
     add("--dominant", default="en", help="the teacher language")

@@ -1,4 +1,4 @@
-"""04: train the policy on preference pairs with DPO (sigmoid, IPO, hinge, +NLL), or on SFT rows.
+"""04_dpo.py: train the policy on preference pairs with DPO (sigmoid, IPO, hinge, +NLL), or on SFT rows.
 
 In:  --input pairs.jsonl from 03_reward.py: one {"prompt", "chosen", "rejected", ...} per line
      (with --loss sft: {"prompt", "completion"} rows). prompt is the raw user message; TRL's
@@ -11,10 +11,14 @@ Out: --output directory (default runs/loop/iter1/model/), loadable by any Huggin
                               its presence means the directory is complete
        reference_logps.jsonl  the reference log-probs, one record per pair (keyed by its content)
        checkpoint-N/          the latest checkpoint while training (weights + optimizer), removed at the end
+       adapter/               with --lora-rank: the LoRA adapter alone, in PEFT's format (model.safetensors is
+                              then the model with it merged in, fp32; a checkpoint holds the adapter alone)
 
     python 04_dpo.py --input runs/loop/iter1/pairs.jsonl --output runs/loop/iter1/model
     torchrun --nproc_per_node=8 04_dpo.py --model meta-llama/Llama-3.1-8B-Instruct --fsdp \
         --gradient-checkpointing
+    python 04_dpo.py --model meta-llama/Llama-3.1-8B-Instruct --lora-rank 16 --lr 5e-6 \
+        --gradient-checkpointing          # one GPU: the model frozen in bf16, LoRA adapters trained
 
 One optimizer step (train_step):
   1. The step's global batch of pairs depends only on (--seed, epoch), never on how it is split,

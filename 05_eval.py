@@ -1,4 +1,4 @@
-"""Stage 5: did the loop help? Math, multiple choice, win rate, language fidelity, consistency, alignment.
+"""05_eval.py: did the loop help? Math, multiple choice, win rate, language fidelity, consistency, alignment.
 
 In:  models to compare (--models: the base model first, then each iteration's), MGSM TSVs,
      the bundled math set (data/math/{lang}.jsonl with question/answer), the bundled multiple-choice
@@ -87,7 +87,7 @@ CODE_INSTRUCTION = ("Write a short Python program that computes the answer and p
                     "Reply with the program only, in a ```python block.")
 
 
-# What the loop targets, chosen before the demo runs that report it (README, "What the demo shows"): is the
+# What the loop targets, chosen before the demo runs that report it (README, "What to expect"): is the
 # answer to a held-out instruction written in the instruction's language. Reported first, as the effect of
 # the last model against the first, paired by prompt.
 # The winrate task's answers, read for their language: not a win rate, so not named after the task.

@@ -550,7 +550,7 @@ def resolve_model(name):
 def pick_device():
     """(device, dtype): CUDA with bf16 where the GPU has it (fp32 on a T4 or V100), else the CPU in fp32, or
     in bf16 with LOOP_BF16=1 (fast only on CPUs with bf16 in hardware: AVX512-BF16 or AMX; README,
-    "Precision").
+    "Paper scale on GPUs").
 
     bf16 means: generation with bf16 weights, and 04's forward under bf16 autocast (fp32 weights, optimizer,
     loss). A difference of two close models (03's implicit reward, 05's judge, proxy-tuning) loads in fp32 on

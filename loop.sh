@@ -34,18 +34,18 @@ EVAL_PROMPTS=${EVAL_PROMPTS:-data/prompts}  # held-out prompts for 05: no iterat
 LANGS=${LANGS:-en,es,de,fr}             # English first: it is the teacher (+ru,zh: ~4x the tokens each)
 LIMIT=${LIMIT:-24}                      # prompt ids per language used for training pairs
 SEED=${SEED:-0}                         # sampling, held-out pair split, data order, bootstrap
-MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}   # answer length while generating training data (96 moved nothing: README)
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}   # answer length for training data (96 moved nothing: RESULTS.md section 1)
 KEEP_TRUNCATED=${KEEP_TRUNCATED:-1}     # 1: also pair answers cut at MAX_NEW_TOKENS (the CPU demo cuts many)
 INTO_ENGLISH=${INTO_ENGLISH:-0}         # 1: 02 also translates the other answers into English, for English pairs
-                                        # (the papers do; a 135M model copies its source instead: 3 of 72, README)
+                                        # (the papers do; a 135M model copies its source: RESULTS.md section 2)
 REWARD=${REWARD:-implicit}              # method from iteration 2 on: implicit | imbalance
 SAMPLES=${SAMPLES:-3}                   # samples per prompt for implicit rewarding (paper: 10)
 EPOCHS=${EPOCHS:-1}                     # DPO epochs per iteration
 LORA_RANK=${LORA_RANK:-0}               # >0: 04 trains LoRA adapters of this rank on the frozen model (0: all weights)
 if [ "$LORA_RANK" = 0 ]; then
-  LR=${LR:-3e-5}                        # DPO learning rate (a 135M model needs more than an 8B one's 5e-7; RESULTS)
+  LR=${LR:-3e-5}                        # DPO learning rate (a 135M model needs more: RESULTS.md section 1)
 else
-  LR=${LR:-3e-4}                        # LoRA's adapters want about 10x full training's rate (RESULTS)
+  LR=${LR:-3e-4}                        # LoRA's adapters want ~10x full training's rate (RESULTS.md section 7)
 fi
 NLL_WEIGHT=${NLL_WEIGHT:-1}             # DPO+NLL, as the papers train (0: plain DPO)
 # 05: answers to every held-out prompt (language fidelity, the effect the report leads with), win rate on the

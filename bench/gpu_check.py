@@ -20,6 +20,16 @@ it, copy its tokenizer*.json and chat_template.jinja into a folder and name it).
      adapters on every attention and MLP projection, the same 16 pairs x 512 tokens: step 1 is ln 2, then
      seconds, peak memory, tokens/s and MFU (4 x params x tokens: the frozen weights get no gradient).
 Each row goes to --out as results.json and results.md. --cpu-smoke asserts the correctness rows.
+
+What it needs: torch with CUDA, transformers >= 5.24, and the tokenizer files (tokenizer.json,
+tokenizer_config.json, chat_template.jinja from ~/.cache/multilingual-loop/SmolLM2-135M-Instruct/, copied into a
+folder such as .gpu/tokenizer). On a machine with no network whose image has an older transformers, download the
+wheels it lacks elsewhere, for the GPU machine's Python and platform:
+    pip download --no-deps -d .whl transformers==5.25.0 huggingface_hub==2.4.0 kernels==0.19.1 httpx2 httpcore2 \
+        truststore tomlkit hf-xet click regex
+copy .whl and .gpu over, then
+    pip install --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site python bench/gpu_check.py --out gpu-check --tokenizer .gpu/tokenizer
 """
 import argparse
 import gc

@@ -136,7 +136,8 @@ def test_batched_greedy_in_bf16_starts_like_one_prompt_at_a_time(lively_model):
 
 
 def test_the_cpu_runs_fp32_unless_loop_bf16_asks_for_bf16(monkeypatch):
-    """fp32 is the CPU's default: with bf16 generation and training the demo's effect did not hold (RESULTS.md)."""
+    """fp32 is the CPU's default: with bf16 generation and training the demo's effect did not hold (RESULTS.md
+    section 2)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("LOOP_BF16")
     assert common.pick_device() == (torch.device("cpu"), torch.float32)

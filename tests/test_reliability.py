@@ -145,6 +145,11 @@ def test_03_rerun_with_other_settings_is_refused(tmp_path):
     assert again.returncode == 0 and "already exists and is complete" in again.stdout
     error_line(run_script("03_reward.py", "--input", source, "--output", out, "--eval-frac", "0.5"),
                "--eval-frac: made with 0.0, now 0.5")
+    write(tmp_path / "in.jsonl", [{"id": "q0", "lang": lang, "prompt": "0?", "responses": [f"{lang} 0"],
+                                   "translations": {"es": ["es 0"]} if lang == "en" else {"en": ["en 0"]}}
+                                  for lang in ("en", "es")])
+    error_line(run_script("03_reward.py", "--input", source, "--output", out),
+               f"made from other records than {source} holds now")
 
 
 def test_05_a_changed_limit_never_reads_stale_predictions(tmp_path, tiny_model):
@@ -156,6 +161,7 @@ def test_05_a_changed_limit_never_reads_stale_predictions(tmp_path, tiny_model):
     flags = ["--models", tiny_model, "--tasks", "math", "--langs", "en,es", "--math", math_dir,
              "--max-new-tokens", "2", "--output", tmp_path / "eval"]
     run_script("05_eval.py", *flags, "--limit", "2", env=ENV, check=True)
+    error_line(run_script("05_eval.py", *flags, "--limit", "1", env=ENV), "--limit: made with 2, now 1")
     os.remove(tmp_path / "eval" / "eval.json")  # as the message says, to evaluate again
     run_script("05_eval.py", *flags, "--limit", "1", env=ENV, check=True)
     results = json.loads((tmp_path / "eval" / "eval.json").read_text())["results"]
