@@ -176,8 +176,8 @@ def check_gold(answer, where):
         raise common.InputError(f"{where}: no 'answer' field (math problems need a numeric gold answer)")
     numeric = isinstance(answer, (int, float)) and not isinstance(answer, bool)
     value = answer if numeric else common.parse_number(answer)
-    if value is None or not math.isfinite(value):
-        raise common.InputError(f"{where}: gold answer {answer!r} is not a number")
+    if value is None or not abs(value) <= 1e300:  # NaN, inf, and an integer too large to be a float
+        raise common.InputError(f"{where}: gold answer {str(answer)[:40]!r} is not a number")
     return float(value)
 
 

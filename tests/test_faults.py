@@ -211,3 +211,15 @@ def test_01_on_a_full_disk_writes_no_output_and_continues(tmp_path, tiny_model, 
         os.remove(disk / "filler")
     resumed = run_script("01_generate.py", *flags, env=ENV, check=True)
     assert len(read_records(output)) == 6, resumed.stdout
+
+
+def test_a_gold_answer_too_large_for_a_float_is_refused_at_its_line():
+    """In JSON a 400-digit integer is exact, but no float can hold it: 05 refuses it as it refuses inf."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("evaluate", os.path.join(REPO, "05_eval.py"))
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    for answer in (10 ** 400, float("nan"), "1e400"):
+        with pytest.raises(common.InputError, match="math.jsonl:4: gold answer .* is not a number"):
+            evaluate.check_gold(answer, "math.jsonl:4")
+    assert evaluate.check_gold(10 ** 20, "math.jsonl:4") == 1e20
