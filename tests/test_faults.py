@@ -118,18 +118,21 @@ def test_duplicate_and_null_ids_name_their_line(tmp_path, lines, message):
 
 
 def test_a_cut_model_file_stops_05_before_the_first_answer(tmp_path, tiny_model):
-    """A model whose model.safetensors was cut in half (a copy or a save cut short): 05 names it before the
-    base model answers anything; so do 03 and 04, which load it."""
-    cut = tmp_path / "cut-model"
-    cut.mkdir()
+    """loop.sh's iteration-1 model, its model.safetensors cut in half (its train_summary.json present): 05 with
+    no --models names it before the base model answers anything; 04, which would load it, names it too."""
+    cut = tmp_path / "runs" / "loop" / "iter1" / "model"
+    cut.mkdir(parents=True)
     for name in os.listdir(tiny_model):
         data = open(os.path.join(tiny_model, name), "rb").read()
         (cut / name).write_bytes(data[:len(data) // 2] if name == "model.safetensors" else data)
-    result = run_script("05_eval.py", "--models", tiny_model, cut, "--tasks", "winrate", "--langs", "en",
-                        "--prompts", prompts_file(tmp_path / "p.jsonl"), "--output", tmp_path / "eval",
-                        "--max-new-tokens", "2", env=ENV)
-    error_line(result, f"{cut}: model.safetensors is cut short or damaged")
-    assert not (tmp_path / "eval" / "work").exists()  # nothing was answered
+    (cut / "train_summary.json").write_text('{"eval_after": {"rewards/accuracies": 0.5}, "eval_pairs": 2}')
+    (cut.parent / "responses.jsonl").write_text('{"id": "alpagasus-0", "lang": "en", "prompt": "x"}\n')
+    result = subprocess.run([sys.executable, os.path.join(REPO, "05_eval.py"), "--tasks", "winrate", "--langs",
+                             "en", "--judge", tiny_model, "--prompts", os.path.join(REPO, "data", "prompts"),
+                             "--max-new-tokens", "2"], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, **ENV})
+    error_line(result, "runs/loop/iter1/model: model.safetensors is cut short or damaged")
+    assert not (tmp_path / "runs" / "loop" / "eval" / "work").exists()  # nothing was answered
     trained = run_script("04_dpo.py", "--model", cut, "--input", pairs_file(tmp_path / "pairs.jsonl"),
                          "--output", tmp_path / "out", "--eval-frac", "0", env=ENV)
     error_line(trained, f"{cut}: model.safetensors is cut short or damaged")
@@ -207,7 +210,8 @@ def test_01_on_a_full_disk_writes_no_output_and_continues(tmp_path, tiny_model, 
     result = run_limited("01_generate.py", *flags, mounted=mounted, file_limit=64)  # tempfile probes write 4
     error_line(result, f"error: {output}", "MiB free there); make room and rerun the same command")
     assert not output.exists() and not list(disk.glob("responses.jsonl.partial"))
-    if mounted:
+    if mounted:  # the disk filled at the final merge: every answer is in the kept part file
+        assert len(read_records(f"{output}.part0")) == 6
         os.remove(disk / "filler")
     resumed = run_script("01_generate.py", *flags, env=ENV, check=True)
     assert len(read_records(output)) == 6, resumed.stdout
