@@ -239,6 +239,21 @@ def test_eval_pairs_that_were_trained_on_are_refused(tmp_path, tiny_model):
         assert not output.exists()
 
 
+def kill_after_steps(command, output, env, steps=7):
+    """Start a 04 `command` and SIGKILL it once `output`/metrics.jsonl has `steps` steps (mid-run, after a
+    checkpoint); fails if the run ended before it could be killed."""
+    process = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, **env), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    metrics, deadline = output / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
 @pytest.mark.parametrize("env", [ENV, BF16], ids=["fp32", "bf16"])
 def test_kill_and_resume_gives_the_same_weights(tmp_path, tiny_model, env):
     pairs_file = write_pairs(tmp_path / "pairs.jsonl")
@@ -248,16 +263,7 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, tiny_model, env):
     killed = tmp_path / "killed"
     command = [sys.executable, os.path.join(REPO, "04_dpo.py"), "--input", pairs_file, "--output", str(killed),
                "--model", tiny_model, "--eval-frac", "0", *flags]
-    process = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, **env), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    metrics, deadline = killed / "metrics.jsonl", time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
-            break
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_steps(command, killed, env)
     assert not (killed / "train_summary.json").exists()
 
     changed = run_script("04_dpo.py", *command[2:], "--lr", "2e-3", "--resume", env=env)

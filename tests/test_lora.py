@@ -3,10 +3,7 @@ exact, and LoRA works with accumulation, checkpointing, resume, DDP/FSDP, the di
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,9 +11,8 @@ from safetensors.torch import load_file
 
 import common
 from conftest import REPO, make_tiny_model, read_records, run_script, run_torchrun
-from test_dpo import BF16, ENV, PAIRS, dpo, max_difference, train, weights, write_pairs
+from test_dpo import BF16, ENV, PAIRS, dpo, kill_after_steps, max_difference, train, weights, write_pairs
 
-peft = pytest.importorskip("peft", reason="PEFT is a dev requirement (requirements-dev.txt): the reference")
 
 LORA = ("--lora-rank", "8")
 ADAPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -138,16 +134,7 @@ def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(tmp_path, tiny_m
     killed = tmp_path / "killed"
     command = [sys.executable, os.path.join(REPO, "04_dpo.py"), "--input", pairs_file, "--output", str(killed),
                "--model", tiny_model, "--eval-frac", "0", *flags]
-    process = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, **ENV), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    metrics, deadline = killed / "metrics.jsonl", time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
-            break
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_steps(command, killed, ENV)
     checkpoint = dpo.latest_checkpoint(str(killed))
     assert sorted(os.listdir(checkpoint)) == ["adapter", "optimizer.pt", "trainer_state.json"]
     assert sorted(os.listdir(os.path.join(checkpoint, "adapter"))) == ["adapter_config.json",
