@@ -411,9 +411,8 @@ def _raw_records(path):
         if len(columns) < 2 or not columns[1].strip():
             raise InputError(f"{where}: expected question<TAB>answer, found no answer")
         answer = parse_number(columns[1])
-        if answer is None or not math.isfinite(answer):  # 400 nines read as a float are inf
-            kind = "a number" if answer is None else "a finite number"
-            raise InputError(f"{where}: answer '{columns[1].strip()[:40]}' is not {kind}")
+        if answer is None:  # 400 nines too: they overflow a float
+            raise InputError(f"{where}: answer '{columns[1].strip()[:40]}' is not a number")
         record = {"question": columns[0], "answer": answer, "lang": lang}
         rows.append((where, record, f"{prefix}-{line_number - 1}"))
     return rows
@@ -1307,7 +1306,8 @@ def parse_number(text):
             digits = re.sub(r"[.,]", "", digits)
         else:                                   # 18.00, 3,5 -> decimal
             digits = digits.replace(",", ".")
-    return sign * float(digits)  # at most one separator is left: always a float
+    value = sign * float(digits)  # at most one separator is left: always a float
+    return value if math.isfinite(value) else None  # 400 nines overflow a float: no number a person wrote
 
 
 def extract_last_number(text):
