@@ -96,16 +96,13 @@ def run_in_loop(pairs_path):
 def in_loop_child(pairs_path):
     """04's train_step with the reference model in memory, run on each step's micro-batches just before it.
     Also the forward-only rate: the policy's forwards alone on the same micro-batches (the yardstick)."""
-    import importlib.util
     import time
     from types import SimpleNamespace
 
     import torch
     sys.path.insert(0, REPO)
     import common
-    spec = importlib.util.spec_from_file_location("dpo", os.path.join(REPO, "04_dpo.py"))
-    dpo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dpo)
+    dpo = load_dpo()
     args = SimpleNamespace(loss="sigmoid", beta=BETA, label_smoothing=0.0, nll_weight=0.0, max_length=MAX_LENGTH,
                            batch_size=BATCH, grad_accum=1, max_grad_norm=1.0, lr=LR, weight_decay=0.0,
                            gradient_checkpointing=False, fsdp=False, trust_remote_code=False, lora_rank=0)

@@ -75,7 +75,7 @@ def test_peft_loads_our_adapter_and_the_merge_is_exact(tmp_path, lively):
     assert (logits_of(adapted) - our_logits).abs().max() < 1e-4 * base_logits.abs().max()
 
 
-def test_two_steps_through_peft_give_our_adapters(lively):
+def test_two_steps_through_peft_give_our_adapters(tmp_path, lively):
     """The same two optimizer steps, our loss and data, through PEFT's LoRA layers and through ours (both from
     the same A, B = 0), end with the same adapter weights."""
     from peft import LoraConfig, get_peft_model
@@ -91,7 +91,7 @@ def test_two_steps_through_peft_give_our_adapters(lively):
         for name, parameter in theirs.named_parameters():
             if ".lora_" in name:
                 parameter.copy_(ours_state[name.replace(".default", "")])
-    examples, _ = dpo.read_examples(write_pairs_path(), args, tokenizer)
+    examples, _ = dpo.read_examples(write_pairs(tmp_path / "pairs.jsonl"), args, tokenizer)
     with torch.no_grad():  # the reference: the model before training (B = 0: either one)
         for example in examples:
             example["reference_logps"] = dpo.batch_logps(ours, [example]).tolist()
@@ -105,11 +105,6 @@ def test_two_steps_through_peft_give_our_adapters(lively):
     assert sorted(theirs_state) == sorted(n for n in ours_state if ".lora_" in n)
     assert max((theirs_state[name] - ours_state[name]).abs().max().item() for name in theirs_state) < 1e-6
     assert max(ours_state[name].abs().max().item() for name in theirs_state if "lora_B" in name) > 1e-3  # moved
-
-
-def write_pairs_path():
-    import tempfile
-    return write_pairs(os.path.join(tempfile.mkdtemp(), "pairs.jsonl"))
 
 
 def test_accumulation_and_checkpointing_are_exact_with_lora(tmp_path, tiny_model):
