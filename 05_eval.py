@@ -110,7 +110,8 @@ def parse_args(argv=None):
     add("--mgsm", default="data/mgsm",
         help="MGSM: directory of mgsm_{lang}.tsv, JSONL with question/answer, or hub dataset")
     add("--math", default="data/math", help="math set: directory of {lang}.jsonl, JSONL file, or hub dataset")
-    add("--prompts", default="data/prompts", help="instruction prompts for the win rate")
+    add("--prompts", default="data/x-alpacaeval", help="instruction prompts for the win rate and language "
+        "fidelity (X-AlpacaEval: the papers' evaluation set)")
     add("--choice", default="data/choice", help="multiple-choice set: directory of {lang}.jsonl, a file, or "
         "hub dataset (name:config[:split]; {lang} in it is replaced by each language)")
     add("--math-mode", choices=("cot", "code"), default="cot", help="math answers: step-by-step text, or a "
@@ -121,8 +122,9 @@ def parse_args(argv=None):
         "iteration's responses.jsonl; default: those beside the default --models): an evaluated prompt "
         "whose id or text is among them stops the run before any model loads")
     add("--output", default="runs/loop/eval", help="output directory")
-    add("--limit", type=int, default=None, help="first N problems/prompts per task (the same ids in every "
-        "language)")
+    add("--limit", type=parse_limit, default=None, metavar="N[,LANG=M...]", help="the first N problems or "
+        "prompts per task, the same ids in every language; LANG=M takes M in that language (en=60: fewer "
+        "English prompts, where a model is at its ceiling)")
     add("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     add("--batch-size", type=int, default=16, help="prompts decoded at once")
     add("--judge-limit", type=int, default=None, help="judge only the first N prompt ids (all are answered, "
@@ -151,7 +153,7 @@ def parse_args(argv=None):
     for lang in args.langs:
         common.language_name(lang, "--langs")
     counts = (args.max_new_tokens, args.batch_size, args.server_concurrency,
-              *(1 if count is None else count for count in (args.limit, args.judge_limit)))
+              1 if args.judge_limit is None else args.judge_limit)
     common.refuse({
         f"--tasks: unknown task(s) {','.join(unknown) or '(none)'} (known: {','.join(TASKS)})":
             unknown or not args.tasks,
@@ -161,13 +163,36 @@ def parse_args(argv=None):
             (args.proxy_expert is None) != (args.proxy_antiexpert is None),
         "--answers-only answers the columns a --server serves: give --server":
             args.answers_only and not args.server,
-        "--max-new-tokens, --batch-size, --server-concurrency, --limit and --judge-limit must be at least 1":
+        "--max-new-tokens, --batch-size, --server-concurrency and --judge-limit must be at least 1":
             min(counts) < 1})
     return args
 
 
+def parse_limit(text):
+    """--limit's value: {lang: count}, None standing for every language not named ("240,en=60")."""
+    limit = {None: None}
+    for part in text.split(","):
+        lang, _, count = part.rpartition("=")
+        if not count.strip().isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected N or N,LANG=M (counts of at least 1)")
+        if lang:
+            common.language_name(lang.strip(), "--limit")
+        limit[lang.strip() or None] = int(count)
+    return limit
+
+
 # ----------------------------------------------------------------------------
 # Inputs
+
+
+def first_ids_per_language(items, limit):
+    """The items of the first limit[lang] ids in their language (limit[None] for a language not named; None:
+    all); the ids come in one order for every language, so a smaller set is part of a larger one."""
+    if limit is None:
+        return items
+    order = {id_: rank for rank, id_ in enumerate(dict.fromkeys(str(item["id"]) for item in items))}
+    count = lambda lang: limit.get(lang, limit[None])  # noqa: E731
+    return [item for item in items if count(item["lang"]) is None or order[str(item["id"])] < count(item["lang"])]
 
 
 def check_gold(answer, where):
@@ -756,6 +781,8 @@ def compute_results(columns, predictions, judgements, langs, seed, opponent="fir
             if rows and "in_language" in rows[0] and not task.endswith("-tt"):
                 name = INSTRUCTION_FIDELITY if task == "winrate" else f"{task} language fidelity"
                 metrics[name] = per_language(rows, "in_language", langs, seed)
+                if task == "winrate":
+                    metrics[name].update(pooled_others(rows, "in_language", langs, seed))
         if column.get("held_out"):
             metrics["held-out reward accuracy (04)"] = {"all": column["held_out"]}
         results[label] = metrics
@@ -763,17 +790,32 @@ def compute_results(columns, predictions, judgements, langs, seed, opponent="fir
 
 
 def compute_effect(columns, predictions, langs, seed):
-    """{metric: {lang: entry of (last model - first model)}} for EFFECT_METRICS, paired by (id, lang)."""
+    """{metric: {lang: entry of (last model - first model)}} for EFFECT_METRICS, paired by (id, lang), and
+    the languages besides English pooled (pooled_others)."""
     trained = [c["label"] for c in columns if "proxy" not in c]
     effect = {}
     for metric, (task, field) in EFFECT_METRICS.items():
         if len(trained) < 2 or task not in predictions[trained[0]]:
             continue
         before = {(r["id"], r["lang"]): float(r[field]) for r in predictions[trained[0]][task]}
-        differences = [{"lang": r["lang"], "diff": float(r[field]) - before[r["id"], r["lang"]]}
+        differences = [{"id": r["id"], "lang": r["lang"], "diff": float(r[field]) - before[r["id"], r["lang"]]}
                        for r in predictions[trained[-1]][task]]
-        effect[metric] = per_language(differences, "diff", langs, seed)
+        table = per_language(differences, "diff", langs, seed)
+        del table["all"]  # English, at its ceiling, would dilute the pool: the pool is the other languages
+        effect[metric] = {**table, **pooled_others(differences, "diff", langs, seed)}
     return effect
+
+
+def pooled_others(rows, field, langs, seed):
+    """{"es+de+fr": entry} for the languages besides English, when there are two or more: each prompt's mean
+    over them, so the interval resamples prompts with all their translations together (a prompt and its
+    translations are not independent draws); else {}."""
+    others = [lang for lang in langs if lang != "en" and any(row["lang"] == lang for row in rows)]
+    by_prompt = {}
+    for row in rows:
+        if row["lang"] in others:
+            by_prompt.setdefault(row["id"], []).append(float(row[field]))
+    return {"+".join(others): entry([np.mean(v) for v in by_prompt.values()], seed)} if len(others) > 1 else {}
 
 
 def effect_lines(effect, results, labels):
@@ -790,9 +832,11 @@ def effect_lines(effect, results, labels):
                          f"[{low:+.1f}, {high:+.1f}] n={value['n']} |")
             if low > 0 or high < 0:
                 clear.append(f"{lang} {100 * value['score']:+.1f}")
+    pooled = [lang for table in effect.values() for lang in table if "+" in lang]
     return lines + ["", "Differences whose interval excludes zero: " + (", ".join(clear) or "none") +
                     ". The interval is a bootstrap over prompts, each model's answers to a prompt kept "
-                    "together.", ""]
+                    "together." + (f" {pooled[0]}: each prompt's difference averaged over those languages, "
+                                   "n counts prompts." if pooled else ""), ""]
 
 
 def metric_names(results, labels):
@@ -906,7 +950,7 @@ def plot_report(path, columns, results, effect, alignment, langs):
         return False
     rows = math.ceil(len(panels) / 2)
     figure, axes = plt.subplots(rows, 2, figsize=(13, 3.4 * rows), squeeze=False)
-    groups = langs + ["all"]
+    groups = list(dict.fromkeys(langs + ["all"] + [lang for table in effect.values() for lang in table]))
     for axis, (title, series) in zip(axes.flat, panels):
         if series is None:
             for k, table in enumerate(alignment.values()):
@@ -995,19 +1039,21 @@ def attach_servers(columns, urls):
 
 def load_tasks(tasks, langs, args):
     """{task: items}, every input read and checked before any model loads, so a bad file fails in a second."""
+    def load(source, check=None):
+        return first_ids_per_language(common.load_prompts(source, langs=langs, check=check), args.limit)
+
     task_items = {}
     for task in tasks:
         if task in MATH_TASKS:
-            task_items[task] = common.load_prompts(  # every gold answer checked, by file and line
-                args.mgsm if task == "mgsm" else args.math, langs=langs, limit=args.limit,
+            task_items[task] = load(  # every gold answer checked, by file and line
+                args.mgsm if task == "mgsm" else args.math,
                 check=lambda record, where: record.update(answer=check_gold(record.get("answer"), where)))
             if args.translate_test:
                 task_items[f"{task}-tt"] = task_items[task]
         elif task == "choice":  # every record checked and made uniform, by file and line
-            task_items[task] = common.load_prompts(args.choice, langs=langs, limit=args.limit,
-                                                   check=check_choice)
+            task_items[task] = load(args.choice, check=check_choice)
         elif task == "alignment":  # MGSM's parallel questions, each non-English one beside its English one
-            questions = common.load_prompts(args.mgsm, langs=langs, limit=args.limit)
+            questions = load(args.mgsm)
             english = {q["id"]: q["prompt"] for q in questions if q["lang"] == "en"}
             task_items[task] = [{**q, "english": english.get(q["id"])}
                                 for q in questions if q["lang"] != "en"]
@@ -1016,7 +1062,7 @@ def load_tasks(tasks, langs, args):
                     raise common.InputError(f"{args.mgsm}: question '{q['id']}' ({q['lang']}) has no English "
                                             "version")
         else:
-            task_items[task] = common.load_prompts(args.prompts, langs=langs, limit=args.limit)
+            task_items[task] = load(args.prompts)
     return task_items
 
 

@@ -107,8 +107,10 @@ def test_effect_is_the_paired_difference_of_the_last_model_and_the_first():
     effect = eval05.compute_effect(columns, predictions, ["es", "de"], seed=0)
     table = effect[eval05.INSTRUCTION_FIDELITY]
     assert table["es"]["score"] == pytest.approx(2 / 3) and table["es"]["n"] == 3
-    assert table["de"]["score"] == 0.0 and table["all"]["score"] == pytest.approx(1 / 3) and table["all"]["n"] == 6
+    assert table["de"]["score"] == 0.0 and "all" not in table
     assert table["es"] == eval05.entry([1, 1, 0], seed=0)  # the differences resampled
+    # es and de pooled: each prompt's mean difference (a: +1 and -1, b: +1 and +1, c: 0 and 0), n = 3 prompts.
+    assert table["es+de"] == eval05.entry([0, 1, 0], seed=0) and table["es+de"]["n"] == 3
     results = {label: {eval05.INSTRUCTION_FIDELITY: eval05.per_language(
         [{"lang": lang, "v": float(values[k])} for (_, lang), values in fidelity.items()], "v", ["es", "de"], 0)}
         for k, label in enumerate(labels)}
@@ -143,11 +145,30 @@ def test_a_prompt_the_loop_trained_on_is_never_evaluated(tmp_path):
         eval05.check_held_out({"winrate": prompts, "math": math}, [str(trained)])
     assert eval05.check_held_out({"winrate": prompts}, []) is None
     # From the command line: one line, before any model loads, nothing written.
-    write({"id": "bundled-0", "lang": "es", "prompt": "x"})
+    # On 05's default prompts (X-AlpacaEval, ids 1 to 805), with the id trained on in a JSON number.
+    write({"id": 2, "lang": "es", "prompt": "x"})
     result = run_script("05_eval.py", "--models", "smollm2-135m", "--tasks", "winrate", "--langs", "en,es",
                         "--limit", "2", "--trained-on", trained, "--output", tmp_path / "out")
-    assert_one_line_error(result, "winrate prompt 'bundled-0' (en) was trained on")
+    assert_one_line_error(result, "winrate prompt '2' (en) was trained on")
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_limit_per_language_keeps_the_same_first_ids():
+    """--limit 3,en=1: the first 3 ids in es and de, the first 1 in en, the same ids in every language."""
+    assert eval05.parse_limit("3,en=1") == {None: 3, "en": 1}
+    assert eval05.parse_limit("de=2") == {None: None, "de": 2}  # the languages not named: all
+    items = [{"id": i, "lang": lang} for lang in ("en", "es", "de") for i in (5, 2, 9, 4)]
+    kept = eval05.first_ids_per_language(items, eval05.parse_limit("3,en=1"))
+    assert [(r["lang"], r["id"]) for r in kept] == [("en", 5), ("es", 5), ("es", 2), ("es", 9),
+                                                      ("de", 5), ("de", 2), ("de", 9)]
+    assert eval05.first_ids_per_language(items, None) == items
+    for bad in ("0", "ten", "3,en=", "3,en=-1"):
+        with pytest.raises(SystemExit):
+            eval05.parse_args(["--limit", bad])
+    with pytest.raises(common.InputError, match=r"--limit: unknown language code 'xx'"):
+        eval05.parse_args(["--limit", "3,xx=1"])
+    result = run_script("05_eval.py", "--limit", "ten")
+    assert result.returncode == 2 and "argument --limit: 'ten': expected N or N,LANG=M" in result.stderr
 
 
 def test_column_labels(tmp_path):
@@ -681,10 +702,10 @@ def test_two_model_run_writes_every_output(two_model_run):
     assert "| held-out reward accuracy (04) | all | – | 75.0 [" in report and "n=40" in report
     # The effect leads: the trained model minus the base (the proxy column is not a trained model).
     effect = summary["effect"]["language fidelity of answers to instructions"]
-    assert effect["all"]["n"] == 4 and set(effect) == {"en", "es", "all"}
+    assert effect["es"]["n"] == 2 and set(effect) == {"en", "es"}  # one language besides English: no pool
     fidelity = {(p["model"], p["id"], p["lang"]): p["in_language"] for p in predictions if p["task"] == "winrate"}
-    assert effect["all"]["score"] == np.mean([fidelity["trained", i, lang] - fidelity[base, i, lang]
-                                              for _, i, lang in fidelity if _ == base])
+    assert effect["es"]["score"] == np.mean([fidelity["trained", i, lang] - fidelity[base, i, lang]
+                                             for _, i, lang in fidelity if _ == base and lang == "es"])
     assert report.index("## Effect: `trained` - `" + base) < report.index("## All metrics")
     assert "Caveat" in report and "judge is weak" in report and f"`{judge}`" in report
     with open(os.path.join(output, "report.png"), "rb") as handle:

@@ -4,6 +4,7 @@ A random tiny model cannot be used here: its answers are noise, so every self-tr
 fails the language check and no pair is ever made. The embedded 135M model, greedy, on four
 one-sentence prompts in two languages, reliably yields a few pairs in about a minute.
 """
+import importlib.util
 import json
 import os
 import re
@@ -18,6 +19,10 @@ import pytest
 import common
 from conftest import REPO, read_records
 
+spec = importlib.util.spec_from_file_location("eval05", os.path.join(REPO, "05_eval.py"))
+eval05 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(eval05)
+
 LOOP = open(os.path.join(REPO, "loop.sh"), encoding="utf-8").read()
 
 
@@ -31,11 +36,16 @@ def test_the_driver_never_evaluates_a_prompt_it_trains_on():
     and no id (in any language) or text is in both. 05 is also handed every iteration's records to check."""
     langs = loop_default("LANGS").split(",")
     trained = common.load_prompts(os.path.join(REPO, loop_default("PROMPTS")), langs, int(loop_default("LIMIT")))
-    evaluated = common.load_prompts(os.path.join(REPO, loop_default("EVAL_PROMPTS")), langs,
-                                    int(loop_default("EVAL_LIMIT")))
-    assert len(trained) == int(loop_default("LIMIT")) * len(langs) and len(evaluated) >= 60 * len(langs)
+    limit = eval05.parse_limit(loop_default("EVAL_LIMIT"))
+    evaluated = eval05.first_ids_per_language(
+        common.load_prompts(os.path.join(REPO, loop_default("EVAL_PROMPTS")), langs), limit)
+    assert len(trained) == int(loop_default("LIMIT")) * len(langs)
+    assert [sum(p["lang"] == lang for p in evaluated) for lang in langs] == [60, 240, 240, 240]
+    assert limit == {None: 240, "en": 60} and langs == ["en", "es", "de", "fr"]
     assert not {p["id"] for p in trained} & {p["id"] for p in evaluated}
-    assert not {p["prompt"] for p in trained} & {p["prompt"] for p in evaluated}
+    # No text in common at all: not in the first LIMIT ids, nor anywhere in the two sets, in any language.
+    everything = lambda name: {p["prompt"] for p in common.load_prompts(os.path.join(REPO, name))}  # noqa: E731
+    assert not everything(loop_default("PROMPTS")) & everything(loop_default("EVAL_PROMPTS"))
     generate_calls = re.findall(r"01_generate\.py[^\n]*\n[^\n]*", LOOP)
     assert len(generate_calls) == 2 and all('--prompts "$PROMPTS"' in c and '--limit "$LIMIT"' in c
                                             for c in generate_calls)
