@@ -162,3 +162,43 @@ def test_loop_generates_on_the_servers_it_starts_and_stops(tmp_path):
     assert (run / "eval" / "server1.log").exists() and (run / "iter1" / "model" / "model.safetensors").exists()
     with pytest.raises(OSError):  # the last server was stopped
         socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+# Flags the test adds to each of the README's stage commands, so that they run in about a minute: the short
+# prompts above instead of Alpagasus, shorter answers, one prompt evaluated. Later flags win in argparse.
+README_OVERRIDES = {
+    "01_generate.py": "--prompts {prompts} --langs en,es --limit 4 --max-new-tokens 40",
+    "04_dpo.py": "--batch-size 1",
+    "05_eval.py": "--langs en,es --limit 1 --max-new-tokens 16",
+}
+
+
+@pytest.mark.slow
+def test_readme_stage_commands_run_as_shown_after_the_demo(tmp_path, tiny_model):
+    """The README's stage block, line by line in its order, in a clone where a demo-like run has already filled
+    runs/loop/iter1/ (with settings of its own): every command succeeds, and the demo's files are untouched."""
+    from test_clone import clone_alone
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    block = re.search(r"```bash\n(.*?)```", readme[readme.index("## The stages"):], re.DOTALL).group(1)
+    commands = [line for line in block.splitlines() if line.strip()]
+    assert [c.split()[1] for c in commands[1:]] == [f"0{k}_{name}.py" for k, name in enumerate(
+        ("generate", "translate", "reward", "dpo", "eval"), start=1)]
+    clone = clone_alone(tmp_path)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    demo = clone / "runs" / "loop" / "iter1" / "responses.jsonl"
+    subprocess.run([sys.executable, "01_generate.py", "--model", tiny_model, "--limit", "1", "--max-new-tokens", "4"],
+                   cwd=clone, env=environment, check=True, capture_output=True)
+    before = demo.read_bytes()
+    prompts = loop_environment(tmp_path)["PROMPTS"]
+    script = "set -e\n" + "\n".join(
+        f"{line} {README_OVERRIDES.get(line.split()[1], '').format(prompts=prompts)}" if line.startswith("python ")
+        else line for line in commands)
+    result = subprocess.run(["bash", "-c", script.replace("python ", f"{sys.executable} ")], cwd=clone,
+                            env=environment, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = clone / "runs" / "by-hand"
+    assert len(read_records(output / "pairs.jsonl")) >= 1 and (output / "model" / "train_summary.json").exists()
+    report = (output / "eval" / "report.md").read_text(encoding="utf-8")
+    assert "## Effect: `model` - `smollm2-135m` on held-out prompts" in report
+    assert demo.read_bytes() == before and sorted(os.listdir(demo.parent)) == [
+        "responses.jsonl", "responses.jsonl.lock", "responses.jsonl.settings.json"]
