@@ -300,16 +300,15 @@ def load_generator(column, args):
                                args.server_concurrency)
     else:
         engine, tokenizer = common.load_model(column["model"], trust_remote_code=args.trust_remote_code)
-    small = []
-    for flag, name in (("--proxy-expert", args.proxy_expert), ("--proxy-antiexpert", args.proxy_antiexpert)):
-        # fp32 on every device: proxy-tuning adds their difference, which bf16 would round away.
-        small_model, small_tokenizer = common.load_model(name, None, torch.float32, args.trust_remote_code) \
-            if "proxy" in column else (None, tokenizer)
-        if small_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise common.InputError(f"{flag} {name}: its tokenizer differs from {column['model']}'s; "
-                                    "proxy-tuning needs one shared vocabulary")
-        small.append(small_model)
-    proxy = (small[0], small[1], args.proxy_alpha) if "proxy" in column else None
+    proxy = None
+    if "proxy" in column:
+        for flag, name in (("--proxy-expert", args.proxy_expert), ("--proxy-antiexpert", args.proxy_antiexpert)):
+            if common.load_tokenizer(name, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+                raise common.InputError(f"{flag} {name}: its tokenizer differs from {column['model']}'s; "
+                                        "proxy-tuning needs one shared vocabulary")
+        # fp32 on every device: proxy-tuning adds the small models' difference, which bf16 would round away.
+        proxy = [common.load_model(name, None, torch.float32, args.trust_remote_code)[0]
+                 for name in (args.proxy_expert, args.proxy_antiexpert)] + [args.proxy_alpha]
     generate = lambda texts, desc: common.generate(  # noqa: E731
         engine, tokenizer, texts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, desc=desc,
         proxy=proxy)
@@ -370,16 +369,22 @@ def task_records(tools, items, task, mode, counts):
     prompt QAlign trains in 03), then answers the English question.
     """
     generate, tokenizer = tools["generate"], tools["tokenizer"]
-    english = {id(item): item["prompt"] for item in items}
+    english = {(item["id"], item["lang"]): item["prompt"] for item in items}  # the question a -tt task answers
     if task.endswith("-tt"):
         to_translate = [item for item in items if item["lang"] != "en"]
         requests = [f"{common.QUESTION_TRANSLATION.format(language=common.language_name(item['lang']))}\n\n"
                     f"{item['prompt']}" for item in to_translate]
         for batch in answers(generate, tokenizer, to_translate, requests, "translate", counts):
-            english.update({id(item): sample["text"] for item, _, sample in batch})
-    messages = [item["prompt"] if task == "winrate" else math_message(english[id(item)], "en", mode)
-                if task.endswith("-tt") else math_message(item["prompt"], item["lang"], mode)
-                for item in items]
+            english.update({(item["id"], item["lang"]): sample["text"] for item, _, sample in batch})
+
+    def message(item):
+        if task == "winrate":
+            return item["prompt"]
+        if task.endswith("-tt"):
+            return math_message(english[item["id"], item["lang"]], "en", mode)
+        return math_message(item["prompt"], item["lang"], mode)
+
+    messages = [message(item) for item in items]
     for batch in answers(generate, tokenizer, items, messages, "answer", counts):
         records = []
         for item, message, sample in batch:
@@ -399,7 +404,7 @@ def task_records(tools, items, task, mode, counts):
                 record.update(answer=item["answer"], prediction=prediction,
                               correct=common.same_number(prediction, item["answer"]))
             if task.endswith("-tt"):
-                record.update(question=item["prompt"], question_en=english[id(item)])
+                record.update(question=item["prompt"], question_en=english[item["id"], item["lang"]])
             records.append(record)
         yield records
 
@@ -818,25 +823,28 @@ def pooled_others(rows, field, langs, seed):
     return {"+".join(others): entry([np.mean(v) for v in by_prompt.values()], seed)} if len(others) > 1 else {}
 
 
+def markdown_table(header, rows):
+    """A markdown table's lines: the header's cells, then each row's."""
+    return [f"| {' | '.join(cells)} |" for cells in [header, ["---"] * len(header), *rows]]
+
+
 def effect_lines(effect, results, labels):
     """The report's first table: each targeted metric for every model, then last - first with its interval."""
-    lines = ["## Effect: " + f"`{labels[-1]}` - `{labels[0]}` on held-out prompts", "",
-             "| metric | lang | " + " | ".join(f"`{label}`" for label in labels) + " | difference [95% CI] |",
-             "|---|---|" + "---|" * (len(labels) + 1)]
-    clear = []
+    rows, clear = [], []
     for metric, table in effect.items():
         for lang, value in table.items():
             low, high = (100 * bound for bound in value["ci"])
-            cells = " | ".join(cell(results[label][metric].get(lang)) for label in labels)
-            lines.append(f"| {metric} | {lang} | {cells} | {100 * value['score']:+.1f} "
-                         f"[{low:+.1f}, {high:+.1f}] n={value['n']} |")
+            rows.append([metric, lang, *(cell(results[label][metric].get(lang)) for label in labels),
+                         f"{100 * value['score']:+.1f} [{low:+.1f}, {high:+.1f}] n={value['n']}"])
             if low > 0 or high < 0:
                 clear.append(f"{lang} {100 * value['score']:+.1f}")
     pooled = [lang for table in effect.values() for lang in table if "+" in lang]
-    return lines + ["", "Differences whose interval excludes zero: " + (", ".join(clear) or "none") +
-                    ". The interval is a bootstrap over prompts, each model's answers to a prompt kept "
-                    "together." + (f" {pooled[0]}: each prompt's difference averaged over those languages, "
-                                   "n counts prompts." if pooled else ""), ""]
+    return [f"## Effect: `{labels[-1]}` - `{labels[0]}` on held-out prompts", "",
+            *markdown_table(["metric", "lang", *(f"`{label}`" for label in labels), "difference [95% CI]"], rows),
+            "", "Differences whose interval excludes zero: " + (", ".join(clear) or "none") +
+            ". The interval is a bootstrap over prompts, each model's answers to a prompt kept together." +
+            (f" {pooled[0]}: each prompt's difference averaged over those languages, n counts prompts."
+             if pooled else ""), ""]
 
 
 def metric_names(results, labels):
@@ -862,14 +870,11 @@ def alignment_lines(alignment, most=9):
     layers = len(next(iter(next(iter(alignment.values())).values())))
     shown = range(layers) if layers <= most else sorted({round(k * (layers - 1) / (most - 1))
                                                          for k in range(most)})
-    lines = ["## Representation alignment", "", "Cosine between each question's mean hidden state and its "
-             "English original's, by layer (0: the embeddings). Higher: the model holds the two versions "
-             "closer.", "", "| model | lang | " + " | ".join(f"layer {k}" for k in shown) + " |",
-             "|---|---|" + "---|" * len(shown)]
-    for label, table in alignment.items():
-        lines += [f"| `{label}` | {lang} | " + " | ".join(f"{values[k]['score']:.3f}" for k in shown) + " |"
-                  for lang, values in table.items()]
-    return lines + [""]
+    rows = [[f"`{label}`", lang, *(f"{values[k]['score']:.3f}" for k in shown)]
+            for label, table in alignment.items() for lang, values in table.items()]
+    return ["## Representation alignment", "", "Cosine between each question's mean hidden state and its "
+            "English original's, by layer (0: the embeddings). Higher: the model holds the two versions closer.",
+            "", *markdown_table(["model", "lang", *(f"layer {k}" for k in shown)], rows), ""]
 
 
 def write_report(path, columns, results, effect, alignment, held_out, judge_text, args):
@@ -916,13 +921,10 @@ def write_report(path, columns, results, effect, alignment, held_out, judge_text
     if skipped and set(args.tasks) & set(SCORED_TASKS):
         lines += [f"`{skipped[0]}`: no choice or alignment: proxy-tuning combines three models' logits while "
                   "decoding, so there is no one model whose log-probs or hidden states to read.", ""]
-    lines += ["| metric | lang | " + " | ".join(f"`{label}`" for label in labels) + " |",
-              "|---|---|" + "---|" * len(labels)]
-    for metric, lang in rows:
-        base = results[labels[0]].get(metric, {}).get(lang)
-        cells = [cell(results[label].get(metric, {}).get(lang), base if k > 0 else None)
-                 for k, label in enumerate(labels)]
-        lines.append(f"| {metric} | {lang} | " + " | ".join(cells) + " |")
+    value = lambda label, metric, lang: results[label].get(metric, {}).get(lang)  # noqa: E731
+    lines += markdown_table(["metric", "lang", *(f"`{label}`" for label in labels)], [
+        [metric, lang, *(cell(value(label, metric, lang), value(labels[0], metric, lang) if k else None)
+                         for k, label in enumerate(labels))] for metric, lang in rows])
     lines += [""] + (alignment_lines(alignment) if alignment else [])
     common.write_atomic(path, lambda handle: handle.write("\n".join(lines) + "\n"))
 
