@@ -191,8 +191,8 @@ def first_ids_per_language(items, limit):
     if limit is None:
         return items
     order = {id_: rank for rank, id_ in enumerate(dict.fromkeys(str(item["id"]) for item in items))}
-    count = lambda lang: limit.get(lang, limit[None])  # noqa: E731
-    return [item for item in items if count(item["lang"]) is None or order[str(item["id"])] < count(item["lang"])]
+    kept = lambda item, count: count is None or order[str(item["id"])] < count  # noqa: E731
+    return [item for item in items if kept(item, limit.get(item["lang"], limit[None]))]
 
 
 def check_gold(answer, where):
@@ -302,13 +302,14 @@ def load_generator(column, args):
         engine, tokenizer = common.load_model(column["model"], trust_remote_code=args.trust_remote_code)
     proxy = None
     if "proxy" in column:
-        for flag, name in (("--proxy-expert", args.proxy_expert), ("--proxy-antiexpert", args.proxy_antiexpert)):
+        small = {"--proxy-expert": args.proxy_expert, "--proxy-antiexpert": args.proxy_antiexpert}
+        for flag, name in small.items():
             if common.load_tokenizer(name, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
                 raise common.InputError(f"{flag} {name}: its tokenizer differs from {column['model']}'s; "
                                         "proxy-tuning needs one shared vocabulary")
         # fp32 on every device: proxy-tuning adds the small models' difference, which bf16 would round away.
         proxy = [common.load_model(name, None, torch.float32, args.trust_remote_code)[0]
-                 for name in (args.proxy_expert, args.proxy_antiexpert)] + [args.proxy_alpha]
+                 for name in small.values()] + [args.proxy_alpha]
     generate = lambda texts, desc: common.generate(  # noqa: E731
         engine, tokenizer, texts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, desc=desc,
         proxy=proxy)
@@ -369,7 +370,7 @@ def task_records(tools, items, task, mode, counts):
     prompt QAlign trains in 03), then answers the English question.
     """
     generate, tokenizer = tools["generate"], tools["tokenizer"]
-    english = {(item["id"], item["lang"]): item["prompt"] for item in items}  # the question a -tt task answers
+    english = {(item["id"], item["lang"]): item["prompt"] for item in items}  # what a -tt task answers
     if task.endswith("-tt"):
         to_translate = [item for item in items if item["lang"] != "en"]
         requests = [f"{common.QUESTION_TRANSLATION.format(language=common.language_name(item['lang']))}\n\n"
@@ -802,8 +803,8 @@ def compute_effect(columns, predictions, langs, seed):
     for metric, (task, field) in EFFECT_METRICS.items():
         if len(trained) < 2 or task not in predictions[trained[0]]:
             continue
-        before = {(r["id"], r["lang"]): float(r[field]) for r in predictions[trained[0]][task]}
-        differences = [{"id": r["id"], "lang": r["lang"], "diff": float(r[field]) - before[r["id"], r["lang"]]}
+        first = {(r["id"], r["lang"]): float(r[field]) for r in predictions[trained[0]][task]}
+        differences = [{"id": r["id"], "lang": r["lang"], "diff": float(r[field]) - first[r["id"], r["lang"]]}
                        for r in predictions[trained[-1]][task]]
         table = per_language(differences, "diff", langs, seed)
         del table["all"]  # English, at its ceiling, would dilute the pool: the pool is the other languages
@@ -820,7 +821,9 @@ def pooled_others(rows, field, langs, seed):
     for row in rows:
         if row["lang"] in others:
             by_prompt.setdefault(row["id"], []).append(float(row[field]))
-    return {"+".join(others): entry([np.mean(v) for v in by_prompt.values()], seed)} if len(others) > 1 else {}
+    if len(others) < 2:
+        return {}
+    return {"+".join(others): entry([np.mean(diffs) for diffs in by_prompt.values()], seed)}
 
 
 def markdown_table(header, rows):
@@ -840,7 +843,7 @@ def effect_lines(effect, results, labels):
                 clear.append(f"{lang} {100 * value['score']:+.1f}")
     pooled = [lang for table in effect.values() for lang in table if "+" in lang]
     return [f"## Effect: `{labels[-1]}` - `{labels[0]}` on held-out prompts", "",
-            *markdown_table(["metric", "lang", *(f"`{label}`" for label in labels), "difference [95% CI]"], rows),
+            *markdown_table(["metric", "lang", *(f"`{l}`" for l in labels), "difference [95% CI]"], rows),
             "", "Differences whose interval excludes zero: " + (", ".join(clear) or "none") +
             ". The interval is a bootstrap over prompts, each model's answers to a prompt kept together." +
             (f" {pooled[0]}: each prompt's difference averaged over those languages, n counts prompts."
@@ -873,7 +876,8 @@ def alignment_lines(alignment, most=9):
     rows = [[f"`{label}`", lang, *(f"{values[k]['score']:.3f}" for k in shown)]
             for label, table in alignment.items() for lang, values in table.items()]
     return ["## Representation alignment", "", "Cosine between each question's mean hidden state and its "
-            "English original's, by layer (0: the embeddings). Higher: the model holds the two versions closer.",
+            "English original's, by layer (0: the embeddings). Higher: the model holds the two versions "
+            "closer.",
             "", *markdown_table(["model", "lang", *(f"layer {k}" for k in shown)], rows), ""]
 
 

@@ -1038,13 +1038,16 @@ def pad_right(sequences, pad_id):
     return input_ids, attention_mask
 
 
-def final_logit_transform(config):
-    """What some models do to the output layer's logits (Gemma 2 soft-caps, Cohere and Granite scale)."""
+def logits_of_states(model):
+    """states -> logits, as the model computes them: its output layer, then what some models do to the logits
+    (Gemma 2 soft-caps, Cohere and Granite scale)."""
+    inner = unwrap(model)
+    output_layer, config = inner.get_output_embeddings(), inner.config
     cap = getattr(config, "final_logit_softcapping", None)
     scale = (getattr(config, "logit_scale", None) or 1.0) / (getattr(config, "logits_scaling", None) or 1.0)
     if cap:
-        return lambda logits: torch.tanh(logits / cap) * cap
-    return (lambda logits: logits * scale) if scale != 1.0 else (lambda logits: logits)
+        return lambda states: torch.tanh(output_layer(states) / cap) * cap
+    return (lambda states: output_layer(states) * scale) if scale != 1.0 else output_layer
 
 
 def last_hidden_states(model, input_ids):
@@ -1068,7 +1071,7 @@ def last_hidden_states(model, input_ids):
 def check_scoring_path(model):
     """Raise ValueError unless output_layer(decoder(x)), transformed, reproduces the model's own logits.
 
-    A model that post-processes its logits in a way final_logit_transform does not know would be
+    A model that post-processes its logits in a way logits_of_states does not know would be
     scored wrongly, without a sign. One 8-token forward per model rules that out: call it once per
     model you score (common.load_model does).
     """
@@ -1076,11 +1079,10 @@ def check_scoring_path(model):
     with torch.no_grad():
         probe = torch.arange(10, 18, device=next(inner.parameters()).device)[None]
         full = inner(input_ids=probe).logits.float()
-        transform = final_logit_transform(inner.config)
-        ours = transform(inner.get_output_embeddings()(last_hidden_states(inner, probe))).float()
+        ours = logits_of_states(inner)(last_hidden_states(inner, probe)).float()
     if not torch.allclose(ours, full, rtol=1e-3, atol=1e-3 * full.abs().max().item()):
         raise ValueError(f"{type(inner).__name__}: output_layer(decoder(x)) does not reproduce the model's "
-                         "logits; teach final_logit_transform what this model does to them")
+                         "logits; teach logits_of_states what this model does to them")
 
 
 def token_logps(logits, labels, chunk_rows=1024):
@@ -1109,8 +1111,7 @@ def response_logps(model, sequences, per_token=False, chunk_rows=None):
     a time, in the forward and again in the backward.
     """
     inner = unwrap(model)
-    output_layer, transform = inner.get_output_embeddings(), final_logit_transform(inner.config)
-    device = next(inner.parameters()).device
+    logits_of, device = logits_of_states(inner), next(inner.parameters()).device
     # Right padding with any id: no real token attends to a later position, and pads are never scored.
     input_ids = pad_right([ids for ids, _ in sequences], pad_id=0)[0].to(device)
     hidden = last_hidden_states(model, input_ids)  # [n, length, hidden]
@@ -1120,10 +1121,10 @@ def response_logps(model, sequences, per_token=False, chunk_rows=None):
     positions = torch.tensor([t - 1 for ids, start in sequences for t in range(start, len(ids))],
                              device=device)
     targets = input_ids[rows, positions + 1]
-    chunk_rows = chunk_rows or max(1, 2 ** 24 // output_layer.weight.shape[0])
+    chunk_rows = chunk_rows or max(1, 2 ** 24 // inner.get_output_embeddings().weight.shape[0])
 
     def chunk_logps(states, labels):
-        return token_logps(transform(output_layer(states)), labels, chunk_rows)
+        return token_logps(logits_of(states), labels, chunk_rows)
     pieces = []
     for start in range(0, len(rows), chunk_rows):
         chunk = slice(start, start + chunk_rows)
@@ -1210,6 +1211,19 @@ def length_batches(lengths, token_budget, max_padding=0.2):
     return batches + ([current] if current else [])
 
 
+@contextlib.contextmanager
+def scoring(model):
+    """No autograd and no dropout (a score must not be random) inside the with-block; the model's mode is
+    restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def score_sequences(model, sequences, token_budget=8192, desc="score", show_progress=True, chunk_rows=None):
     """response_logps over many (ids, prompt_length), no gradients: ([n] float64 sums, n per-token tensors).
 
@@ -1217,11 +1231,9 @@ def score_sequences(model, sequences, token_budget=8192, desc="score", show_prog
     and results come back in the order given.
     """
     summed, per_token = torch.zeros(len(sequences), dtype=torch.float64), [None] * len(sequences)
-    was_training = model.training
-    model.eval()  # dropout would make scores random
     progress = tqdm(total=len(sequences), desc=desc, unit="pair", disable=not show_progress,
                     dynamic_ncols=True)
-    with torch.inference_mode():
+    with scoring(model):
         for batch in length_batches([len(ids) for ids, _ in sequences], token_budget):
             sums, pieces = response_logps(model, [sequences[i] for i in batch], per_token=True,
                                           chunk_rows=chunk_rows)
@@ -1229,11 +1241,9 @@ def score_sequences(model, sequences, token_budget=8192, desc="score", show_prog
                 summed[index], per_token[index] = total, piece
             progress.update(len(batch))
     progress.close()
-    model.train(was_training)
     return summed, per_token
 
 
-@torch.inference_mode()
 def next_token_logps(model, sequences, candidates, token_budget=8192):
     """log p(token | ids) of each candidate token after each id list: [n, len(candidates)] float64.
 
@@ -1242,21 +1252,16 @@ def next_token_logps(model, sequences, candidates, token_budget=8192):
     position: what a judge's "A" vs "B" or a multiple-choice question's letters need, at 1/k the cost
     of scoring each candidate as its own sequence. Batches are length-sorted under `token_budget`.
     """
-    inner = unwrap(model)
-    output_layer, transform = inner.get_output_embeddings(), final_logit_transform(inner.config)
-    device = next(inner.parameters()).device
-    was_training = model.training
-    model.eval()
+    logits_of, device = logits_of_states(model), next(unwrap(model).parameters()).device
     logps = torch.zeros(len(sequences), len(candidates), dtype=torch.float64)
-    for batch in length_batches([len(ids) for ids in sequences], token_budget):
-        input_ids = pad_right([sequences[i] for i in batch], pad_id=0)[0].to(device)
-        last = torch.tensor([len(sequences[i]) - 1 for i in batch], device=device)
-        rows = torch.arange(len(batch), device=device)
-        states = last_hidden_states(model, input_ids)[rows, last]  # [batch, hidden]
-        logits = transform(output_layer(states)).float()
-        chosen = logits[:, candidates] - torch.logsumexp(logits, dim=-1, keepdim=True)
-        logps[batch] = chosen.double().cpu()
-    model.train(was_training)
+    with scoring(model):
+        for batch in length_batches([len(ids) for ids in sequences], token_budget):
+            input_ids = pad_right([sequences[i] for i in batch], pad_id=0)[0].to(device)
+            last = torch.tensor([len(sequences[i]) - 1 for i in batch], device=device)
+            states = last_hidden_states(model, input_ids)[torch.arange(len(batch), device=device), last]
+            logits = logits_of(states).float()  # [batch, vocab]
+            chosen = logits[:, candidates] - torch.logsumexp(logits, dim=-1, keepdim=True)
+            logps[batch] = chosen.double().cpu()
     return logps
 
 
