@@ -114,13 +114,11 @@ def parse_args(argv=None):
         "fidelity (X-AlpacaEval: the papers' evaluation set)")
     add("--choice", default="data/choice", help="multiple-choice set: directory of {lang}.jsonl, a file, or "
         "hub dataset (name:config[:split]; {lang} in it is replaced by each language)")
-    add("--math-mode", choices=("cot", "code"), default="cot", help="math answers: step-by-step text, or a "
-        "Python program run in a sandboxed child process")
+    add("--math-mode", choices=("cot", "code"), default="cot", help="math answers: text, or a program (above)")
     add("--reference-answers", default=None, metavar="DIR_OR_FILE", help="win rate against these answers "
         "(JSONL with id, prompt, response; one {lang}.jsonl per language) instead of the first model's")
-    add("--trained-on", nargs="*", default=None, metavar="FILE", help="the loop's training records (each "
-        "iteration's responses.jsonl; default: those beside the default --models): an evaluated prompt "
-        "whose id or text is among them stops the run before any model loads")
+    add("--trained-on", nargs="*", default=None, metavar="FILE", help="each iteration's responses.jsonl "
+        "(default: those beside the default --models)")
     add("--output", default="runs/loop/eval", help="output directory")
     add("--limit", type=parse_limit, default=None, metavar="N[,LANG=M...]", help="the first N problems or "
         "prompts per task, the same ids in every language; LANG=M takes M in that language (en=60: fewer "
@@ -131,8 +129,7 @@ def parse_args(argv=None):
         "for language fidelity)")
     add("--token-budget", type=int, default=8192, help="local judge: rows x longest row per batch")
     add("--seed", type=int, default=0, help="seed of the bootstrap intervals")
-    add("--translate-test", action="store_true", help="also each math task translated into English, then "
-        "answered")
+    add("--translate-test", action="store_true", help="also the math tasks' -tt variants (above)")
     common.add_server_flags(parser, server_model=False)  # a column a --server lists is answered there
     add("--answers-only", action="store_true", help="answer the tasks with the --server columns only, then "
         "stop (no judging, no report); a later run without it reuses those answers (loop.sh: one server at a "
@@ -142,9 +139,9 @@ def parse_args(argv=None):
     add("--judge-server", nargs="+", default=None, metavar="URL", help="OpenAI-compatible base URL(s) of the "
         f"judge, e.g. http://127.0.0.1:8000/v1 (chat completions; key from ${common.SERVER_KEY_ENV})")
     add("--judge-max-tokens", type=int, default=8, help="longest judge reply from --judge-server")
-    add("--proxy-expert", default=None, help="small tuned model for proxy-tuned decoding")
+    add("--proxy-expert", default=None, help="the small tuned model (above)")
     add("--proxy-antiexpert", default=None, help="the same small model untuned")
-    add("--proxy-alpha", type=float, default=1.0, help="weight of (expert - antiexpert)")
+    add("--proxy-alpha", type=float, default=1.0)
     add("--trust-remote-code", action="store_true", help="allow model code from the hub")
     args = parser.parse_args(argv)
     args.tasks = [task for task in args.tasks.split(",") if task]

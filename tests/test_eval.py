@@ -812,6 +812,14 @@ def test_bad_inputs(tmp_path, tiny_model):
         eval05.main([*base, "--langs", "en", "--tasks", "math", "--math", str(mixed)])
     with pytest.raises(common.InputError, match=r"--tasks: unknown task\(s\) mmlu"):
         eval05.main([*base, "--tasks", "math,mmlu"])
+    # Proxy-tuning adds logits token by token: a small model whose tokenizer has one more token is refused.
+    other = shutil.copytree(tiny_model, tmp_path / "other-tokenizer")
+    tokenizer = common.load_tokenizer(str(other))
+    tokenizer.add_tokens(["<not-in-the-base>"])
+    tokenizer.save_pretrained(other)
+    with pytest.raises(common.InputError, match=r"--proxy-antiexpert .*other-tokenizer: its tokenizer differs"):
+        eval05.main([*base, "--tasks", "winrate", "--limit", "1", "--max-new-tokens", "2", "--judge", tiny_model,
+                     "--proxy-expert", tiny_model, "--proxy-antiexpert", str(other)])
     assert not os.path.exists(tmp_path / "out" / "eval.json")
 
 
