@@ -123,6 +123,9 @@ def parse_args(argv=None):
     add("--limit", type=parse_limit, default=None, metavar="N[,LANG=M...]", help="the first N problems or "
         "prompts per task, the same ids in every language; LANG=M takes M in that language (en=60: fewer "
         "English prompts, where a model is at its ceiling)")
+    add("--middle-limit", type=parse_limit, default=None, metavar="N[,LANG=M...]", help="as --limit, for the "
+        "models between the first and the last (loop.sh: M1), which the effect does not compare: they show the "
+        "path on fewer prompts")
     add("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     add("--batch-size", type=int, default=16, help="prompts decoded at once")
     add("--judge-limit", type=int, default=None, help="judge only the first N prompt ids (all are answered, "
@@ -414,6 +417,7 @@ def predict(column, task_items, work, args, rank, world_size, counts):
     """
     tools, predictions = None, {}
     for task, problems in task_items.items():
+        problems = first_ids_per_language(problems, column.get("limit"))  # --middle-limit
         if task in SCORED_TASKS and ("proxy" in column or args.answers_only):
             continue  # proxy-tuning decodes with no one model to score; answers-only: the later run scores
         path = os.path.join(work, f"{column['slug']}.{task}.jsonl")
@@ -1014,12 +1018,18 @@ def make_columns(names, args):
         columns.append({"label": "proxy-tuned", "model": names[0], "proxy": True, "held_out": None,
                         "description": f"{names[0]} + {args.proxy_alpha} x "
                                        f"({args.proxy_expert} - {args.proxy_antiexpert})"})
+    trained = [column for column in columns if "proxy" not in column]
+    for column in trained[1:-1] if args.middle_limit else []:
+        column["limit"] = args.middle_limit
+        column["description"] += " (--middle-limit: " + ", ".join(
+            f"{count} {lang or 'per language'}" for lang, count in args.middle_limit.items() if count) + ")"
     # Work files are named after what the column is and what it answers: a changed --models, --limit, --langs,
     # data source or answer length never reuses them.
     answers = [args.limit, args.langs, args.max_new_tokens, args.mgsm, args.math, args.prompts, args.choice,
                args.math_mode]
     for column in columns:
-        column["slug"] = f"{slug(column['label'])}-{common.content_key(column['description'], answers)[:8]}"
+        key = common.content_key(column["description"], answers + [column.get("limit")])[:8]
+        column["slug"] = f"{slug(column['label'])}-{key}"
     return columns
 
 

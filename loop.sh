@@ -53,10 +53,13 @@ NLL_WEIGHT=${NLL_WEIGHT:-1}             # DPO+NLL, as the papers train (0: plain
 # first JUDGE_LIMIT. Math is left out of the CPU demo: no 135M model reaches an answer in this many tokens,
 # so its panel could not move; add EVAL_TASKS=mgsm,winrate with EVAL_MAX_NEW_TOKENS=512 at paper scale.
 EVAL_TASKS=${EVAL_TASKS:-winrate}
-EVAL_LIMIT=${EVAL_LIMIT:-240,en=60}     # held-out prompts per language: enough to see an 8-point effect in each
-                                        # (RESULTS.md section 1); English, at its ceiling, needs fewer
+EVAL_LIMIT=${EVAL_LIMIT:-180,en=60}     # held-out prompts per language for M0 and the last model: enough to see
+                                        # an 8-point effect in each (RESULTS.md section 1); English, at its ceiling,
+                                        # needs fewer
+EVAL_MIDDLE_LIMIT=${EVAL_MIDDLE_LIMIT:-60}  # ... and for the models between (M1), which the effect does not compare
 JUDGE_LIMIT=${JUDGE_LIMIT:-10}          # of those, judged for the win rate (a 135M judge: a smoke test)
-EVAL_MAX_NEW_TOKENS=${EVAL_MAX_NEW_TOKENS:-64}  # enough to tell the language of an answer
+EVAL_MAX_NEW_TOKENS=${EVAL_MAX_NEW_TOKENS:-48}  # the shortest answer whose effect matches 64 tokens' (RESULTS.md
+                                                # section 1): the drift into English comes late in an answer
 PYTHON=${PYTHON:-python}
 TRAIN=${TRAIN:-$PYTHON}                 # e.g. TRAIN="torchrun --nproc_per_node=8" on a multi-GPU machine
 TRAIN_ARGS=${TRAIN_ARGS:---batch-size 4 --grad-accum 1}  # extra flags for 04_dpo.py (4 pairs a step here)
@@ -144,8 +147,8 @@ done
 
 stage "all" "05 evaluate: ${models[*]}"
 evaluate=(05_eval.py --models "${models[@]}" --tasks "$EVAL_TASKS" --langs "$LANGS" --prompts "$EVAL_PROMPTS"
-  --limit "$EVAL_LIMIT" --judge-limit "$JUDGE_LIMIT" --max-new-tokens "$EVAL_MAX_NEW_TOKENS" --batch-size 64
-  --seed "$SEED" --trained-on "${trained_on[@]}" --output "$RUN/eval")
+  --limit "$EVAL_LIMIT" --middle-limit "$EVAL_MIDDLE_LIMIT" --judge-limit "$JUDGE_LIMIT"
+  --max-new-tokens "$EVAL_MAX_NEW_TOKENS" --batch-size 64 --seed "$SEED" --trained-on "${trained_on[@]}" --output "$RUN/eval")
 if [ -n "$SERVE" ]; then  # each model answers on its own server, one at a time; then judge and report
   mkdir -p "$RUN/eval"
   for k in "${!models[@]}"; do

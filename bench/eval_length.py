@@ -9,13 +9,18 @@ for each N:
   - each model's language fidelity and the effect (each later model minus the first, per language and pooled
     over the languages besides English), with 05's intervals.
 A length whose effects match the full length's is as good as it for the demo's question, at less decoding.
+Last, the power arithmetic: from the spread of the per-prompt differences at full length, how many prompts per
+language an --effect-point difference needs for its interval to exclude zero in 80% of runs.
 
     python bench/eval_length.py runs/loop/eval --lengths 64,48,32,24,16
 """
 import argparse
 import importlib.util
+import math
 import os
 import sys
+
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -46,6 +51,7 @@ def main():
     parser.add_argument("eval_dir", help="a 05_eval.py --output folder (loop.sh: runs/loop/eval)")
     parser.add_argument("--lengths", default="64,48,32,24,16", help="answer lengths to read, in tokens")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
+    parser.add_argument("--effect", type=float, default=0.08, help="the effect the power arithmetic is for")
     args = parser.parse_args()
     summary = common.read_json(os.path.join(args.eval_dir, "eval.json"))
     labels, langs = [model["label"] for model in summary["models"]], summary["langs"]
@@ -74,6 +80,18 @@ def main():
                     f"{lang} {interval(value)}" for lang, value in effect[eval05.INSTRUCTION_FIDELITY].items())
             print(f"- `{label}` fidelity {line}")
         print()
+    # The power arithmetic: n = ((z_0.975 + z_0.8) * sd / effect)^2 prompts per language, sd the spread of the
+    # per-prompt difference (last model minus first, each -1, 0 or +1), so that an `effect`-point difference
+    # has an interval that excludes zero in 80% of runs.
+    first = {(r["id"], r["lang"]): r["in_language"] for r in full[labels[0]]["winrate"]}
+    print(f"prompts per language for 80% power at a {100 * args.effect:.0f}-point effect, from the spread of "
+          f"`{labels[-1]}` - `{labels[0]}` at full length:")
+    for lang in langs:
+        diffs = [float(r["in_language"]) - first[r["id"], lang] for r in full[labels[-1]]["winrate"]
+                 if r["lang"] == lang]
+        needed = math.ceil(((1.959964 + 0.841621) * np.std(diffs) / args.effect) ** 2)
+        print(f"- {lang}: sd {np.std(diffs):.3f} over {len(diffs)} prompts, mean {100 * np.mean(diffs):+.1f}: "
+              f"n = {needed}")
 
 
 if __name__ == "__main__":

@@ -171,6 +171,27 @@ def test_limit_per_language_keeps_the_same_first_ids():
     assert result.returncode == 2 and "argument --limit: 'ten': expected N or N,LANG=M" in result.stderr
 
 
+def test_middle_models_answer_the_first_ids_of_middle_limit(tmp_path, tiny_model, tiny_model_b):
+    """--middle-limit: the models between the first and the last answer fewer prompts; the effect, the last
+    model minus the first, is over all of --limit's."""
+    output = tmp_path / "out"
+    result = run_script("05_eval.py", "--models", tiny_model, tiny_model_b, tiny_model, "--tasks", "winrate",
+                        "--langs", "en,es,de", "--limit", "3,en=2", "--middle-limit", "1", "--max-new-tokens", "2",
+                        "--judge", tiny_model, "--judge-limit", "1", "--output", output, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-2000:]
+    answered = {}
+    for row in read_records(output / "predictions.jsonl"):
+        answered.setdefault(row["model"], []).append((row["lang"], row["id"]))
+    labels = list(answered)
+    assert [sorted(answered[label]) for label in labels] == [
+        sorted([("en", "1"), ("en", "2")] + [(lang, i) for lang in ("es", "de") for i in ("1", "2", "3")]),
+        [("de", "1"), ("en", "1"), ("es", "1")]] + [sorted(answered[labels[0]])]
+    summary = json.loads((output / "eval.json").read_text())
+    assert {lang: v["n"] for lang, v in summary["effect"][eval05.INSTRUCTION_FIDELITY].items()} == {
+        "en": 2, "es": 3, "de": 3, "es+de": 3}
+    assert "(--middle-limit: 1 per language)" in (output / "report.md").read_text()
+
+
 def test_column_labels(tmp_path):
     for iteration in ("iter1", "iter2"):
         (tmp_path / iteration / "model").mkdir(parents=True)

@@ -40,8 +40,8 @@ def test_the_driver_never_evaluates_a_prompt_it_trains_on():
     evaluated = eval05.first_ids_per_language(
         common.load_prompts(os.path.join(REPO, loop_default("EVAL_PROMPTS")), langs), limit)
     assert len(trained) == int(loop_default("LIMIT")) * len(langs)
-    assert [sum(p["lang"] == lang for p in evaluated) for lang in langs] == [60, 240, 240, 240]
-    assert limit == {None: 240, "en": 60} and langs == ["en", "es", "de", "fr"]
+    assert [sum(p["lang"] == lang for p in evaluated) for lang in langs] == [60, 180, 180, 180]
+    assert limit == {None: 180, "en": 60} and langs == ["en", "es", "de", "fr"]
     assert not {p["id"] for p in trained} & {p["id"] for p in evaluated}
     # No text in common at all: not in the first LIMIT ids, nor anywhere in the two sets, in any language.
     everything = lambda name: {p["prompt"] for p in common.load_prompts(os.path.join(REPO, name))}  # noqa: E731
