@@ -7,8 +7,9 @@ Out: in --output (default runs/loop/eval/):
      eval.json         per model, per metric, per language: score, n, 95% interval
      predictions.jsonl every prompt, response, extracted answer, judge verdicts
      report.md         first the effect (the last model minus the first on the targeted metric, language
-                       fidelity of answers to held-out prompts, paired by prompt, with 95% intervals),
-                       then models as columns, metric x language as rows, deltas against the first model
+                       fidelity of answers to held-out prompts, paired by prompt, with 95% intervals), per
+                       language and pooled over the languages besides English; then models as columns,
+                       metric x language as rows, deltas against the first model
      report.png        per-language bars per model, one panel per metric (needs matplotlib)
 
     python 05_eval.py --models smollm2-135m runs/loop/iter1/model --tasks mgsm,winrate,choice --limit 20
@@ -114,7 +115,7 @@ def parse_args(argv=None):
         "fidelity (X-AlpacaEval: the papers' evaluation set)")
     add("--choice", default="data/choice", help="multiple-choice set: directory of {lang}.jsonl, a file, or "
         "hub dataset (name:config[:split]; {lang} in it is replaced by each language)")
-    add("--math-mode", choices=("cot", "code"), default="cot", help="math answers: text, or a program (above)")
+    add("--math-mode", choices=("cot", "code"), default="cot", help="text, or a program (above)")
     add("--reference-answers", default=None, metavar="DIR_OR_FILE", help="win rate against these answers "
         "(JSONL with id, prompt, response; one {lang}.jsonl per language) instead of the first model's")
     add("--trained-on", nargs="*", default=None, metavar="FILE", help="each iteration's responses.jsonl "
@@ -124,8 +125,7 @@ def parse_args(argv=None):
         "prompts per task, the same ids in every language; LANG=M takes M in that language (en=60: fewer "
         "English prompts, where a model is at its ceiling)")
     add("--middle-limit", type=parse_limit, default=None, metavar="N[,LANG=M...]", help="as --limit, for the "
-        "models between the first and the last (loop.sh: M1), which the effect does not compare: they show the "
-        "path on fewer prompts")
+        "models between the first and the last (loop.sh: M1), which the effect does not compare")
     add("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     add("--batch-size", type=int, default=16, help="prompts decoded at once")
     add("--judge-limit", type=int, default=None, help="judge only the first N prompt ids (all are answered, "
