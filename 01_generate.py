@@ -1,7 +1,7 @@
 """01_generate.py: sample the policy's answers to the same prompts in every language.
 
 In:  prompts, as a directory of {lang}.jsonl files (default: the bundled data/alpagasus, training
-     prompts; 05 evaluates on data/prompts, which no stage trains on),
+     prompts; 05 evaluates on data/x-alpacaeval, which no stage trains on),
      a JSONL file with "lang" + "prompt", an MGSM-style TSV, or a Hugging Face dataset.
 Out: responses.jsonl, one record per (id, language): the prompt's fields plus
      "responses" (N samples), "truncated" (per sample: hit --max-new-tokens),
