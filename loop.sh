@@ -58,8 +58,8 @@ EVAL_LIMIT=${EVAL_LIMIT:-180,en=60}     # held-out prompts per language for M0 a
                                         # needs fewer
 EVAL_MIDDLE_LIMIT=${EVAL_MIDDLE_LIMIT:-60}  # ... and for the models between (M1), which the effect does not compare
 JUDGE_LIMIT=${JUDGE_LIMIT:-10}          # of those, judged for the win rate (a 135M judge: a smoke test)
-EVAL_MAX_NEW_TOKENS=${EVAL_MAX_NEW_TOKENS:-48}  # the shortest answer whose effect matches 64 tokens' (RESULTS.md
-                                                # section 1): the drift into English comes late in an answer
+EVAL_MAX_NEW_TOKENS=${EVAL_MAX_NEW_TOKENS:-48}  # the shortest answer whose effect matches 64 tokens': the drift
+                                                # into English comes late in an answer (RESULTS.md section 1)
 PYTHON=${PYTHON:-python}
 TRAIN=${TRAIN:-$PYTHON}                 # e.g. TRAIN="torchrun --nproc_per_node=8" on a multi-GPU machine
 TRAIN_ARGS=${TRAIN_ARGS:---batch-size 4 --grad-accum 1}  # extra flags for 04_dpo.py (4 pairs a step here)
