@@ -164,8 +164,8 @@ def test_loop_generates_on_the_servers_it_starts_and_stops(tmp_path):
         socket.create_connection(("127.0.0.1", port), timeout=2)
 
 
-# Flags the test adds to each of the README's stage commands, so that they run in about a minute: the short
-# prompts above instead of Alpagasus, shorter answers, one prompt evaluated. Later flags win in argparse.
+# Flags the test adds to each of the stage commands (README, "The stages"), so that they run in about a minute:
+# the short prompts above instead of Alpagasus, shorter answers, one prompt evaluated. Later flags win.
 README_OVERRIDES = {
     "01_generate.py": "--prompts {prompts} --langs en,es --limit 4 --max-new-tokens 40",
     "04_dpo.py": "--batch-size 1",
@@ -175,8 +175,8 @@ README_OVERRIDES = {
 
 @pytest.mark.slow
 def test_readme_stage_commands_run_as_shown_after_the_demo(tmp_path, tiny_model):
-    """The README's stage block, line by line in its order, in a clone where a demo-like run has already filled
-    runs/loop/iter1/ (with settings of its own): every command succeeds, and the demo's files are untouched."""
+    """The stage block (README, "The stages"), line by line in its order, in a clone where a demo-like run has
+    already filled runs/loop/iter1/ (with settings of its own): every command succeeds, the demo's files stay."""
     from test_clone import clone_alone
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     block = re.search(r"```bash\n(.*?)```", readme[readme.index("## The stages"):], re.DOTALL).group(1)
