@@ -152,8 +152,9 @@ def parse_args(argv=None):
     unknown = [t for t in args.tasks if t not in TASKS]
     for lang in args.langs:
         common.language_name(lang, "--langs")
+    limits = [count for limit in (args.limit, args.middle_limit) if limit for count in limit.values()]
     counts = (args.max_new_tokens, args.batch_size, args.server_concurrency,
-              1 if args.judge_limit is None else args.judge_limit)
+              *(1 if count is None else count for count in limits + [args.judge_limit]))
     common.refuse({
         f"--tasks: unknown task(s) {','.join(unknown) or '(none)'} (known: {','.join(TASKS)})":
             unknown or not args.tasks,
@@ -163,7 +164,8 @@ def parse_args(argv=None):
             (args.proxy_expert is None) != (args.proxy_antiexpert is None),
         "--answers-only answers the columns a --server serves: give --server":
             args.answers_only and not args.server,
-        "--max-new-tokens, --batch-size, --server-concurrency and --judge-limit must be at least 1":
+        "--max-new-tokens, --batch-size, --server-concurrency, --middle-limit, --limit and --judge-limit must be "
+        "at least 1":
             min(counts) < 1})
     return args
 
@@ -173,12 +175,22 @@ def parse_limit(text):
     limit = {None: None}
     for part in text.split(","):
         lang, _, count = part.rpartition("=")
-        if not count.strip().isdigit() or int(count) < 1:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected N or N,LANG=M (counts of at least 1)")
+        try:
+            limit[lang.strip() or None] = int(count)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected N or N,LANG=M") from None
         if lang:
             common.language_name(lang.strip(), "--limit")
-        limit[lang.strip() or None] = int(count)
     return limit
+
+
+def limit_text(limit):
+    """A parsed --limit as it was typed, for messages: 240, or "240,en=60"."""
+    if limit is None:
+        return None
+    text = ",".join(([] if limit[None] is None else [str(limit[None])]) +
+                    [f"{lang}={count}" for lang, count in limit.items() if lang])
+    return int(text) if text.isdigit() else text
 
 
 # ----------------------------------------------------------------------------
@@ -1161,6 +1173,7 @@ def main(argv=None):
     settings = {name: value for name, value in vars(args).items()
                 if name not in ("output", "batch_size", "token_budget", "trust_remote_code", "server",
                                 "server_concurrency", "answers_only")}
+    settings.update(limit=limit_text(args.limit), middle_limit=limit_text(args.middle_limit))  # as typed
     if common.claim(os.path.join(args.output, "eval.json"), settings, rank, partial=False):
         return
     # The judge's server is asked for its models now: a wrong URL, key or model name fails before any

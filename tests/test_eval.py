@@ -162,8 +162,12 @@ def test_limit_per_language_keeps_the_same_first_ids():
     assert [(r["lang"], r["id"]) for r in kept] == [("en", 5), ("es", 5), ("es", 2), ("es", 9),
                                                       ("de", 5), ("de", 2), ("de", 9)]
     assert eval05.first_ids_per_language(items, None) == items
-    for bad in ("0", "ten", "3,en=", "3,en=-1"):
+    assert eval05.limit_text(eval05.parse_limit("3,en=1")) == "3,en=1" and eval05.limit_text({None: 3}) == 3 and eval05.limit_text(None) is None
+    for bad in ("ten", "3,en="):
         with pytest.raises(SystemExit):
+            eval05.parse_args(["--limit", bad])
+    for bad in ("0", "3,en=-1"):
+        with pytest.raises(common.InputError, match="--limit and --judge-limit must be at least 1"):
             eval05.parse_args(["--limit", bad])
     with pytest.raises(common.InputError, match=r"--limit: unknown language code 'xx'"):
         eval05.parse_args(["--limit", "3,xx=1"])
