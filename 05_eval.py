@@ -164,8 +164,8 @@ def parse_args(argv=None):
             (args.proxy_expert is None) != (args.proxy_antiexpert is None),
         "--answers-only answers the columns a --server serves: give --server":
             args.answers_only and not args.server,
-        "--max-new-tokens, --batch-size, --server-concurrency, --middle-limit, --limit and --judge-limit must be "
-        "at least 1":
+        "--max-new-tokens, --batch-size, --server-concurrency, --middle-limit, --limit and --judge-limit "
+        "must be at least 1":
             min(counts) < 1})
     return args
 
