@@ -144,7 +144,7 @@ def parse_args(argv=None):
     add("--judge-max-tokens", type=int, default=8, help="longest judge reply from --judge-server")
     add("--proxy-expert", default=None, help="the small tuned model (above)")
     add("--proxy-antiexpert", default=None, help="the same small model untuned")
-    add("--proxy-alpha", type=float, default=1.0)
+    add("--proxy-alpha", type=float, default=1.0, help="weight of (expert - antiexpert)")
     add("--trust-remote-code", action="store_true", help="allow model code from the hub")
     args = parser.parse_args(argv)
     args.tasks = [task for task in args.tasks.split(",") if task]
@@ -820,7 +820,7 @@ def compute_effect(columns, predictions, langs, seed):
         differences = [{"id": r["id"], "lang": r["lang"], "diff": float(r[field]) - first[r["id"], r["lang"]]}
                        for r in predictions[trained[-1]][task]]
         table = per_language(differences, "diff", langs, seed)
-        del table["all"]  # English, at its ceiling, would dilute the pool: the pool is the other languages
+        table.pop("all", None)  # English, at its ceiling, would dilute the pool of the other languages
         effect[metric] = {**table, **pooled_others(differences, "diff", langs, seed)}
     return effect
 
