@@ -41,10 +41,19 @@ that server; the others in-process (choice and alignment read a model's log-prob
 always run in-process, and not for the proxy-tuned column, which has no single model).
 With --proxy-expert/--proxy-antiexpert one more column is evaluated: the first model
 proxy-tuned, logits = first + alpha * (expert - antiexpert).
+A hub dataset is name:config[:split], {lang} in it standing for each language.
+--reference-answers: JSONL with id, prompt, response (one {lang}.jsonl per language, e.g. X-AlpacaEval's
+GPT-4-turbo answers), one for every judged prompt, asked with the same text.
+--limit 180,en=60: the first 180 ids in each language, and the first 60 of those same ids in English (fewer
+where a model is at its ceiling). --middle-limit: the same for the models between the first and the last
+(loop.sh's M1), which the effect does not compare. --judge-limit N judges the first N ids; every prompt is
+still answered, for language fidelity. --answers-only: a later run without it reuses those answers (loop.sh
+serves one model at a time).
 If a model directory holds train_summary.json (from 04_dpo.py), its held-out reward accuracy
-is reported too. --trained-on takes the loop's training records: an evaluated prompt among them stops
-the run. Resumable: finished (model, task) work files in --output/work/ are reused;
-a killed run continues. Runs under `torchrun --nproc_per_node=K` (prompts sharded, rank 0 reports).
+is reported too. --trained-on takes the loop's training records (default: each responses.jsonl beside the
+default --models): an evaluated prompt among them stops the run. Resumable: finished (model, task) work
+files in --output/work/ are reused; a killed run continues. Runs under `torchrun --nproc_per_node=K`
+(prompts sharded, rank 0 reports).
 """
 import argparse
 import functools
@@ -103,44 +112,34 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
-    add("--models", nargs="+", default=None, help="hub ids, directories or the embedded default; the first "
-        f"is the baseline (default: {common.EMBEDDED_MODEL}, then each finished {LOOP_RUN}/iter*/model: "
-        "loop.sh's)")
+    add("--models", nargs="+", default=None, help="the first is the baseline (default: the embedded model, "
+        f"then each finished {LOOP_RUN}/iter*/model)")
     add("--tasks", default="mgsm,math,winrate", help=f"comma-separated, from {','.join(TASKS)}")
     add("--langs", default="en,es,de,fr,ru,zh", help="comma-separated language codes")
-    add("--mgsm", default="data/mgsm",
-        help="MGSM: directory of mgsm_{lang}.tsv, JSONL with question/answer, or hub dataset")
-    add("--math", default="data/math", help="math set: directory of {lang}.jsonl, JSONL file, or hub dataset")
-    add("--prompts", default="data/x-alpacaeval", help="instruction prompts for the win rate and language "
-        "fidelity (X-AlpacaEval: the papers' evaluation set)")
-    add("--choice", default="data/choice", help="multiple-choice set: directory of {lang}.jsonl, a file, or "
-        "hub dataset (name:config[:split]; {lang} in it is replaced by each language)")
+    add("--mgsm", default="data/mgsm", help="MGSM: mgsm_{lang}.tsv files, JSONL or a hub dataset")
+    add("--math", default="data/math", help="math set: {lang}.jsonl files, JSONL or a hub dataset")
+    add("--prompts", default="data/x-alpacaeval", help="instructions for the win rate and language fidelity")
+    add("--choice", default="data/choice", help="multiple choice: {lang}.jsonl files, JSONL or a hub dataset")
     add("--math-mode", choices=("cot", "code"), default="cot", help="text, or a program (above)")
-    add("--reference-answers", default=None, metavar="DIR_OR_FILE", help="win rate against these answers "
-        "(JSONL with id, prompt, response; one {lang}.jsonl per language) instead of the first model's")
-    add("--trained-on", nargs="*", default=None, metavar="FILE", help="each iteration's responses.jsonl "
-        "(default: those beside the default --models)")
+    add("--reference-answers", default=None, metavar="DIR_OR_FILE", help="judge against these (id, prompt, "
+        "response) instead of the first model's answers")
+    add("--trained-on", nargs="*", default=None, metavar="FILE", help="each iteration's responses.jsonl")
     add("--output", default="runs/loop/eval", help="output directory")
-    add("--limit", type=parse_limit, default=None, metavar="N[,LANG=M...]", help="the first N problems or "
-        "prompts per task, the same ids in every language; LANG=M takes M in that language (en=60: fewer "
-        "English prompts, where a model is at its ceiling)")
+    add("--limit", type=parse_limit, default=None, metavar="N[,LANG=M...]", help="the first N ids per task "
+        "(the same in every language); LANG=M: M in that language")
     add("--middle-limit", type=parse_limit, default=None, metavar="N[,LANG=M...]", help="as --limit, for the "
-        "models between the first and the last (loop.sh: M1), which the effect does not compare")
+        "models between the first and the last")
     add("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     add("--batch-size", type=int, default=16, help="prompts decoded at once")
-    add("--judge-limit", type=int, default=None, help="judge only the first N prompt ids (all are answered, "
-        "for language fidelity)")
+    add("--judge-limit", type=int, default=None, help="judge only the first N prompt ids")
     add("--token-budget", type=int, default=8192, help="local judge: rows x longest row per batch")
     add("--seed", type=int, default=0, help="seed of the bootstrap intervals")
     add("--translate-test", action="store_true", help="also the math tasks' -tt variants (above)")
     common.add_server_flags(parser, server_model=False)  # a column a --server lists is answered there
-    add("--answers-only", action="store_true", help="answer the tasks with the --server columns only, then "
-        "stop (no judging, no report); a later run without it reuses those answers (loop.sh: one server at a "
-        "time)")
-    add("--judge", default=common.EMBEDDED_MODEL, help="win-rate judge: a local model, or the model name "
-        "sent to --judge-server")
+    add("--answers-only", action="store_true", help="answer with the --server columns only, then stop")
+    add("--judge", default=common.EMBEDDED_MODEL, help="local judge, or the model name for --judge-server")
     add("--judge-server", nargs="+", default=None, metavar="URL", help="OpenAI-compatible base URL(s) of the "
-        f"judge, e.g. http://127.0.0.1:8000/v1 (chat completions; key from ${common.SERVER_KEY_ENV})")
+        f"judge (key from ${common.SERVER_KEY_ENV})")
     add("--judge-max-tokens", type=int, default=8, help="longest judge reply from --judge-server")
     add("--proxy-expert", default=None, help="the small tuned model (above)")
     add("--proxy-antiexpert", default=None, help="the same small model untuned")
