@@ -88,7 +88,23 @@ def parse_args(argv=None):
     add = parser.add_argument_group("qalign").add_argument
     add("--qalign-source", choices=("auto", "gold", "prompt_en"), default="auto", help="English question: "
         "the English record of the same id (gold), 02's prompt_en, or gold where there is one (auto)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    implicit = args.method == "implicit"
+    mixes = (args.mix_answer_in_x, args.mix_answer_in_en, args.mix_translate)
+    common.refuse({  # "not in range" rather than "out of range": a comparison with nan is False
+        "out of range: --eval-frac in [0, 1)": not 0 <= args.eval_frac < 1,
+        "out of range: --mix-* in [0, 1]": not all(0 <= share <= 1 for share in mixes),
+        "out of range: --beta > 0": not args.beta > 0,
+        "out of range: --min-margin >= 0": not args.min_margin >= 0,
+        "out of range: --alpha finite": not math.isfinite(args.alpha or 0),
+        "out of range: --batch-size, --token-budget, --limit >= 1":
+            min(args.batch_size, args.token_budget, 1 if args.limit is None else args.limit) < 1,
+        "--method implicit needs --dpo-model and --ref-model":
+            implicit and not (args.dpo_model and args.ref_model),
+        "--dpo-model and --ref-model are the same model: every reward would be 0":
+            implicit and args.dpo_model == args.ref_model})
+    common.language_name(args.dominant, "--dominant")
+    return args
 
 
 def sidecar(output, name):
@@ -454,21 +470,6 @@ def summarise(rows, skipped):
 
 def main(argv=None):
     args = parse_args(argv)
-    mix = {kind: getattr(args, f"mix_{kind}") for kind in ("answer_in_x", "answer_in_en", "translate")}
-    implicit = args.method == "implicit"
-    common.refuse({  # "not in range" rather than "out of range": a comparison with nan is False
-        "out of range: --eval-frac in [0, 1)": not 0 <= args.eval_frac < 1,
-        "out of range: --mix-* in [0, 1]": not all(0 <= share <= 1 for share in mix.values()),
-        "out of range: --beta > 0": not args.beta > 0,
-        "out of range: --min-margin >= 0": not args.min_margin >= 0,
-        "out of range: --alpha finite": not math.isfinite(args.alpha or 0),
-        "out of range: --batch-size, --token-budget, --limit >= 1":
-            min(args.batch_size, args.token_budget, 1 if args.limit is None else args.limit) < 1,
-        "--method implicit needs --dpo-model and --ref-model":
-            implicit and not (args.dpo_model and args.ref_model),
-        "--dpo-model and --ref-model are the same model: every reward would be 0":
-            implicit and args.dpo_model == args.ref_model})
-    common.language_name(args.dominant, "--dominant")
     started = time.perf_counter()
     records = read_input(args.input, args.method, args.dominant, args.limit)
     langs = args.langs.split(",") if args.langs else sorted({lang for _, lang in records})
@@ -496,6 +497,7 @@ def main(argv=None):
     elif args.method == "imbalance":
         rows, skipped = imbalance_rows(records, langs, args.dominant, args.keep_truncated, args.check_answer)
     elif args.method == "crossin":
+        mix = {kind: getattr(args, f"mix_{kind}") for kind in ("answer_in_x", "answer_in_en", "translate")}
         rows, skipped = crossin_rows(records, args.dominant, args.keep_truncated, mix, args.seed)
     else:
         rows, skipped = qalign_rows(records, args.dominant, args.qalign_source, args.input)

@@ -512,6 +512,15 @@ def embedded_model_dir():
     target = os.path.join(cache_dir(), "SmolLM2-135M-Instruct")
     if os.path.isfile(os.path.join(target, "model.safetensors")):
         return target
+    os.makedirs(cache_dir(), exist_ok=True)
+    with open(os.path.join(cache_dir(), "convert.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process converts; another one waits here, then finds it done
+        done = os.path.isfile(os.path.join(target, "model.safetensors"))
+        return target if done else convert_embedded(target)
+
+
+def convert_embedded(target):
+    """The GGUF file of the embedded model's package, converted to a safetensors directory at `target`."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # find, do not import: the package pulls in llm
     if spec is None or not spec.submodule_search_locations:
         raise InputError(f"the embedded model is not installed; run: {EMBEDDED_INSTALL}")

@@ -308,6 +308,23 @@ def test_bf16_generation_keeps_the_language_the_demo_measures():
 
 
 @pytest.mark.slow
+def test_two_processes_convert_the_embedded_model_once_into_a_fresh_cache(tmp_path):
+    """On a fresh machine the first use converts the GGUF file; two processes at once (two test workers, two
+    stages) both get the whole directory: one converts, the other waits for it."""
+    code = "import common, safetensors.torch as s; d = common.embedded_model_dir(); " \
+           "print(d, len(s.load_file(d + '/model.safetensors')))"
+    environment = dict(os.environ, LOOP_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    processes = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=environment, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(process.wait(timeout=600), *process.communicate()) for process in processes]
+    assert all(code == 0 for code, _, _ in results), [error[-2000:] for _, _, error in results]
+    target = str(tmp_path / "cache" / "SmolLM2-135M-Instruct")
+    assert [out.split() for _, out, _ in results] == [[target, "272"]] * 2  # every tensor, in both
+    assert sum("converting the embedded model" in error for _, _, error in results) == 1
+    assert sorted(os.listdir(tmp_path / "cache")) == ["SmolLM2-135M-Instruct", "convert.lock"]  # no leftovers
+
+
+@pytest.mark.slow
 def test_real_embedded_model_answers_two_prompts(tmp_path):
     path = write(tmp_path / "p.jsonl", '{"id": "a", "lang": "en", "prompt": "What is 2+3?"}\n'
                                        '{"id": "a", "lang": "es", "prompt": "¿Cuánto es 2+3?"}\n')

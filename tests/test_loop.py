@@ -88,6 +88,7 @@ def test_loop_runs_all_stages_and_resumes_after_kills(tmp_path):
         process = start_loop(environment, log)
         deadline = time.time() + 900
         while time.time() < deadline and "02 translate" not in (tmp_path / "log1").read_text():
+            assert process.poll() is None, (tmp_path / "log1").read_text()[-3000:]  # it stopped before 02
             time.sleep(0.2)
         time.sleep(3)
         os.killpg(process.pid, signal.SIGKILL)
