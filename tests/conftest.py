@@ -23,12 +23,6 @@ import common  # noqa: E402
 os.environ["LOOP_BF16"] = "0"
 
 
-def pytest_collection_modifyitems(items):
-    """The slow tests first, in file order, then the quick ones: with two workers (pytest.ini's -n 2) the long
-    end-to-end runs start early, and the quick tests fill in beside them, so neither worker ends long alone."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 def make_tiny_model(directory, seed=0, layers=2, hidden=64, vocab_size=None, init_std=0.02, architecture="llama"):
     """Save a random tiny Llama (or Gemma 2, soft-capped logits) plus the embedded tokenizer to `directory`.
 
