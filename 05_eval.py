@@ -102,7 +102,6 @@ CODE_INSTRUCTION = ("Write a short Python program that computes the answer and p
 # the last model against the first, paired by prompt.
 # The winrate task's answers, read for their language: not a win rate, so not named after the task.
 INSTRUCTION_FIDELITY = "language fidelity of answers to instructions"
-EFFECT_METRICS = {INSTRUCTION_FIDELITY: ("winrate", "in_language")}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -202,8 +201,8 @@ def first_ids_per_language(items, limit):
     if limit is None:
         return items
     order = {id_: rank for rank, id_ in enumerate(dict.fromkeys(str(item["id"]) for item in items))}
-    kept = lambda item, count: count is None or order[str(item["id"])] < count  # noqa: E731
-    return [item for item in items if kept(item, limit.get(item["lang"], limit[None]))]
+    count = lambda item: limit.get(item["lang"], limit[None]) or math.inf  # noqa: E731
+    return [item for item in items if order[str(item["id"])] < count(item)]
 
 
 def check_gold(answer, where):
@@ -303,14 +302,13 @@ def held_out_reward_accuracy(name):
 
 def load_generator(column, args):
     """What answers one column's tasks: {generate(prompt texts, desc) -> common.generate's iterator,
-    tokenizer, engine (its name), model (in-process, or None for a server column until a scored task loads
-    it)}."""
+    tokenizer, engine (its name), model (loaded here; a server column's only when a scored task needs it)}."""
     if column.get("servers"):  # attach_servers found them listing the model; the prompts are rendered here
+        model, engine = None, common.connect(column["servers"], column["served_as"], args.server_concurrency)
         tokenizer = common.load_tokenizer(column["model"], args.trust_remote_code)
-        engine = common.Server(column["servers"], column["served_as"], os.environ.get(common.SERVER_KEY_ENV),
-                               args.server_concurrency)
     else:
-        engine, tokenizer = common.load_model(column["model"], trust_remote_code=args.trust_remote_code)
+        model, tokenizer = common.load_model(column["model"], trust_remote_code=args.trust_remote_code)
+        engine = model
     proxy = None
     if "proxy" in column:
         small = {"--proxy-expert": args.proxy_expert, "--proxy-antiexpert": args.proxy_antiexpert}
@@ -324,17 +322,8 @@ def load_generator(column, args):
     generate = lambda texts, desc: common.generate(  # noqa: E731
         engine, tokenizer, texts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, desc=desc,
         proxy=proxy)
-    return {"generate": generate,
-            "tokenizer": tokenizer, "engine": common.engine_name(engine),
-            "model": None if column.get("servers") else engine}
-
-
-def in_process_model(tools, column, args):
-    """The column's model loaded here: a server column's too, for the tasks that read log-probs or hidden
-    states."""
-    if tools["model"] is None:
-        tools["model"] = common.load_model(column["model"], trust_remote_code=args.trust_remote_code)[0]
-    return tools["model"]
+    return {"generate": generate, "tokenizer": tokenizer, "model": model,
+            "engine": common.engine_name(engine)}
 
 
 def in_chunks(items, size, desc):
@@ -347,15 +336,6 @@ def in_chunks(items, size, desc):
 def in_language(text, lang):
     """Language fidelity of one answer: an empty answer is not in any language; only numbers pass."""
     return bool(text.strip()) and common.is_in_language(text, lang)
-
-
-def answers(generate, tokenizer, items, messages, desc, counts):
-    """One greedy answer to messages[i] for each items[i]; yields lists of (item, message, sample), a batch
-    at a time."""
-    texts = [common.chat_prompt_text(tokenizer, message) for message in messages]
-    for batch in generate(texts, desc):
-        counts["new_tokens"] += sum(samples[0]["new_tokens"] for _, samples in batch)
-        yield [(items[index], messages[index], samples[0]) for index, samples in batch]
 
 
 @functools.cache
@@ -380,29 +360,28 @@ def task_records(tools, items, task, mode, counts):
     A translate-test task (`-tt`) first translates the questions into English (with the question-translation
     prompt QAlign trains in 03), then answers the English question.
     """
-    generate, tokenizer = tools["generate"], tools["tokenizer"]
-    english = {(item["id"], item["lang"]): item["prompt"] for item in items}  # what a -tt task answers
-    if task.endswith("-tt"):
-        to_translate = [item for item in items if item["lang"] != "en"]
-        requests = [f"{common.QUESTION_TRANSLATION.format(language=common.language_name(item['lang']))}\n\n"
-                    f"{item['prompt']}" for item in to_translate]
-        for batch in answers(generate, tokenizer, to_translate, requests, "translate", counts):
-            english.update({(item["id"], item["lang"]): sample["text"] for item, _, sample in batch})
+    def answer(messages, desc):  # one greedy answer per message, a batch at a time: [(index, sample)]
+        texts = [common.chat_prompt_text(tools["tokenizer"], message) for message in messages]
+        for batch in tools["generate"](texts, desc):
+            counts["new_tokens"] += sum(samples[0]["new_tokens"] for _, samples in batch)
+            yield [(index, samples[0]) for index, samples in batch]
 
-    def message(item):
-        if task == "winrate":
-            return item["prompt"]
-        if task.endswith("-tt"):
-            return math_message(english[item["id"], item["lang"]], "en", mode)
-        return math_message(item["prompt"], item["lang"], mode)
-
-    messages = [message(item) for item in items]
-    for batch in answers(generate, tokenizer, items, messages, "answer", counts):
+    questions = [item["prompt"] for item in items]  # a -tt task's become their English translations
+    foreign = [k for k, item in enumerate(items) if task.endswith("-tt") and item["lang"] != "en"]
+    requests = [f"{common.QUESTION_TRANSLATION.format(language=common.language_name(items[k]['lang']))}\n\n"
+                f"{questions[k]}" for k in foreign]
+    for batch in answer(requests, "translate") if foreign else []:
+        for index, sample in batch:
+            questions[foreign[index]] = sample["text"]
+    messages = [question if task == "winrate" else
+                math_message(question, "en" if task.endswith("-tt") else item["lang"], mode)
+                for item, question in zip(items, questions)]
+    for batch in answer(messages, "answer"):
         records = []
-        for item, message, sample in batch:
-            text = sample["text"]
-            record = {**{k: item[k] for k in ("model", "task", "id", "lang", "engine")}, "prompt": message,
-                      "response": text, "truncated": sample["truncated"]}
+        for index, sample in batch:
+            item, text = items[index], sample["text"]
+            record = {**{k: item[k] for k in ("model", "task", "id", "lang", "engine")},
+                      "prompt": messages[index], "response": text, "truncated": sample["truncated"]}
             if task == "winrate" or mode == "cot":  # a program's language is Python
                 record.update(detected_language=common.detect_language(text),
                               in_language=in_language(text, item["lang"]))
@@ -416,7 +395,7 @@ def task_records(tools, items, task, mode, counts):
                 record.update(answer=item["answer"], prediction=prediction,
                               correct=common.same_number(prediction, item["answer"]))
             if task.endswith("-tt"):
-                record.update(question=item["prompt"], question_en=english[item["id"], item["lang"]])
+                record.update(question=item["prompt"], question_en=questions[index])
             records.append(record)
         yield records
 
@@ -435,11 +414,13 @@ def predict(column, task_items, work, args, rank, world_size, counts):
         if not os.path.exists(path):  # not finished in an earlier run
             tools = tools or load_generator(column, args)
             scored = {"choice": choice_records, "alignment": alignment_records}.get(task)
+            if scored and tools["model"] is None:  # a server column's: log-probs and states are read here
+                tools["model"] = common.load_model(column["model"], None, None, args.trust_remote_code)[0]
             engine = "in-process" if scored else tools["engine"]
             items = [{**p, "model": column["label"], "task": task, "engine": engine} for p in problems]
             key = lambda record: (record["model"], record["task"], record["id"], record["lang"])  # noqa: E731
             _, mine = common.resume(path, items, key, rank, world_size)
-            batches = (scored(in_process_model(tools, column, args), tools["tokenizer"], mine, args) if scored
+            batches = (scored(tools["model"], tools["tokenizer"], mine, args) if scored
                        else task_records(tools, mine, task, args.math_mode, counts))
             for records in batches:
                 common.save_batch(path, records, rank)
@@ -592,11 +573,10 @@ def judge_pairs(judge, pairs):
     judge is mostly position bias, so this keeps the little signal it has; votes would not.
     Returns [(score, [verdict reference-first, verdict candidate-first])].
     """
-    texts = []
-    for instruction, reference, candidate in pairs:
-        texts.append(JUDGE_PROMPT.format(instruction=instruction, answer_a=reference, answer_b=candidate))
-        texts.append(JUDGE_PROMPT.format(instruction=instruction, answer_a=candidate, answer_b=reference))
-    verdicts = judge(texts)
+    # Each pair twice: the reference's answer as A, then the candidate's.
+    verdicts = judge([JUDGE_PROMPT.format(instruction=instruction, answer_a=a, answer_b=b)
+                      for instruction, reference, candidate in pairs
+                      for a, b in ((reference, candidate), (candidate, reference))])
     results = []
     for k in range(len(pairs)):
         first, second = verdicts[2 * k], verdicts[2 * k + 1]
@@ -623,11 +603,8 @@ def local_judge(model, tokenizer, token_budget):
     score = letter_scorer(model, tokenizer, "AB", token_budget)
 
     def judge(texts):
-        verdicts = []
-        for logp_a, logp_b in score(texts).tolist():
-            choice = "A" if logp_a > logp_b else "B" if logp_b > logp_a else "tie"
-            verdicts.append({"choice": choice, "logp_a": logp_a, "logp_b": logp_b})
-        return verdicts
+        return [{"choice": "A" if logp_a > logp_b else "B" if logp_b > logp_a else "tie", "logp_a": logp_a,
+                 "logp_b": logp_b} for logp_a, logp_b in score(texts).tolist()]
 
     return judge
 
@@ -783,8 +760,8 @@ def compute_results(columns, predictions, judgements, langs, seed, opponent="fir
         for task, rows in predictions[label].items():
             if task.split("-")[0] in MATH_TASKS + ("choice",):
                 metrics[f"{task} accuracy"] = per_language(rows, "correct", langs, seed)
-                for name, table in consistency(rows, langs, seed).items():
-                    metrics[f"{task} {name}"] = table
+                metrics.update({f"{task} {name}": table
+                                for name, table in consistency(rows, langs, seed).items()})
             if task == "winrate" and label in judgements:
                 metrics[f"winrate vs {opponent}"] = per_language(judgements[label], "score", langs, seed)
                 metrics[f"winrate vs {opponent}, length-controlled"] = {
@@ -808,20 +785,17 @@ def compute_results(columns, predictions, judgements, langs, seed, opponent="fir
 
 
 def compute_effect(columns, predictions, langs, seed):
-    """{metric: {lang: entry of (last model - first model)}} for EFFECT_METRICS, paired by (id, lang), and
-    the languages besides English pooled (pooled_others)."""
+    """{INSTRUCTION_FIDELITY: {lang: entry of (last model - first model)}}, paired by (id, lang), and the
+    languages besides English pooled (pooled_others); {} without two models' win-rate answers."""
     trained = [c["label"] for c in columns if "proxy" not in c]
-    effect = {}
-    for metric, (task, field) in EFFECT_METRICS.items():
-        if len(trained) < 2 or task not in predictions[trained[0]]:
-            continue
-        first = {(r["id"], r["lang"]): float(r[field]) for r in predictions[trained[0]][task]}
-        differences = [{"id": r["id"], "lang": r["lang"], "diff": float(r[field]) - first[r["id"], r["lang"]]}
-                       for r in predictions[trained[-1]][task]]
-        table = per_language(differences, "diff", langs, seed)
-        table.pop("all", None)  # English, at its ceiling, would dilute the pool of the other languages
-        effect[metric] = {**table, **pooled_others(differences, "diff", langs, seed)}
-    return effect
+    if len(trained) < 2 or "winrate" not in predictions[trained[0]]:
+        return {}
+    first = {(r["id"], r["lang"]): r["in_language"] for r in predictions[trained[0]]["winrate"]}
+    differences = [dict(id=r["id"], lang=r["lang"], diff=float(r["in_language"] - first[r["id"], r["lang"]]))
+                   for r in predictions[trained[-1]]["winrate"]]
+    table = per_language(differences, "diff", langs, seed)
+    table.pop("all", None)  # English, at its ceiling, would dilute the pool of the other languages
+    return {INSTRUCTION_FIDELITY: {**table, **pooled_others(differences, "diff", langs, seed)}}
 
 
 def pooled_others(rows, field, langs, seed):
@@ -869,86 +843,68 @@ def metric_names(results, labels):
 
 
 def cell(value, base=None):
+    """`score [interval] n=...` in %; with the baseline's value, the difference from it in points."""
     if value is None:
         return "–"
     low, high = value["ci"]
     text = f"{100 * value['score']:.1f} [{100 * low:.1f}, {100 * high:.1f}] n={value['n']}"
-    if base is not None:
-        text += f" ({100 * (value['score'] - base['score']):+.1f})"
-    return text
+    if value.get("overlap", 1) < 0.1:  # a length-controlled win rate read outside its data
+        text += " (extrapolated)"
+    return text + (f" ({100 * (value['score'] - base['score']):+.1f})" if base else "")
 
 
-def alignment_lines(alignment, most=9):
-    """The per-layer alignment table: a row per model and language, a column per layer (at most `most`,
-    evenly spaced, the first and last always), each cell the mean cosine; eval.json has every layer with
-    intervals."""
-    layers = len(next(iter(next(iter(alignment.values())).values())))
-    shown = range(layers) if layers <= most else sorted({round(k * (layers - 1) / (most - 1))
-                                                         for k in range(most)})
-    rows = [[f"`{label}`", lang, *(f"{values[k]['score']:.3f}" for k in shown)]
-            for label, table in alignment.items() for lang, values in table.items()]
-    return ["## Representation alignment", "", "Cosine between each question's mean hidden state and its "
-            "English original's, by layer (0: the embeddings). Higher: the model holds the two versions "
-            "closer.",
-            "", *markdown_table(["model", "lang", *(f"layer {k}" for k in shown)], rows), ""]
+def metric_notes(args, judge_text):
+    """The paragraphs under "All metrics": how each kind of metric in the table is measured."""
+    counted = "answer" if args.math_mode == "cot" else \
+        "output of the model's program (run in a sandboxed child process)"
+    notes = {  # task: what the report says of its metrics
+        "math": f"Math: greedy, max {args.max_new_tokens} new tokens, the last number in the {counted} "
+                "counts, right within 1e-3 of gold. Consistency (CrossIn): share of parallel problems "
+                "answered alike (the same number, the same option) in every language. ",
+        "choice": "Multiple choice: the option whose letter gets the highest log-prob as the answer's first "
+                  "token. ",
+        "fidelity": "Language fidelity: share of answers detected (py3langid) in the prompt's language; an "
+                    "answer of only numbers counts as faithful, an empty one does not. `all` pools the "
+                    "languages.",
+        "alignment": " Alignment: the cosine x100 (mean over layers) of a question's mean hidden state and "
+                     "its English original's; every layer is in eval.json and report.png."}
+    shown = {"math" if task in MATH_TASKS else task for task in args.tasks} | {"fidelity"}
+    shown |= {"math"} if "choice" in shown else set()  # choice's consistency is said with math's
+    lines = ["".join(text for task, text in notes.items() if task in shown), ""]
+    if judge_text:
+        opponent = "the reference answers" if args.reference_answers else "the first model"
+        lines += [f"Win rate: share of pairwise judgements won against {opponent}, both orders, ties half. "
+                  "Length-controlled (AlpacaEval 2): the judge's preference fitted by logistic regression on "
+                  "tanh(length difference / its std) and read at equal length; (extrapolated): under 10% of "
+                  "prompts had answers on both sides of equal length.", judge_text, ""]
+    return lines
 
 
-def write_report(path, columns, results, effect, alignment, held_out, judge_text, args):
+def write_report(path, columns, results, effect, held_out, judge_text, args):
     labels = [c["label"] for c in columns]
-    rows = [(metric, lang) for metric in metric_names(results, labels) for lang in args.langs + ["all"]
-            if any(lang in results[label].get(metric, {}) for label in labels)]
     lines = ["# Evaluation report", "",
              "Columns are models; the first is the baseline and later cells show the difference from it in "
-             "points (+/-). Each cell: score in % [95% bootstrap interval] n=number of items.", ""]
-    lines += [f"- `{c['label']}`: {c['description']}" for c in columns] + [""]
+             "points (+/-). Each cell: score in % [95% bootstrap interval] n=number of items.", "",
+             *(f"- `{c['label']}`: {c['description']}" for c in columns), ""]
     if held_out:
         lines += [f"Held out: no evaluated prompt is among the {held_out['training_prompt_ids']} prompt ids "
                   "(in any language) or the texts the loop trained on "
                   f"({', '.join(held_out['trained_on'])}).", ""]
     if effect:
         lines += effect_lines(effect, results, [c["label"] for c in columns if "proxy" not in c])
-    opponent = "the reference answers" if args.reference_answers else "the first model"
-    tasks = set(args.tasks)
-    counted = ("output of the model's program (run in a sandboxed child process) "
-               if args.math_mode == "code" else "answer ")
-    notes = [  # (whether it applies, what the report says about how a metric is measured)
-        (tasks & set(MATH_TASKS + ("choice",)), f"Math: greedy, max {args.max_new_tokens} new tokens, the "
-         f"last number in the {counted}counts, right within 1e-3 of gold. Consistency (CrossIn): share of "
-         "parallel problems answered alike (the same number, the same option) in every language. "),
-        ("choice" in tasks, "Multiple choice: the option whose letter gets the highest log-prob as the "
-         "answer's first token. "),
-        (True, "Language fidelity: share of answers detected (py3langid) in the prompt's language; an answer "
-         "of only numbers counts as faithful, an empty one does not. `all` pools the languages."),
-        ("alignment" in tasks, " Alignment: the cosine x100 (mean over layers) of a question's mean hidden "
-         "state and its English original's.")]
-    lines += ["## All metrics", "", "".join(text for applies, text in notes if applies), ""]
-    if any(metric.startswith("winrate vs") for label in labels for metric in results[label]):
-        extrapolated = [f"`{label}` {lang}" for label in labels for metric, table in results[label].items()
-                        if metric.endswith("length-controlled") for lang, value in table.items()
-                        if value["overlap"] < 0.1]
-        lines += [f"Win rate: share of pairwise judgements won against {opponent}, both orders, ties half. "
-                  "Length-controlled (AlpacaEval 2): the judge's preference fitted by logistic regression on "
-                  "tanh(length difference / its std) and read at equal length." + (
-                      " Under 10% of prompts had answers on both sides of equal length, so equal length is "
-                      f"outside the data and these are extrapolations: {', '.join(extrapolated)}."
-                      if extrapolated else ""),
-                  judge_text, ""]
-    skipped = [c["label"] for c in columns if "proxy" in c]
-    if skipped and set(args.tasks) & set(SCORED_TASKS):
-        lines += [f"`{skipped[0]}`: no choice or alignment: proxy-tuning combines three models' logits while "
-                  "decoding, so there is no one model whose log-probs or hidden states to read.", ""]
+    lines += ["## All metrics", "", *metric_notes(args, judge_text)]
     value = lambda label, metric, lang: results[label].get(metric, {}).get(lang)  # noqa: E731
-    lines += markdown_table(["metric", "lang", *(f"`{label}`" for label in labels)], [
-        [metric, lang, *(cell(value(label, metric, lang), value(labels[0], metric, lang) if k else None)
-                         for k, label in enumerate(labels))] for metric, lang in rows])
-    lines += [""] + (alignment_lines(alignment) if alignment else [])
-    common.write_atomic(path, lambda handle: handle.write("\n".join(lines) + "\n"))
+    rows = [[metric, lang, *(cell(value(label, metric, lang), value(labels[0], metric, lang) if k else None)
+                             for k, label in enumerate(labels))]
+            for metric in metric_names(results, labels) for lang in args.langs + ["all"]
+            if any(value(label, metric, lang) for label in labels)]
+    lines += markdown_table(["metric", "lang", *(f"`{label}`" for label in labels)], rows)
+    common.write_atomic(path, lambda handle: handle.write("\n".join(lines) + "\n\n"))
 
 
 def plot_report(path, columns, results, effect, alignment, langs):
-    """The effect first (last - first model, per language), then one panel per metric: bars per model,
-    whiskers for the intervals; last, the alignment by layer: a line per model (colour) and language (line
-    style)."""
+    """report.png: the effect first (last - first model, per language), then a panel per metric (bars per
+    model, whiskers for the intervals), last the alignment by layer (a line per model and language)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -956,49 +912,34 @@ def plot_report(path, columns, results, effect, alignment, langs):
     except ImportError:
         print("matplotlib is not installed: no report.png")
         return False
-    labels, trained = [c["label"] for c in columns], [c["label"] for c in columns if "proxy" not in c]
-    metrics = [metric for metric in metric_names(results, labels)
-               if any(lang in results[label].get(metric, {}) for label in labels for lang in langs)]
-    panels = [(f"effect: {metric}\n{trained[-1]} - {trained[0]} on held-out prompts, 95% interval",
-               {"difference": table})
+    labels = [c["label"] for c in columns]
+    panels = [(f"effect: {metric} (last - first model)", {"difference": table})
               for metric, table in effect.items()]
-    panels += [(metric, {label: results[label].get(metric, {}) for label in labels}) for metric in metrics]
-    panels += [("alignment with English, by layer", None)] if alignment else []
-    if not panels:
-        return False
+    panels += [(metric, {label: results[label].get(metric, {}) for label in labels})
+               for metric in metric_names(results, labels)]
+    panels += [("alignment with English, by layer (0: embeddings)", alignment)] if alignment else []
     rows = math.ceil(len(panels) / 2)
     figure, axes = plt.subplots(rows, 2, figsize=(13, 3.4 * rows), squeeze=False)
     groups = list(dict.fromkeys(langs + ["all"] + [lang for table in effect.values() for lang in table]))
     for axis, (title, series) in zip(axes.flat, panels):
-        if series is None:
-            for k, table in enumerate(alignment.values()):
-                for j, (lang, values) in enumerate((lang, v) for lang, v in table.items() if lang != "all"):
-                    style = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)))[j % 5]
-                    axis.plot([v["score"] for v in values], color=f"C{k % 10}", linestyle=style,
-                              label=f"{list(alignment)[k]} {lang}")
-            axis.set(xlabel="layer (0: embeddings)", ylabel="cosine", title=title)
-            axis.legend(fontsize=6, ncol=2)
-            continue
         width = 0.8 / len(series)
         for k, (label, table) in enumerate(series.items()):  # model k: colour k, the k-th bar of every group
-            values = [(i + (k - (len(series) - 1) / 2) * width, table[lang])
-                      for i, lang in enumerate(groups) if lang in table]
-            axis.bar([x for x, _ in values], [100 * v["score"] for _, v in values], width, capsize=2,
-                     yerr=[[100 * (v["score"] - v["ci"][0]) for _, v in values],
-                           [100 * (v["ci"][1] - v["score"]) for _, v in values]],
-                     color="black" if label == "difference" else f"C{k % 10}", label=label)
-        axis.set(xticks=range(len(groups)), xticklabels=groups, title=title)
-        if "difference" in series:
-            axis.set_ylabel("points")
-            axis.axhline(0, color="grey", linewidth=0.8)
-        else:
-            axis.set(ylabel="%", ylim=(0, 100))
-        if title.startswith("winrate vs"):
-            axis.axhline(50, color="grey", linewidth=0.8, linestyle="--")
-    for axis in list(axes.flat)[len(panels):]:
+            if series is alignment:
+                for lang, values in table.items():
+                    axis.plot([v["score"] for v in values], color=f"C{k % 10}", label=f"{label} {lang}")
+                continue
+            shown = [(i + (k - (len(series) - 1) / 2) * width, table[lang])  # (x, value) of each bar
+                     for i, lang in enumerate(groups) if lang in table]
+            axis.bar([x for x, _ in shown], [100 * v["score"] for _, v in shown], width, label=label,
+                     capsize=2, yerr=[[100 * (v["score"] - v["ci"][0]) for _, v in shown],
+                           [100 * (v["ci"][1] - v["score"]) for _, v in shown]])
+        if series is not alignment:
+            axis.set(xticks=range(len(groups)), xticklabels=groups,
+                     ylabel="points" if "difference" in series else "%")
+        axis.set_title(title, fontsize=9)
+        axis.legend(fontsize=6)
+    for axis in axes.flat[len(panels):]:
         axis.axis("off")
-    if len(panels) > len(effect):
-        axes.flat[len(effect)].legend(fontsize=8)
     figure.tight_layout()
     common.write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=110), binary=True)
     plt.close(figure)
@@ -1025,10 +966,10 @@ def make_columns(names, args):
     columns = [{"label": label, "model": name, "description": name,
                 "held_out": held_out_reward_accuracy(name)}
                for label, name in zip(unique_labels(names), names)]
-    if args.proxy_expert:
+    if args.proxy_expert:  # decoding mixes three models' logits: no one model's log-probs or states to read
         columns.append({"label": "proxy-tuned", "model": names[0], "proxy": True, "held_out": None,
-                        "description": f"{names[0]} + {args.proxy_alpha} x "
-                                       f"({args.proxy_expert} - {args.proxy_antiexpert})"})
+                        "description": f"{names[0]} + {args.proxy_alpha} x ({args.proxy_expert} - "
+                                       f"{args.proxy_antiexpert}); not scored in choice or alignment"})
     trained = [column for column in columns if "proxy" not in column]
     for column in trained[1:-1] if args.middle_limit else []:
         column["limit"] = args.middle_limit
@@ -1133,8 +1074,7 @@ def write_outputs(output, columns, predictions, judgements, judge_text, task_ite
     common.write_jsonl(os.path.join(output, "predictions.jsonl"), [
         {**row, **(verdicts.get((label, row["id"], row["lang"]), {}) if task == "winrate" else {})}
         for label, by_task in predictions.items() for task, rows in by_task.items() for row in rows])
-    write_report(os.path.join(output, "report.md"), columns, results, effect, alignment, held_out, judge_text,
-                 args)
+    write_report(os.path.join(output, "report.md"), columns, results, effect, held_out, judge_text, args)
     plotted = plot_report(os.path.join(output, "report.png"), columns, results, effect, alignment, langs)
     engines = {label: sorted({row.get("engine", "in-process") for rows in by_task.values() for row in rows})
                for label, by_task in predictions.items()}
@@ -1149,14 +1089,12 @@ def write_outputs(output, columns, predictions, judgements, judge_text, task_ite
 
 def main(argv=None):
     args = parse_args(argv)
-    names = args.models
-    if names is None:
-        names, trained_on = loop_models()
-        args.trained_on = trained_on if args.trained_on is None else args.trained_on
-    args.trained_on = args.trained_on or []
+    names, trained_on = loop_models() if args.models is None else (args.models, [])
+    args.trained_on = trained_on if args.trained_on is None else args.trained_on
     columns = make_columns(names, args)
-    judged = len(columns) > 1 or args.reference_answers  # against the first column, or the given answers
-    judging = "winrate" in args.tasks and judged and not args.answers_only
+    # Win rates: each model against the first, or every one against the given answers.
+    judging = ("winrate" in args.tasks and not args.answers_only
+               and (len(columns) > 1 or bool(args.reference_answers)))
     local_judge_name = [args.judge] if judging and not args.judge_server else []
     for name in dict.fromkeys(names + local_judge_name + [args.proxy_expert, args.proxy_antiexpert]):
         if name:  # every model is checked before the first one answers anything

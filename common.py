@@ -109,7 +109,8 @@ def _lines(path):
 
 
 def _finite(text):
-    """A JSON number as a float. One too large for a float (1e400 reads as inf) is refused, as NaN is."""
+    """A JSON number as a float; NaN, Infinity (Python's extensions of JSON) and a number too large for a
+    float (1e400 reads as inf) are refused, so they are never carried into an output."""
     value = float(text)
     if not math.isfinite(value):
         raise ValueError(f"{text[:20]} is not a finite number")
@@ -125,8 +126,8 @@ def read_jsonl(path, required=()):
     rows = []
     for line_number, line in _lines(path):
         try:
-            record = json.loads(line, parse_constant=_not_json, parse_float=_finite)
-        except ValueError as error:  # a JSONDecodeError is one too
+            record = json.loads(line, parse_constant=_finite, parse_float=_finite)
+        except ValueError as error:  # a JSONDecodeError is one too: its msg leaves out the position
             reason = getattr(error, "msg", error)
             raise InputError(f"{path}:{line_number}: not valid JSON ({reason})") from None
         if not isinstance(record, dict):
@@ -137,11 +138,6 @@ def read_jsonl(path, required=()):
                 raise InputError(f"{path}:{line_number}: {problem}")
         rows.append((line_number, record))
     return rows
-
-
-def _not_json(name):
-    """NaN and Infinity are Python's extension of JSON: refused, so they are never carried into an output."""
-    raise ValueError(f"{name} is not a JSON value")
 
 
 def write_atomic(path, write, binary=False):
@@ -163,32 +159,29 @@ def read_json(path):
     """A JSON file; a broken one (or one holding NaN or an infinite number) is named in one line."""
     try:
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle, parse_constant=_not_json, parse_float=_finite)
+            return json.load(handle, parse_constant=_finite, parse_float=_finite)
     except (ValueError, UnicodeDecodeError) as error:  # a JSONDecodeError is a ValueError
         raise InputError(f"{path}: not valid JSON ({first_line(error)})") from None
 
 
-def json_line(record, path):
-    """One JSONL line of `record`, bound for `path`. A NaN or infinite number stops with one line naming the
+def json_text(record, path, indent=None):
+    """`record` (a dict) as JSON, bound for `path`. A NaN or infinite number stops with one line naming the
     record, before anything is written: no file of ours ever holds one."""
     try:
-        return json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
+        return json.dumps(record, ensure_ascii=False, allow_nan=False, indent=indent)
     except ValueError:
         name = ", ".join(f"{field} {record[field]!r}" for field in ("id", "lang") if field in record)
-        raise InputError(f"{path}: the record ({name or 'no id'}) holds NaN or an infinite number; "
-                         "not written") from None
+        what = f"the record ({name})" if name else "the record"
+        raise InputError(f"{path}: {what} holds NaN or an infinite number; not written") from None
 
 
 def write_jsonl(path, records):
-    lines = [json_line(record, path) for record in records]
+    lines = [json_text(record, path) + "\n" for record in records]
     write_atomic(path, lambda handle: handle.writelines(lines))
 
 
-def write_json(path, value):
-    try:
-        text = json.dumps(value, ensure_ascii=False, indent=1, allow_nan=False)
-    except ValueError:
-        raise InputError(f"{path}: would hold NaN or an infinite number; not written") from None
+def write_json(path, record):
+    text = json_text(record, path, indent=1)
     write_atomic(path, lambda handle: handle.write(text))
 
 
@@ -236,7 +229,7 @@ def resume(out_path, items, key, rank=0, world_size=1):
 
 def save_batch(out_path, records, rank=0):
     """Append records to this rank's part file and force them to disk: a kill after this loses none."""
-    lines = [json_line(record, out_path) for record in records]  # every line checked before any is written
+    lines = [json_text(record, out_path) + "\n" for record in records]  # all checked before any is written
     with writing(out_path), open(f"{out_path}.part{rank}", "a", encoding="utf-8") as handle:
         handle.writelines(lines)
         handle.flush()
@@ -394,36 +387,6 @@ def _normalise_prompt(record, lang, default_id, where, check=None):
     return {"id": str(record.pop("id", default_id)), "lang": lang, "prompt": text, **record}
 
 
-def _raw_records(path):
-    """[(where, record, default id)] of one prompt file: JSONL, a JSON array of records, or an MGSM-style
-    TSV (question<TAB>answer, no header; row i is the parallel id `{prefix}-{i}`)."""
-    stem, lang = os.path.splitext(os.path.basename(path))[0], _language_of_file(path)
-    if path.endswith(".json"):
-        records = read_json(path)
-        if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
-            raise InputError(f"{path}: expected a JSON array of objects (or JSONL: one object per line)")
-        return [(f"{path}[{index}]", record, f"{stem}-{index}") for index, record in enumerate(records)]
-    if not path.endswith(".tsv"):
-        return [(f"{path}:{number}", record, f"{stem}-{number - 1}") for number, record in read_jsonl(path)]
-    rows, prefix = [], re.sub(rf"[_-]?{lang}$", "", stem) or "row"
-    for line_number, line in _lines(path):
-        columns, where = line.rstrip("\r\n").split("\t"), f"{path}:{line_number}"
-        if len(columns) < 2 or not columns[1].strip():
-            raise InputError(f"{where}: expected question<TAB>answer, found no answer")
-        answer = parse_number(columns[1])
-        if answer is None:  # 400 nines too: they overflow a float
-            raise InputError(f"{where}: answer '{columns[1].strip()[:40]}' is not a number")
-        record = {"question": columns[0], "answer": answer, "lang": lang}
-        rows.append((where, record, f"{prefix}-{line_number - 1}"))
-    return rows
-
-
-def _language_of_file(path):
-    """`es.jsonl` -> es, `mgsm_es.tsv` -> es."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return re.split(r"[_-]", stem)[-1]
-
-
 def load_prompts(source, langs=None, limit=None, split="train", check=None):
     """Prompts from a file, a directory of per-language files, or a hub dataset name.
 
@@ -439,54 +402,84 @@ def load_prompts(source, langs=None, limit=None, split="train", check=None):
     """
     for code in langs or []:
         language_name(code, "--langs")
+    prompts, seen = [], {}  # seen: (id, lang) -> where it was first seen
+    for where, record, lang, default_id in _raw_records(source, langs, split):
+        prompt = _normalise_prompt(record, lang, default_id, where, check)
+        first = seen.setdefault((prompt["id"], prompt["lang"]), where)
+        if first != where:
+            raise InputError(f"{where}: id '{prompt['id']}' appears twice in language '{prompt['lang']}' "
+                             f"(first at {first})")
+        prompts.append(prompt)
+    if langs:
+        missing = [code for code in langs if not any(p["lang"] == code for p in prompts)]
+        if missing:
+            raise InputError(f"{source}: no prompts in language(s) {', '.join(missing)}")
+        # stable: file order within a language
+        prompts = sorted((p for p in prompts if p["lang"] in langs), key=lambda p: langs.index(p["lang"]))
+    return first_ids(prompts, limit)
+
+
+def _raw_records(source, langs, split):
+    """[(where, record, the language its file or hub config names, default id)] of a file, a directory of
+    per-language files (the file name is the language), or a hub dataset."""
     if os.path.isdir(source) or os.path.isfile(source):
-        # In a directory, the file name is the language.
         files = [source] if os.path.isfile(source) else sorted(
             f for f in glob.glob(os.path.join(source, "*")) if f.endswith((".jsonl", ".json", ".tsv"))
             and _language_of_file(f) in (langs or LANGUAGES))
         if not files:
             raise InputError(f"{source}: no {{lang}}.jsonl, {{lang}}.json or *_{{lang}}.tsv files"
                              + (f" for languages {','.join(langs)}" if langs else ""))
-        # A record without a `lang` field is in its file's language (`de.json`, `mgsm_de.tsv`), if the name
-        # says one.
-        file_lang = {f: _language_of_file(f) if _language_of_file(f) in LANGUAGES else None for f in files}
-        entries = [(where, _normalise_prompt(record, file_lang[f], default_id, where, check))
-                   for f in files for where, record, default_id in _raw_records(f)]
-    elif (os.path.exists(os.path.dirname(source) or ".") and os.sep in source
-          or source.endswith((".jsonl", ".json", ".tsv"))):
+        return [row for path in files for row in _file_records(path)]
+    # A path whose folder exists (a hub name, owner/name, has none), or a data file's name: missing.
+    meant_as_path = os.sep in source and os.path.exists(os.path.dirname(source) or ".")
+    if meant_as_path or source.endswith((".jsonl", ".json", ".tsv")):
         raise InputError(f"{source}: no such file")
-    else:
-        names = [source.replace("{lang}", code) for code in langs or []] if "{lang}" in source else [source]
-        entries = [entry for name in names for entry in _load_hub_prompts(name, split, check)]
-    seen = {}  # (id, lang) -> where it was first seen
-    for where, prompt in entries:
-        first = seen.setdefault((prompt["id"], prompt["lang"]), where)
-        if first != where:
-            raise InputError(f"{where}: id '{prompt['id']}' appears twice in language '{prompt['lang']}' "
-                             f"(first at {first})")
-    prompts = [prompt for _, prompt in entries]
-    if langs:
-        missing = [code for code in langs if not any(p["lang"] == code for p in prompts)]
-        if missing:
-            raise InputError(f"{source}: no prompts in language(s) {', '.join(missing)}")
-        prompts = [p for p in prompts if p["lang"] in langs]
-        prompts.sort(key=lambda p: langs.index(p["lang"]))  # stable: file order within a language
-    return first_ids(prompts, limit)
+    names = [source.replace("{lang}", code) for code in langs or []] if "{lang}" in source else [source]
+    return [row for name in names for row in _hub_records(name, split)]
 
 
-def _load_hub_prompts(name, split, check):
+def _file_records(path):
+    """_raw_records of one file: JSONL, a JSON array of records, or an MGSM-style TSV (question<TAB>answer, no
+    header; row i is the parallel id `{prefix}-{i}`)."""
+    stem, lang = os.path.splitext(os.path.basename(path))[0], _language_of_file(path)
+    if path.endswith(".json"):
+        records = read_json(path)
+        if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+            raise InputError(f"{path}: expected a JSON array of objects (or JSONL: one object per line)")
+        return [(f"{path}[{index}]", record, lang, f"{stem}-{index}") for index, record in enumerate(records)]
+    if not path.endswith(".tsv"):
+        return [(f"{path}:{number}", record, lang, f"{stem}-{number - 1}")
+                for number, record in read_jsonl(path)]
+    rows, prefix = [], re.sub(rf"[_-]?{lang}$", "", stem) or "row"
+    for line_number, line in _lines(path):
+        columns, where = line.rstrip("\r\n").split("\t"), f"{path}:{line_number}"
+        if len(columns) < 2 or not columns[1].strip():
+            raise InputError(f"{where}: expected question<TAB>answer, found no answer")
+        answer = parse_number(columns[1])
+        if answer is None:  # 400 nines too: they overflow a float
+            raise InputError(f"{where}: answer '{columns[1].strip()[:40]}' is not a number")
+        rows.append((where, {"question": columns[0], "answer": answer}, lang, f"{prefix}-{line_number - 1}"))
+    return rows
+
+
+def _hub_records(name, split):
+    """_raw_records of one hub dataset: `name`, `name:config` or `name:config:split`."""
     import datasets
-    parts = name.split(":", 2)  # name, name:config or name:config:split
+    parts = name.split(":", 2)
     dataset_name, config, split = parts + ["", split][len(parts) - 1:]
     try:
         dataset = datasets.load_dataset(dataset_name, config or None, split=split)
     except Exception as error:  # the hub's many failure types all mean the same thing to a user
         raise InputError(f"{name}: not a file or directory, and loading it as a Hugging Face "
                          f"dataset failed: {type(error).__name__}: {first_line(error)}") from None
-    lang = _language_of_file(config) if _language_of_file(config) in LANGUAGES else None  # es, X-CSQA-es
-    wheres = [f"{name}[{index}]" for index in range(len(dataset))]
-    return [(where, _normalise_prompt(row, row.get("lang", lang), f"{dataset_name}-{index}", where, check))
-            for index, (where, row) in enumerate(zip(wheres, dataset))]
+    lang = _language_of_file(config)  # es, X-CSQA-es
+    return [(f"{name}[{index}]", row, lang, f"{dataset_name}-{index}") for index, row in enumerate(dataset)]
+
+
+def _language_of_file(path):
+    """`es.jsonl` -> es, `mgsm_es.tsv` -> es, `X-CSQA-es` -> es; None where the name ends in no known code."""
+    code = re.split(r"[_-]", os.path.splitext(os.path.basename(path))[0])[-1]
+    return code if code in LANGUAGES else None
 
 
 # ----------------------------------------------------------------------------
@@ -573,44 +566,39 @@ def pick_device():
     return torch.device("cpu"), torch.bfloat16 if choice == "1" else torch.float32
 
 
+def from_pretrained(auto_class, name, trust_remote_code=False, **kwargs):
+    """auto_class.from_pretrained(what `name` names), or one line saying why it cannot be loaded."""
+    try:
+        return auto_class.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as error:  # ValueError: a directory or id that is not a model
+        raise InputError(f"{name}: not a model we can load ({first_line(error)})") from None
+
+
 def model_config(name, trust_remote_code=False):
     """The config of a model, its weight files checked whole: a second's check that `name` is one, before any
     work is done with another."""
     from transformers import AutoConfig
-    try:
-        config = AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:  # ValueError: a directory or id that is not a model
-        raise InputError(f"{name}: not a model we can load ({first_line(error)})") from None
     check_weights(name)
-    return config
+    return from_pretrained(AutoConfig, name, trust_remote_code)
 
 
 def check_weights(name):
-    """Stop with one line unless each safetensors file of a local model directory is whole: its header reads,
-    and its tensors end exactly where the file does (a copy or a save cut short does not). A hub id is
-    checked by the download."""
-    directory = resolve_model(name)
-    for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*.safetensors"))):
-        size, end = os.path.getsize(path), None
-        with open(path, "rb") as handle:
-            header_size = int.from_bytes(handle.read(8), "little")
-            if 8 + header_size <= size:
-                with contextlib.suppress(ValueError, KeyError, TypeError):  # not a header: said below
-                    header = json.loads(handle.read(header_size))
-                    end = 8 + header_size + max([0] + [v["data_offsets"][1] for k, v in header.items()
-                                                      if k != "__metadata__"])
-        if end != size:
-            raise InputError(f"{name}: {os.path.basename(path)} is cut short or damaged ({size} bytes, "
-                             f"{'unreadable header' if end is None else f'its tensors need {end}'}); "
-                             "rerun the stage that wrote it, or copy it again")
+    """Stop with one line unless each safetensors file of a local model directory is whole: safetensors checks
+    that its tensors cover the file exactly, which a copy or a save cut short does not. A hub id is checked by
+    the download."""
+    from safetensors import SafetensorError, safe_open
+    for path in sorted(glob.glob(os.path.join(glob.escape(resolve_model(name)), "*.safetensors"))):
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except SafetensorError as error:  # "incomplete metadata, file not fully covered", or a bad header
+            raise InputError(f"{name}: {os.path.basename(path)} is cut short or damaged ({error}); rerun the "
+                             "stage that wrote it, or copy it again") from None
 
 
 def load_tokenizer(name, trust_remote_code=False):
     from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:  # ValueError: a directory without tokenizer files
-        raise InputError(f"--model {name}: cannot load a tokenizer ({first_line(error)})") from None
+    tokenizer = from_pretrained(AutoTokenizer, name, trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -626,13 +614,10 @@ def load_model(name, device=None, dtype=None, trust_remote_code=False, scored=Tr
     device, dtype = device or pick_device()[0], dtype or pick_device()[1]
     check_weights(name)
     tokenizer = load_tokenizer(name, trust_remote_code)
-    try:
-        # use_kernels=False: transformers would otherwise fetch compiled kernels from the hub and run them
-        # on a GPU (and stop, offline): code nobody asked for, like trust_remote_code.
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code, use_kernels=False)
-    except OSError as error:
-        raise InputError(f"--model {name}: cannot load a model ({first_line(error)})") from None
+    # use_kernels=False: transformers would otherwise fetch compiled kernels from the hub and run them on a
+    # GPU (and stop, offline): code nobody asked for, like trust_remote_code.
+    model = from_pretrained(AutoModelForCausalLM, name, trust_remote_code, dtype=dtype, use_safetensors=True,
+                            use_kernels=False)
     model.to(device).eval()
     try:
         if scored:
@@ -861,7 +846,7 @@ def generate(engine, tokenizer, prompts, num_samples=1, temperature=0.0, top_p=1
 # to /v1/completions, so the primed answer (02's <translated>), the end-of-turn stop and the token counts
 # are those of the in-process path. Each reply's prompt-token count is checked against our own count.
 
-Server = collections.namedtuple("Server", "urls model key concurrency")
+Server = collections.namedtuple("Server", "urls model concurrency")
 SERVER_KEY_ENV = "OPENAI_API_KEY"  # the API key, if the server wants one (vLLM --api-key), is read from here
 
 
@@ -869,10 +854,8 @@ def add_server_flags(parser, server_model=True):
     """--server, --server-model, --server-concurrency: the same flags in 01, 02 and 05."""
     parser.add_argument("--server", nargs="+", default=None, metavar="URL",
                         help="generate on OpenAI-compatible servers (vLLM, SGLang, transformers serve) at "
-                        "these base URLs, e.g. http://127.0.0.1:8000/v1, requests shared out among them; the "
-                        "chat template is rendered here with the model's own tokenizer; key from "
-                        f"${SERVER_KEY_ENV}. A repetition penalty goes as the extra field vLLM and SGLang "
-                        "take; a server that rejects it (transformers serve) stops the run")
+                        "these base URLs, e.g. http://127.0.0.1:8000/v1, sharing the requests; key from "
+                        f"${SERVER_KEY_ENV}")
     if server_model:
         parser.add_argument("--server-model", default=None,
                             help="model name to request (default: the one model the server lists)")
@@ -880,12 +863,13 @@ def add_server_flags(parser, server_model=True):
                         help="requests in flight (enough for a vLLM server to batch continuously)")
 
 
-def request_json(url, body=None, key=None, attempts=6, timeout=600):
+def request_json(url, body=None, attempts=6, timeout=600):
     """GET (body None) or POST JSON to a server; its JSON reply, or one clear line (InputError) when it fails.
 
     A busy server (429, 5xx), a refused connection or a timeout is retried with backoff (1, 2, 4, ... s):
     at scale these are normal, and a restarted server is back within the retries.
     """
+    key = os.environ.get(SERVER_KEY_ENV)
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     data = None if body is None else json.dumps(body).encode()
     for attempt in range(attempts):
@@ -909,7 +893,7 @@ def request_json(url, body=None, key=None, attempts=6, timeout=600):
 
 def served_models(url, attempts=3):
     """The model names a server lists at /v1/models (a server that is not there fails in a few seconds)."""
-    reply = request_json(url.rstrip("/") + "/models", key=os.environ.get(SERVER_KEY_ENV), attempts=attempts)
+    reply = request_json(url.rstrip("/") + "/models", attempts=attempts)
     if not isinstance(reply, dict) or not isinstance(reply.get("data"), list):
         raise InputError(f"--server {url}: /models is not a model list: {str(reply)[:200]}")
     return [entry.get("id") for entry in reply["data"] if isinstance(entry, dict)]
@@ -929,7 +913,7 @@ def connect(urls, model=None, concurrency=64):
         if model not in listed:
             raise InputError(f"--server {url}: does not serve '{model}' "
                              f"(it lists: {', '.join(listed) or 'none'})")
-    return Server(urls, model, os.environ.get(SERVER_KEY_ENV), concurrency)
+    return Server(urls, model, concurrency)
 
 
 def server_generate(server, tokenizer, prompts, num_samples, temperature, top_p, repetition_penalty,
@@ -964,7 +948,7 @@ def server_samples(server, url, tokenizer, text, num_samples, body, repetition_p
     while len(samples) < num_samples:  # a server that returns fewer choices than asked is asked for the rest
         try:
             reply = request_json(url + "/completions", {**body, "n": num_samples - len(samples),
-                                                        "seed": body["seed"] + len(samples)}, server.key)
+                                                        "seed": body["seed"] + len(samples)})
         except InputError as error:
             if "repetition_penalty" not in str(error):
                 raise
@@ -994,7 +978,7 @@ def server_chat(server, messages, max_tokens):
         index, message = index_message
         url = server.urls[index % len(server.urls)] + "/chat/completions"
         reply = request_json(url, {"model": server.model, "messages": [{"role": "user", "content": message}],
-                                   "temperature": 0, "max_tokens": max_tokens}, server.key)
+                                   "temperature": 0, "max_tokens": max_tokens})
         try:
             return reply["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError) as error:
@@ -1006,12 +990,13 @@ def server_chat(server, messages, max_tokens):
 
 def load_engine(name, servers=None, server_model=None, concurrency=64, trust_remote_code=False):
     """(engine, tokenizer, context length): the model loaded here, or a Server; the tokenizer is `name`'s."""
-    if not servers:
-        model, tokenizer = load_model(name, trust_remote_code=trust_remote_code, scored=False)  # generates
-        return model, tokenizer, getattr(model.config, "max_position_embeddings", None) or 2048
-    server, tokenizer = connect(servers, server_model, concurrency), load_tokenizer(name, trust_remote_code)
-    context = getattr(model_config(name, trust_remote_code), "max_position_embeddings", None)
-    return server, tokenizer, context or 2048
+    config = model_config(name, trust_remote_code)  # for its context length
+    if servers:
+        engine = connect(servers, server_model, concurrency)
+        tokenizer = load_tokenizer(name, trust_remote_code)
+    else:  # the model generates here
+        engine, tokenizer = load_model(name, trust_remote_code=trust_remote_code, scored=False)
+    return engine, tokenizer, getattr(config, "max_position_embeddings", None) or 2048
 
 
 def engine_name(engine):

@@ -127,6 +127,16 @@ def test_effect_is_the_paired_difference_of_the_last_model_and_the_first():
     assert eval05.compute_effect(columns[:1], predictions, ["es"], seed=0) == {}
 
 
+def test_a_length_controlled_cell_read_outside_its_data_says_so():
+    """A cell is score [interval] n, then the difference from the baseline; a length-controlled win rate with
+    under 10% of prompts on the rarer side of equal length is marked as the extrapolation it is."""
+    inside = {"score": 0.5, "n": 10, "ci": [0.3, 0.7], "overlap": 0.4}
+    assert eval05.cell(inside) == "50.0 [30.0, 70.0] n=10"
+    assert eval05.cell(dict(inside, overlap=0.05), base={"score": 0.25, "n": 10, "ci": [0.1, 0.4]}) == \
+        "50.0 [30.0, 70.0] n=10 (extrapolated) (+25.0)"
+    assert eval05.cell(None) == "–"
+
+
 def test_a_prompt_the_loop_trained_on_is_never_evaluated(tmp_path):
     prompts = common.load_prompts(os.path.join(REPO, "data", "prompts"), langs=["en", "es"], limit=5)
     math = [{"id": "m0", "lang": "en", "prompt": "What is 2 + 2?", "answer": 4}]
@@ -768,7 +778,8 @@ def test_choice_alignment_and_reference_win_rate_end_to_end(tmp_path, untied_mod
     choice = [p for p in predictions if p["task"] == "choice"]
     assert len(choice) == 8 and all(p["correct"] == (p["prediction"] == p["answer"]) for p in choice)
     report = open(output / "report.md", encoding="utf-8").read()
-    assert "## Representation alignment" in report and "| winrate vs reference answers, length-controlled |" in report
+    assert "every layer is in eval.json and report.png" in report
+    assert "| winrate vs reference answers, length-controlled |" in report
     assert "| choice accuracy | es |" in report
     assert open(output / "report.png", "rb").read(4) == b"\x89PNG"
     os.remove(output / "eval.json")

@@ -70,7 +70,7 @@ def test_writers_refuse_non_finite_numbers_before_writing(tmp_path):
         with pytest.raises(common.InputError, match=r"out.jsonl: the record \(id 'b', lang 'es'\) holds NaN"):
             write_records()
         assert os.listdir(tmp_path) == []
-    with pytest.raises(common.InputError, match="would hold NaN or an infinite number"):
+    with pytest.raises(common.InputError, match="eval.json: the record holds NaN or an infinite number"):
         common.write_json(str(tmp_path / "eval.json"), {"es": {"score": float("inf")}})
     assert os.listdir(tmp_path) == []
     common.write_jsonl(out, [good])  # and a finite record is written as before
