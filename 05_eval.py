@@ -415,7 +415,8 @@ def predict(column, task_items, work, args, rank, world_size, counts):
             tools = tools or load_generator(column, args)
             scored = {"choice": choice_records, "alignment": alignment_records}.get(task)
             if scored and tools["model"] is None:  # a server column's: log-probs and states are read here
-                tools["model"] = common.load_model(column["model"], None, None, args.trust_remote_code)[0]
+                tools["model"] = common.load_model(column["model"],
+                                                   trust_remote_code=args.trust_remote_code)[0]
             engine = "in-process" if scored else tools["engine"]
             items = [{**p, "model": column["label"], "task": task, "engine": engine} for p in problems]
             key = lambda record: (record["model"], record["task"], record["id"], record["lang"])  # noqa: E731
@@ -603,8 +604,8 @@ def local_judge(model, tokenizer, token_budget):
     score = letter_scorer(model, tokenizer, "AB", token_budget)
 
     def judge(texts):
-        return [{"choice": "A" if logp_a > logp_b else "B" if logp_b > logp_a else "tie", "logp_a": logp_a,
-                 "logp_b": logp_b} for logp_a, logp_b in score(texts).tolist()]
+        return [{"choice": "A" if a > b else "B" if b > a else "tie", "logp_a": a, "logp_b": b}
+                for a, b in score(texts).tolist()]
 
     return judge
 
@@ -760,8 +761,8 @@ def compute_results(columns, predictions, judgements, langs, seed, opponent="fir
         for task, rows in predictions[label].items():
             if task.split("-")[0] in MATH_TASKS + ("choice",):
                 metrics[f"{task} accuracy"] = per_language(rows, "correct", langs, seed)
-                metrics.update({f"{task} {name}": table
-                                for name, table in consistency(rows, langs, seed).items()})
+                for name, table in consistency(rows, langs, seed).items():
+                    metrics[f"{task} {name}"] = table
             if task == "winrate" and label in judgements:
                 metrics[f"winrate vs {opponent}"] = per_language(judgements[label], "score", langs, seed)
                 metrics[f"winrate vs {opponent}, length-controlled"] = {
@@ -925,17 +926,21 @@ def plot_report(path, columns, results, effect, alignment, langs):
         width = 0.8 / len(series)
         for k, (label, table) in enumerate(series.items()):  # model k: colour k, the k-th bar of every group
             if series is alignment:
-                for lang, values in table.items():
-                    axis.plot([v["score"] for v in values], color=f"C{k % 10}", label=f"{label} {lang}")
+                for j, (lang, values) in enumerate(table.items()):  # model: colour; language: line style
+                    axis.plot([v["score"] for v in values], color=f"C{k % 10}", label=f"{label} {lang}",
+                              linestyle=("-", "--", ":", "-.")[j % 4])
                 continue
             shown = [(i + (k - (len(series) - 1) / 2) * width, table[lang])  # (x, value) of each bar
                      for i, lang in enumerate(groups) if lang in table]
             axis.bar([x for x, _ in shown], [100 * v["score"] for _, v in shown], width, label=label,
                      capsize=2, yerr=[[100 * (v["score"] - v["ci"][0]) for _, v in shown],
-                           [100 * (v["ci"][1] - v["score"]) for _, v in shown]])
-        if series is not alignment:
-            axis.set(xticks=range(len(groups)), xticklabels=groups,
-                     ylabel="points" if "difference" in series else "%")
+                                      [100 * (v["ci"][1] - v["score"]) for _, v in shown]])
+        if "difference" in series:
+            axis.set(xticks=range(len(groups)), xticklabels=groups, ylabel="points")
+        elif series is not alignment:
+            axis.set(xticks=range(len(groups)), xticklabels=groups, ylabel="%", ylim=(0, 100))
+        if title.startswith("winrate vs"):  # a coin flip
+            axis.axhline(50, color="grey", linewidth=0.8, linestyle="--")
         axis.set_title(title, fontsize=9)
         axis.legend(fontsize=6)
     for axis in axes.flat[len(panels):]:
