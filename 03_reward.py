@@ -33,6 +33,7 @@ Rerunning a finished run does nothing; the outputs appear only when complete.
 """
 import argparse
 import math
+import os
 import random
 import time
 from collections import Counter, defaultdict
@@ -311,9 +312,7 @@ def score_all(records, keys, args, rank, world_size):
     _, mine = common.resume(path, items, key_of, rank, world_size)
     tokens_scored = 0
     if mine:
-        # fp32 on every device: the reward is a difference of two close models, which bf16 rounds away.
-        models = [common.load_model(name, None, torch.float32, args.trust_remote_code)  # (model, tokenizer)
-                  for name in (args.dpo_model, args.ref_model)]
+        scorers, shared = load_scorers(args.dpo_model, args.ref_model, args.trust_remote_code)
         desc = f"score[rank {rank}]" if world_size > 1 else "score"
         progress = tqdm(total=len(mine), desc=desc, unit="record")
         for start in range(0, len(mine), args.batch_size):
@@ -322,9 +321,13 @@ def score_all(records, keys, args, rank, world_size):
             prompts = [scoring_prompt(records, (item["id"], item["lang"]), args.dominant)
                        for item, texts in zip(batch, answers) for _ in texts]
             responses = [text for texts in answers for text in texts]
-            (dpo_logps, tokens), (ref_logps, ref_tokens) = (common.score(
-                model, tokenizer, prompts, responses, args.token_budget, show_progress=False)
-                for model, tokenizer in models)
+            scored = []
+            for model, tokenizer, adapter in scorers:
+                if shared:  # one base for both: this policy's adapter goes in
+                    common.use_adapter(model, adapter)
+                scored.append(common.score(model, tokenizer, prompts, responses, args.token_budget,
+                                           show_progress=False))
+            (dpo_logps, tokens), (ref_logps, ref_tokens) = scored
             if not (dpo_logps.isfinite().all() and ref_logps.isfinite().all()):
                 raise RuntimeError(f"non-finite log-probs while scoring {batch}: check the models' weights")
             if not (tokens == ref_tokens).all():
@@ -342,6 +345,27 @@ def score_all(records, keys, args, rank, world_size):
     if rank != 0:  # rank 0 alone makes the rows
         return {}, tokens_scored
     return {(record["id"], record["lang"]): record for record in common.read_finished(path)}, tokens_scored
+
+
+def load_scorers(dpo_model, ref_model, trust_remote_code=False):
+    """([(model, tokenizer, adapter)] for the two models, shared). In fp32 on every device: the reward is a
+    difference of two close models, which bf16 rounds away.
+
+    LoRA policies of one base (pi_k with pi_k-1, or with the base itself) share ONE base in memory (shared):
+    before scoring, common.use_adapter puts each one's adapter in (None: the base alone), so the two differ
+    by their adapters exactly. Otherwise (plain models, adapters of other bases or shapes) both load whole.
+    """
+    names = (dpo_model, ref_model)
+    folders = [common.adapter_folder(name) for name in names]
+    bases = {os.path.realpath(common.resolve_model(common.base_model(name))) for name in names}
+    shapes = [{key: common.adapter_config(folder)[key] for key in ("r", "lora_alpha", "target_modules")}
+              for folder in folders if folder]
+    if any(folders) and len(bases) == 1 and all(shape == shapes[0] for shape in shapes):
+        model, tokenizer = common.load_model(names[0] if folders[0] else names[1], None, torch.float32,
+                                             trust_remote_code)
+        return [(model, tokenizer, common.adapter_weights(folder) if folder else None)
+                for folder in folders], True
+    return [(*common.load_model(name, None, torch.float32, trust_remote_code), None) for name in names], False
 
 
 def alpha_grid(rewards, lengths, valid):

@@ -11,14 +11,17 @@ Out: --output directory (default runs/loop/iter1/model/), loadable by any Huggin
                               its presence means the directory is complete
        reference_logps.jsonl  the reference log-probs, one record per pair (keyed by its content)
        checkpoint-N/          the latest checkpoint while training (weights + optimizer), removed at the end
-       adapter/               with --lora-rank: the LoRA adapter alone, in PEFT's format (model.safetensors is
-                              then the model with it merged in, fp32; a checkpoint holds the adapter alone)
+       adapter/               with --lora-rank, instead of the model: the LoRA adapter, in PEFT's format, its
+                              config naming the base; 01-05 and the next iteration load the folder as that
+                              base plus this adapter, unmerged. merged/: with --save-merged, the model with
+                              the adapter merged in, fp32 (a checkpoint holds the adapter alone)
 
     python 04_dpo.py --input runs/loop/iter1/pairs.jsonl --output runs/loop/iter1/model
     torchrun --nproc_per_node=8 04_dpo.py --model meta-llama/Llama-3.1-8B-Instruct --fsdp \
         --gradient-checkpointing
     python 04_dpo.py --model meta-llama/Llama-3.1-8B-Instruct --lora-rank 16 --lr 5e-6 \
         --gradient-checkpointing          # one GPU: the model frozen in bf16, LoRA adapters trained
+    python 04_dpo.py --model runs/loop/iter1/model --lora-rank 16 ...   # a LoRA policy trains on its adapter
 
 One optimizer step (train_step):
   1. The step's global batch of pairs depends only on (--seed, epoch), never on how it is split,
@@ -50,7 +53,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import common
@@ -88,7 +91,8 @@ def parse_args(argv=None):
     add("--lora-rank", type=int, default=0, help="LoRA: train adapters of this rank, model frozen (0: off)")
     add("--lora-alpha", type=float, default=None, help="LoRA: scale by alpha/rank (default: 2 x rank)")
     add("--lora-dropout", type=float, default=0.0, help="LoRA: dropout on the adapters' input")
-    add("--lora-targets", default=",".join(LORA_TARGETS), help="LoRA: linear layers to adapt, by last name")
+    add("--lora-targets", default=",".join(common.LORA_TARGETS), help="LoRA: linear layers to adapt, by last name")
+    add("--save-merged", action="store_true", help="LoRA: also write the merged fp32 model, in --output/merged")
     add("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     add("--fsdp", action="store_true", help="shard weights, gradients, optimizer over processes (FSDP2)")
     add("--save-every", type=int, default=100, help="checkpoint (with optimizer) every N steps; 0: never")
@@ -159,53 +163,6 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         tokens = tokens_in_batch or chosen_token_counts.sum()
         loss = loss + nll_weight * (-policy_chosen_logps.sum()) / tokens
     return loss, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
-
-
-# ----------------------------------------------------------------------------
-# LoRA (Hu et al. 2021): low-rank adapters on the frozen model's linear layers. Needs only torch; copy it out
-# whole. Targets named q_proj ... down_proj are every attention and MLP projection of Llama, Qwen, Gemma,
-# Mistral and SmolLM; lm_head and the embeddings stay frozen.
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS):
-    """Freeze `model`; give each nn.Linear whose last name is in `targets` a trainable low-rank update.
-    Returns the adapted layers' names.
-
-    A target layer's y = W x becomes y = W x + (alpha / rank) * B A dropout(x), with A [rank, in] random
-    (nn.Linear's own init, as PEFT's) and B [out, rank] zero: the model starts exactly as it was, so DPO's
-    step 1 is still ln 2. A and B are fp32 whatever W's dtype, and sit on the layer as `lora_A` and `lora_B`:
-    their parameter names are PEFT's, less its "base_model.model." prefix. A forward hook adds the term.
-    """
-    model.requires_grad_(False)
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
-    for name in names:
-        layer = model.get_submodule(name)
-        where = {"device": layer.weight.device, "dtype": torch.float32}
-        layer.lora_A = torch.nn.Linear(layer.in_features, rank, bias=False, **where)
-        layer.lora_B = torch.nn.Linear(rank, layer.out_features, bias=False, **where)
-        torch.nn.init.zeros_(layer.lora_B.weight)
-        layer.lora_dropout, layer.lora_scaling = torch.nn.Dropout(dropout), alpha / rank
-        layer.register_forward_hook(lora_forward)
-    return names
-
-
-def lora_forward(layer, inputs, output):
-    """Forward hook of an adapted layer: its frozen output W x plus (alpha / rank) * B A dropout(x)."""
-    x = layer.lora_dropout(inputs[0]).to(layer.lora_A.weight.dtype)
-    return output + (layer.lora_B(layer.lora_A(x)) * layer.lora_scaling).to(output.dtype)
-
-
-def merge_lora(state, scaling):
-    """A state dict of an adapted model -> the plain model's, each adapter folded into its layer in fp32:
-    W + scaling * B A. Merged and stored in fp32: a LoRA delta is often below bf16's step at W's size."""
-    merged = {name: value.float() for name, value in state.items() if ".lora_" not in name}
-    for layer in [name.removesuffix(".lora_A.weight") for name in state if name.endswith(".lora_A.weight")]:
-        delta = scaling * state[f"{layer}.lora_B.weight"].float() @ state[f"{layer}.lora_A.weight"].float()
-        merged[f"{layer}.weight"] = merged[f"{layer}.weight"] + delta  # not +=: it may be the live weight
-    return merged
 
 
 # ----------------------------------------------------------------------------
@@ -412,9 +369,9 @@ def attach_reference_logps(load, name, train, eval_set, first_epoch, args, rank,
     every stage), keyed by the pair, the reference's weight files, the device and the global batch: a pair
     already scored alike is not scored again.
     """
-    path, weights = os.path.join(args.output, "reference_logps.jsonl"), common.resolve_model(name)
+    path = os.path.join(args.output, "reference_logps.jsonl")
     # The weight files' sizes and times are in it, so a retrained directory is noticed.
-    weight_files = sorted(glob.glob(os.path.join(weights, "*.safetensors")))
+    weight_files = common.weight_files(name)
     identity = [name, common.pick_device()[0].type, args.batch_size * args.grad_accum * world] + [
         (f, os.path.getsize(f), os.path.getmtime(f)) for f in weight_files]
     examples = train + eval_set
@@ -453,28 +410,31 @@ def load_policy(name, device, args, train=True, checkpoint=None):
     sharded under --fsdp (one shard group per decoder layer, then the rest), in DistributedDataParallel when
     it trains under torchrun. Either way bf16 comes from autocast alone, as on one GPU: one precision path.
 
-    With --lora-rank the model is frozen and trains adapters (from `checkpoint`'s, resuming). Never updated,
-    it needs no fp32 master copy: on a GPU it is stored in bf16 (but fp32 under --fsdp, which gathers one
-    dtype per shard group), the adapters in fp32.
+    With --lora-rank the model is frozen and trains adapters: new ones (B = 0), or, when `name` is a LoRA
+    policy (an earlier iteration's output), that policy's own adapter, trained on; resuming, `checkpoint`'s.
+    Never updated, the frozen base needs no fp32 master copy: it is stored in the run's precision (bf16 on a
+    GPU and under LOOP_BF16=1; fp32 under --fsdp, which gathers one dtype per shard group), the adapters in fp32.
     """
-    bf16_base = args.lora_rank and device.type == "cuda" and not args.fsdp
-    model = common.load_model(name, device, common.pick_device()[1] if bf16_base else torch.float32,
-                              args.trust_remote_code)[0]
+    lora_base = args.lora_rank and not args.fsdp
+    model = common.load_model(name, device, common.pick_device()[1] if lora_base else torch.float32,
+                              args.trust_remote_code)[0]  # a LoRA policy comes with its adapter
     model.train()
-    for module in model.modules():  # the reference scores without dropout, so must the policy
-        if isinstance(module, torch.nn.Dropout):
+    for module_name, module in model.named_modules():  # the reference scores without dropout, so must the policy
+        if isinstance(module, torch.nn.Dropout) and not module_name.endswith("lora_dropout"):
             module.p = 0.0
         for attribute, value in vars(module).items():  # attention dropout is often a plain float attribute
             if "dropout" in attribute and isinstance(value, float):
                 setattr(module, attribute, 0.0)
     if args.lora_rank and train:
-        targets = args.lora_targets.split(",")
-        if not add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets):
-            raise common.InputError(f"--lora-targets {args.lora_targets} names no linear layer of {name}")
-        if checkpoint:  # resuming: the adapters as the checkpoint left them (PEFT's names, as saved)
-            saved = load_file(os.path.join(checkpoint, "adapter", "adapter_model.safetensors"))
-            model.load_state_dict({name.removeprefix(PEFT_PREFIX): value for name, value in saved.items()},
-                                  strict=False)
+        if not any(".lora_" in parameter_name for parameter_name, _ in model.named_parameters()):
+            targets = args.lora_targets.split(",")
+            if not common.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets, args.seed):
+                raise common.InputError(f"--lora-targets {args.lora_targets} names no linear layer of {name}")
+        model.requires_grad_(False)
+        for parameter_name, parameter in model.named_parameters():
+            parameter.requires_grad_(".lora_" in parameter_name)  # the adapters alone train
+        if checkpoint:  # resuming: the adapters as the checkpoint left them
+            common.use_adapter(model, common.adapter_weights(os.path.join(checkpoint, "adapter")))
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -534,14 +494,12 @@ def all_finite(model, optimizer=None):
     return bool(finite.item())
 
 
-PEFT_PREFIX = "base_model.model."  # PEFT's adapter files name each weight under its wrapper
-
-
 def save_model(model, tokenizer, directory, rank, args, merged=True):
     """save_pretrained of the full (gathered) weights; a collective call under FSDP.
 
-    With --lora-rank: the adapter in PEFT's format in directory/adapter/ (PeftModel.from_pretrained and
-    vLLM's --lora-modules load it onto --model), and, merged=True, the model with it merged in, in fp32.
+    With --lora-rank: the adapter in PEFT's format in directory/adapter/, which is what the next stages load
+    (its base plus it), as PeftModel.from_pretrained and vLLM's --lora-modules do; with --save-merged (and
+    merged=True) also the model with it merged in, in fp32, in directory/merged/.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -553,24 +511,26 @@ def save_model(model, tokenizer, directory, rank, args, merged=True):
         return
     if args.lora_rank:
         save_adapter(state, os.path.join(directory, "adapter"), args)
-        if not merged:
+        if not (merged and args.save_merged):
             return
-        state = merge_lora(state, args.lora_alpha / args.lora_rank)
+        state, directory = common.merge_lora(state, args.lora_alpha / args.lora_rank), os.path.join(directory,
+                                                                                                      "merged")
     common.unwrap(model).save_pretrained(directory, state_dict=state)
     tokenizer.save_pretrained(directory)
 
 
 def save_adapter(state, directory, args):
     """The adapters of an adapted model's state dict, in PEFT's format: adapter_model.safetensors (PEFT's
-    names) and adapter_config.json. PeftModel.from_pretrained and vLLM's --lora-modules load it onto
-    --model."""
+    names) and adapter_config.json, naming the base (a LoRA policy's own base: iterations train on one
+    adapter). PeftModel.from_pretrained and vLLM's --lora-modules load it onto that base."""
     os.makedirs(directory, exist_ok=True)
-    adapters = {PEFT_PREFIX + name: value.contiguous() for name, value in state.items() if ".lora_" in name}
+    adapters = {common.PEFT_PREFIX + name: value.float().contiguous() for name, value in state.items()
+                if ".lora_" in name}
     save_file(adapters, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
     common.write_json(os.path.join(directory, "adapter_config.json"), {  # target_modules: q_proj, ...
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": args.lora_rank, "lora_alpha": args.lora_alpha,
         "lora_dropout": args.lora_dropout, "target_modules": sorted({n.rsplit(".", 3)[-3] for n in adapters}),
-        "base_model_name_or_path": common.resolve_model(args.model)})
+        "base_model_name_or_path": common.resolve_model(common.base_model(args.model))})
 
 
 def save_checkpoint(model, optimizer, tokenizer, trainer_state, args, rank):
@@ -635,6 +595,7 @@ def prepare(args, rank, world):
     run = argparse.Namespace(started=time.perf_counter(), device=common.pick_device()[0],
                              global_batch=args.batch_size * args.grad_accum * world,
                              summary_path=os.path.join(args.output, "train_summary.json"))  # written last
+    check_lora_policy(args)
     run.tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
     run.train, run.eval_set, run.skip_counts = load_data(args, run.tokenizer, rank)
     # What a resumed run must share: the data, the objective, the schedule, the global batch.
@@ -669,6 +630,22 @@ def prepare(args, rank, world):
               f"{run.global_batch}, {len(run.train) % run.global_batch} sitting each epoch out), "
               f"{len(run.eval_set)} held out, {run.total_steps} steps")
     return run
+
+
+def check_lora_policy(args):
+    """A LoRA policy as --model (an earlier iteration's output) trains on its own adapter, so the LoRA flags
+    must be those it was made with: one line naming the first that differs."""
+    folder = common.adapter_folder(args.model)
+    if folder is None:
+        return
+    config = common.adapter_config(folder)
+    made = {"rank": config["r"], "alpha": config["lora_alpha"], "dropout": config.get("lora_dropout", 0.0),
+            "targets": ",".join(sorted(config["target_modules"]))}
+    now = {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+           "targets": ",".join(sorted(args.lora_targets.split(",")))}
+    for flag in [flag for flag in made if made[flag] != now[flag]][:1]:
+        raise common.InputError(f"--model {args.model} is a LoRA policy made with --lora-{flag} {made[flag]} "
+                                f"(now {now[flag]}): it trains on its adapter with the flags that made it")
 
 
 def batches_of_epoch(run, args, epoch):

@@ -512,6 +512,7 @@ def embedded_model_dir():
         return target if done else convert_embedded(target)
 
 
+@torch.random.fork_rng()  # building models draws random numbers: the caller's generator is left as it was
 def convert_embedded(target):
     """The GGUF file of the embedded model's package, converted to a safetensors directory at `target`."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # find, do not import: the package pulls in llm
@@ -568,8 +569,9 @@ def pick_device():
 
 def from_pretrained(auto_class, name, trust_remote_code=False, **kwargs):
     """auto_class.from_pretrained(what `name` names), or one line saying why it cannot be loaded."""
-    try:
-        return auto_class.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code, **kwargs)
+    try:  # a LoRA policy: its base's
+        return auto_class.from_pretrained(resolve_model(base_model(name)), trust_remote_code=trust_remote_code,
+                                          **kwargs)
     except (OSError, ValueError) as error:  # ValueError: a directory or id that is not a model
         raise InputError(f"{name}: not a model we can load ({first_line(error)})") from None
 
@@ -582,18 +584,25 @@ def model_config(name, trust_remote_code=False):
     return from_pretrained(AutoConfig, name, trust_remote_code)
 
 
+def weight_files(name):
+    """The safetensors files `name` loads, when it is local (a LoRA policy: its base's, then its adapter)."""
+    folder = adapter_folder(name)
+    files = sorted(glob.glob(os.path.join(glob.escape(resolve_model(base_model(name))), "*.safetensors")))
+    return files + ([os.path.join(folder, "adapter_model.safetensors")] if folder else [])
+
+
 def check_weights(name):
-    """Stop with one line unless each safetensors file of a local model directory is whole: safetensors checks
-    that its tensors cover the file exactly, which a copy or a save cut short does not. A hub id is checked by
-    the download."""
+    """Stop with one line unless each safetensors file of a local model (or LoRA policy) is whole: safetensors
+    checks that its tensors cover the file exactly, which a copy or a save cut short does not. A hub id is
+    checked by the download."""
     from safetensors import SafetensorError, safe_open
-    for path in sorted(glob.glob(os.path.join(glob.escape(resolve_model(name)), "*.safetensors"))):
+    for path in weight_files(name):
         try:
             with safe_open(path, "pt"):
                 pass
-        except SafetensorError as error:  # "incomplete metadata, file not fully covered", or a bad header
-            raise InputError(f"{name}: {os.path.basename(path)} is cut short or damaged ({error}); rerun the "
-                             "stage that wrote it, or copy it again") from None
+        except (SafetensorError, FileNotFoundError) as error:  # "incomplete metadata, file not fully covered"
+            raise InputError(f"{name}: {os.path.basename(path)} is missing, cut short or damaged ({error}); "
+                             "rerun the stage that wrote it, or copy it again") from None
 
 
 def load_tokenizer(name, trust_remote_code=False):
@@ -605,7 +614,8 @@ def load_tokenizer(name, trust_remote_code=False):
 
 
 def load_model(name, device=None, dtype=None, trust_remote_code=False, scored=True):
-    """Load (model, tokenizer) in eval mode on the chosen device. Weights as safetensors only.
+    """Load (model, tokenizer) in eval mode on the chosen device, in `dtype`. Weights as safetensors only. A
+    LoRA policy loads as its base in `dtype` plus its adapter in fp32, unmerged (section "LoRA").
 
     scored: the model's log-probs will be read (03, 04, 05), so the scorer's path (section 8) is checked once
     here, and a model whose logits it cannot reproduce stops now. Generation alone (01, 02) needs no check.
@@ -618,6 +628,8 @@ def load_model(name, device=None, dtype=None, trust_remote_code=False, scored=Tr
     # GPU (and stop, offline): code nobody asked for, like trust_remote_code.
     model = from_pretrained(AutoModelForCausalLM, name, trust_remote_code, dtype=dtype, use_safetensors=True,
                             use_kernels=False)
+    if adapter_folder(name):  # a LoRA policy: the base in `dtype`, its adapter in fp32, unmerged
+        attach_adapter(model, adapter_folder(name))
     model.to(device).eval()
     try:
         if scored:
@@ -625,6 +637,121 @@ def load_model(name, device=None, dtype=None, trust_remote_code=False, scored=Tr
     except ValueError as error:
         raise InputError(f"--model {name}: {error}") from None
     return model, tokenizer
+
+
+# ----------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): low-rank adapters on the frozen model's linear layers. Needs only torch; copy it out
+# whole. Targets named q_proj ... down_proj are every attention and MLP projection of Llama, Qwen, Gemma,
+# Mistral and SmolLM; lm_head and the embeddings stay frozen. A LoRA policy is its base, frozen in the run's
+# precision, plus its fp32 adapter, unmerged, in every stage (as PEFT and vLLM run adapters): folding a small
+# update into bf16 weights would round most of it away.
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS, seed=0):
+    """Freeze `model`; give each nn.Linear whose last name is in `targets` a trainable low-rank update.
+    Returns the adapted layers' names.
+
+    A target layer's y = W x becomes y = W x + (alpha / rank) * B A dropout(x), with A [rank, in] random
+    (nn.Linear's own init, as PEFT's, drawn from a generator of its own seeded with `seed`: the same A whatever
+    else drew random numbers first) and B [out, rank] zero: the model starts exactly as it was, so DPO's
+    step 1 is still ln 2. A and B are fp32 whatever W's dtype, and sit on the layer as `lora_A` and `lora_B`:
+    their parameter names are PEFT's, less its "base_model.model." prefix. A forward hook adds the term.
+    """
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    for name in names:
+        layer = model.get_submodule(name)
+        layer.lora_A = torch.nn.Linear(layer.in_features, rank, bias=False, dtype=torch.float32)
+        torch.nn.init.kaiming_uniform_(layer.lora_A.weight, a=5 ** 0.5, generator=generator)  # on the CPU
+        layer.lora_A.to(layer.weight.device)
+        layer.lora_B = torch.nn.Linear(rank, layer.out_features, bias=False, device=layer.weight.device,
+                                       dtype=torch.float32)
+        torch.nn.init.zeros_(layer.lora_B.weight)
+        layer.lora_dropout, layer.lora_scaling = torch.nn.Dropout(dropout), alpha / rank
+        layer.register_forward_hook(lora_forward)
+    return names
+
+
+def lora_forward(layer, inputs, output):
+    """Forward hook of an adapted layer: its frozen output W x plus (alpha / rank) * B A dropout(x), the
+    adapter's term computed in fp32 whatever W's dtype (autocast off for it)."""
+    with torch.autocast(output.device.type, enabled=False):
+        x = layer.lora_dropout(inputs[0]).float()
+        return output + (layer.lora_B(layer.lora_A(x)) * layer.lora_scaling).to(output.dtype)
+
+
+def merge_lora(state, scaling):
+    """A state dict of an adapted model -> the plain model's, each adapter folded into its layer in fp32:
+    W + scaling * B A. Merged and stored in fp32: a LoRA delta is often below bf16's step at W's size."""
+    merged = {name: value.float() for name, value in state.items() if ".lora_" not in name}
+    for layer in [name.removesuffix(".lora_A.weight") for name in state if name.endswith(".lora_A.weight")]:
+        delta = scaling * state[f"{layer}.lora_B.weight"].float() @ state[f"{layer}.lora_A.weight"].float()
+        merged[f"{layer}.weight"] = merged[f"{layer}.weight"] + delta  # not +=: it may be the live weight
+    return merged
+
+
+def use_adapter(model, adapter):
+    """Put an adapter's weights ({name: tensor}, adapter_weights) into an adapted model; None: every A and B
+    zero, so the model computes its base exactly. One base in memory serves several policies in turn."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".lora_" in name:
+                parameter.copy_(adapter[name] if adapter is not None else torch.zeros_like(parameter))
+
+
+# A LoRA policy on disk is 04 --lora-rank's output folder, holding adapter/ (or that adapter/ folder itself):
+# adapter_model.safetensors (PEFT's names) and adapter_config.json, which names the base. --model, --dpo-model,
+# --models and the rest take it as any model; it loads as its base plus its adapter.
+PEFT_PREFIX = "base_model.model."  # PEFT's adapter files name each weight under its wrapper
+
+
+def adapter_folder(name):
+    """The adapter folder of the LoRA policy `name`, or None when `name` is a plain model."""
+    path = resolve_model(name)
+    return next((folder for folder in (os.path.join(path, "adapter"), path)
+                 if os.path.isfile(os.path.join(folder, "adapter_config.json"))), None)
+
+
+def adapter_config(folder):
+    """A LoRA adapter's config, checked for what this code runs: plain LoRA, a list of target layer names."""
+    config, path = read_json(os.path.join(folder, "adapter_config.json")), f"{folder}/adapter_config.json"
+    plain = config.get("peft_type") == "LORA" and not any(config.get(key) for key in (
+        "use_dora", "use_rslora", "modules_to_save")) and config.get("bias", "none") == "none"
+    if not (plain and isinstance(config.get("target_modules"), list) and config.get("base_model_name_or_path")):
+        raise InputError(f"{path}: not a plain LoRA adapter with a list of target_modules and a "
+                         "base_model_name_or_path (DoRA, rsLoRA, modules_to_save and biases are not run here)")
+    return config
+
+
+def base_model(name):
+    """The model whose weights `name` starts from: a LoRA policy's base, or `name` itself."""
+    folder = adapter_folder(name)
+    return adapter_config(folder)["base_model_name_or_path"] if folder else name
+
+
+def adapter_weights(folder):
+    """{parameter name: fp32 tensor} of an adapter folder, named as add_lora names them."""
+    from safetensors.torch import load_file
+    saved = load_file(os.path.join(folder, "adapter_model.safetensors"))
+    return {name.removeprefix(PEFT_PREFIX): value.float() for name, value in saved.items()}
+
+
+def attach_adapter(model, folder, seed=0):
+    """add_lora as the adapter's config says, then its weights; one line if they do not fit the model."""
+    config = adapter_config(folder)
+    add_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
+             config["target_modules"], seed)
+    expected, saved = {n for n, _ in model.named_parameters() if ".lora_" in n}, adapter_weights(folder)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    if set(saved) != expected or any(saved[n].shape != shapes[n] for n in saved):
+        raise InputError(f"{folder}: its adapter does not fit {config['base_model_name_or_path']} "
+                         f"({len(saved)} weights, the model's layers take {len(expected)})")
+    use_adapter(model, saved)
+    return config
 
 
 # ----------------------------------------------------------------------------

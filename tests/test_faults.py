@@ -133,11 +133,11 @@ def test_a_cut_model_file_stops_05_before_the_first_answer(tmp_path, tiny_model)
                              "en", "--judge", tiny_model, "--prompts", os.path.join(REPO, "data", "prompts"),
                              "--max-new-tokens", "2"], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, **ENV})
-    error_line(result, "runs/loop/iter1/model: model.safetensors is cut short or damaged")
+    error_line(result, "runs/loop/iter1/model: model.safetensors is missing, cut short or damaged")
     assert not (tmp_path / "runs" / "loop" / "eval" / "work").exists()  # nothing was answered
     trained = run_script("04_dpo.py", "--model", cut, "--input", pairs_file(tmp_path / "pairs.jsonl"),
                          "--output", tmp_path / "out", "--eval-frac", "0", env=ENV)
-    error_line(trained, f"{cut}: model.safetensors is cut short or damaged")
+    error_line(trained, f"{cut}: model.safetensors is missing, cut short or damaged")
     common.check_weights(tiny_model)  # a whole one passes
 
 
@@ -178,11 +178,11 @@ def unmount():
 
 
 def test_04_on_a_full_disk_keeps_its_checkpoint_and_continues(tmp_path, tiny_model, unmount):
-    """LoRA checkpoints are small and fit; the merged model does not: one line naming the output, no
+    """LoRA checkpoints are small and fit; the merged model (--save-merged) does not: one line naming the output, no
     train_summary.json, the last checkpoint kept; with room, the same command resumes from it and ends with
     the weights of a run that never ran out of space."""
     flags = ["--input", pairs_file(tmp_path / "pairs.jsonl"), "--model", tiny_model, "--eval-frac", "0",
-             "--lora-rank", "4", "--batch-size", "1", "--grad-accum", "1", "--lr", "1e-2", "--save-every", "3"]
+             "--lora-rank", "4", "--batch-size", "1", "--grad-accum", "1", "--lr", "1e-2", "--save-every", "3", "--save-merged"]
     straight = tmp_path / "straight"
     run_script("04_dpo.py", *flags, "--output", straight, env=ENV, check=True)
     disk, mounted = small_disk(tmp_path, 1024)
@@ -197,7 +197,7 @@ def test_04_on_a_full_disk_keeps_its_checkpoint_and_continues(tmp_path, tiny_mod
     grow(disk, mounted)
     resumed = run_script("04_dpo.py", *flags, "--output", output, env=ENV, check=True)
     assert "resuming from" in resumed.stdout and (output / "train_summary.json").exists()
-    ours, theirs = load_file(output / "model.safetensors"), load_file(straight / "model.safetensors")
+    ours, theirs = (load_file(run / "merged" / "model.safetensors") for run in (output, straight))
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
 
 

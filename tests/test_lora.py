@@ -24,6 +24,11 @@ def lively(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("lora-model"), init_std=0.2)
 
 
+def adapter_of(output):
+    """The adapter weights 04 --lora-rank wrote into `output`."""
+    return load_file(output / "adapter" / "adapter_model.safetensors")
+
+
 def logits_of(model, ids=torch.arange(100, 140)[None]):
     with torch.no_grad():
         return model(input_ids=ids).logits.double()
@@ -40,18 +45,20 @@ def test_step_one_is_ln2_with_lora(tmp_path, lively, env):
 
 
 def test_peft_loads_our_adapter_and_the_merge_is_exact(tmp_path, lively):
-    """What 04 --lora-rank 8 writes: a merged fp32 model, and an adapter in PEFT's format that PEFT loads onto the
-    base with the merged model's logits. Layers without an adapter are bit-identical to the base; each adapted
+    """What 04 --lora-rank 8 --save-merged writes: an adapter in PEFT's format that PEFT loads onto the base, and
+    a merged fp32 model in merged/, with the same logits. Layers without an adapter are bit-identical to the base; each adapted
     weight is W + (alpha / rank) B A, by hand."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     output, _ = train(tmp_path, lively, write_pairs(tmp_path / "pairs.jsonl"), "out", *LORA, "--batch-size", "4",
-                      "--grad-accum", "1", "--epochs", "2", "--lr", "1e-2")
+                      "--grad-accum", "1", "--epochs", "2", "--lr", "1e-2", "--save-merged")
+    assert sorted(os.listdir(output)) == ["adapter", "merged", "metrics.jsonl", "reference_logps.jsonl", "train_summary.json",
+                                          "train_summary.json.lock", "train_summary.json.settings.json"]
     config = json.loads((output / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 16
     assert sorted(config["target_modules"]) == sorted(ADAPTED) and config["base_model_name_or_path"] == lively
     adapter, base, merged = (load_file(output / "adapter" / "adapter_model.safetensors"),
-                             load_file(os.path.join(lively, "model.safetensors")), weights(output))
+                             load_file(os.path.join(lively, "model.safetensors")), weights(output / "merged"))
     assert len(adapter) == 2 * 2 * len(ADAPTED)  # A and B, in each of 2 layers
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in adapter
     assert sorted(merged) == sorted(base) and all(value.dtype == torch.float32 for value in merged.values())
@@ -64,14 +71,13 @@ def test_peft_loads_our_adapter_and_the_merge_is_exact(tmp_path, lively):
         else:
             assert torch.equal(merged[name], value), name
     with_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lively), output / "adapter")
-    ours = AutoModelForCausalLM.from_pretrained(output)
+    ours = AutoModelForCausalLM.from_pretrained(output / "merged")
     base_logits, peft_logits, our_logits = logits_of(AutoModelForCausalLM.from_pretrained(lively)), \
         logits_of(with_peft), logits_of(ours)
     assert (peft_logits - base_logits).abs().max() > 0.1  # the adapter moved the logits ...
     assert (peft_logits - our_logits).abs().max() < 1e-4 * base_logits.abs().max()  # ... as the merge did
-    # And our own unmerged adapted model, loaded from the adapter, agrees with both.
-    args = dpo.parse_args(["--model", lively, *LORA])
-    adapted = dpo.load_policy(lively, torch.device("cpu"), args, checkpoint=str(output))
+    # And our own unmerged adapted model, the LoRA policy every stage loads, agrees with both.
+    adapted = common.load_model(str(output), torch.device("cpu"), torch.float32)[0]
     assert (logits_of(adapted) - our_logits).abs().max() < 1e-4 * base_logits.abs().max()
 
 
@@ -116,8 +122,8 @@ def test_accumulation_and_checkpointing_are_exact_with_lora(tmp_path, tiny_model
     for a, b in zip(read_records(split / "metrics.jsonl"), read_records(whole / "metrics.jsonl"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    assert max_difference(weights(split), weights(whole)) < 2e-5
-    assert max_difference(weights(whole), load_file(os.path.join(tiny_model, "model.safetensors"))) > 1e-4
+    assert max_difference(adapter_of(split), adapter_of(whole)) < 2e-5
+    assert max(value.abs().max().item() for name, value in adapter_of(whole).items() if "lora_B" in name) > 1e-4
 
 
 def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(tmp_path, tiny_model):
@@ -138,7 +144,7 @@ def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(tmp_path, tiny_m
     assert other.returncode == 2 and "--lora-rank: made with 8, now 4" in other.stderr
     resumed = run_script("04_dpo.py", *command[2:], "--resume", env=ENV, check=True)
     assert "resuming from" in resumed.stdout
-    assert max_difference(weights(straight), weights(killed)) == 0.0
+    assert max_difference(adapter_of(straight), adapter_of(killed)) == 0.0
     assert [m["loss"] for m in read_records(killed / "metrics.jsonl")] == \
         [m["loss"] for m in read_records(straight / "metrics.jsonl")]
 
@@ -191,23 +197,20 @@ def test_lora_two_processes_match_one(tmp_path, tiny_model):
                               "--batch-size", "1", "--grad-accum", "2", *flags,
                               *(["--fsdp"] if sharding == "fsdp" else []))
         assert result.returncode == 0, result.stderr[-3000:]
-        assert max_difference(weights(one), weights(two)) < 2e-5, sharding
-        assert sorted(load_file(two / "adapter" / "adapter_model.safetensors")) == \
-            sorted(load_file(one / "adapter" / "adapter_model.safetensors"))
+        assert max_difference(adapter_of(one), adapter_of(two)) < 2e-5, sharding
 
 
 def test_lora_block_copies_out_whole(lively):
-    """The LoRA section of 04_dpo.py runs alone in a namespace holding only torch, and adapts a model as 04 does."""
+    """The LoRA section of common.py runs alone in a namespace holding only torch, and adapts a model as the
+    project does."""
     from test_scorer import section_source
-    source = section_source(os.path.join(REPO, "04_dpo.py"), "# LoRA (Hu et al. 2021)", "# Data: ")
+    source = section_source(os.path.join(REPO, "common.py"), "# LoRA (Hu et al. 2021)", "# A LoRA policy on disk")
     assert "import" not in source
     namespace = {"torch": torch}
     exec(compile(source, "lora-section", "exec"), namespace)
     models = [common.load_model(lively, torch.device("cpu"), torch.float32)[0] for _ in range(2)]
-    torch.manual_seed(0)
     names = namespace["add_lora"](models[0], 4, 8.0)
-    torch.manual_seed(0)
-    assert dpo.add_lora(models[1], 4, 8.0) == names and len(names) == 2 * len(ADAPTED)
+    assert common.add_lora(models[1], 4, 8.0) == names and len(names) == 2 * len(ADAPTED)
     for model in models:
         for name in names:
             torch.nn.init.normal_(model.get_submodule(name).lora_B.weight, generator=torch.Generator().manual_seed(1))
