@@ -513,8 +513,12 @@ def save_model(model, tokenizer, directory, rank, args, merged=True):
         save_adapter(state, os.path.join(directory, "adapter"), args)
         if not (merged and args.save_merged):
             return
-        state, directory = common.merge_lora(state, args.lora_alpha / args.lora_rank), os.path.join(directory,
-                                                                                                      "merged")
+        # Merged into the base as stored (fp32), not as held here (bf16 on a GPU): nothing is rounded.
+        model = common.load_model(common.base_model(args.model), torch.device("cpu"), torch.float32,
+                                  args.trust_remote_code, scored=False)[0]
+        adapters = {name: value for name, value in state.items() if ".lora_" in name}
+        state = common.merge_lora({**dict(model.named_parameters()), **adapters}, args.lora_alpha / args.lora_rank)
+        directory = os.path.join(directory, "merged")
     common.unwrap(model).save_pretrained(directory, state_dict=state)
     tokenizer.save_pretrained(directory)
 

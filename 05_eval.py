@@ -290,6 +290,8 @@ def held_out_reward_accuracy(name):
         return None
     summary = common.read_json(path)
     accuracy, pairs = summary.get("eval_after", {}).get("rewards/accuracies"), summary.get("eval_pairs")
+    if pairs == 0:  # trained with --eval-frac 0: no held-out pairs to report
+        return None
     if accuracy is None or not pairs:
         raise common.InputError(f"{path}: needs 'eval_after' with 'rewards/accuracies' and 'eval_pairs'")
     wins = round(accuracy * pairs)  # the per-pair outcomes, rebuilt from the rate and the count

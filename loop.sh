@@ -9,7 +9,8 @@
 # From iteration 2 on, REWARD=implicit (default) scores several samples per prompt with
 # the previous iteration's trained model against its reference (implicit cross-lingual
 # rewarding); REWARD=imbalance repeats iteration 1's method with the new policy.
-# Each trained model is the next iteration's policy. 05 evaluates on EVAL_PROMPTS, which no iteration
+# Each trained model is the next iteration's policy (with LORA_RANK: the base plus that iteration's adapter,
+# which the next iteration trains on). 05 evaluates on EVAL_PROMPTS, which no iteration
 # trains on (it checks every iteration's responses.jsonl), and its report leads with the effect: the last
 # model minus the base on language fidelity of answers to those held-out prompts. Everything lands in $RUN:
 #   $RUN/iter1/{responses,translated,pairs,pairs.eval}.jsonl  $RUN/iter1/model/
@@ -48,6 +49,8 @@ if [ "$LORA_RANK" = 0 ]; then
 else
   LR=${LR:-3e-4}                        # LoRA's adapters want ~10x full training's rate (RESULTS.md section 7)
 fi
+MERGED=${MERGED:-1}                     # with LORA_RANK: 1 also writes each merged fp32 model, model/merged (cheap at
+                                        # 135M; 32 GB an iteration at 8B, which the loop does not need: 0)
 NLL_WEIGHT=${NLL_WEIGHT:-1}             # DPO+NLL, as the papers train (0: plain DPO)
 # 05: answers to every held-out prompt (language fidelity, the effect the report leads with), win rate on the
 # first JUDGE_LIMIT. Math is left out of the CPU demo: no 135M model reaches an answer in this many tokens,
@@ -76,6 +79,9 @@ start_server() {  # $1: the model to serve, $2: its log file
   [ -n "$SERVE" ] || return 0
   local path command
   path=$($PYTHON -c 'import sys, common; print(common.resolve_model(sys.argv[1]))' "$1")
+  if [ -f "$path/adapter/adapter_config.json" ]; then  # a LoRA policy: the server runs its merged copy
+    path=$path/merged
+  fi
   command=${SERVE//\{model\}/$path}
   echo "serving $path: ${command//\{port\}/$SERVE_PORT} (log: $2)"
   ${command//\{port\}/$SERVE_PORT} > "$2" 2>&1 &
@@ -104,6 +110,10 @@ stop_server() {  # also on any exit, so a failed stage never leaves a server hol
 trap stop_server EXIT
 trap 'exit 130' INT TERM  # so that Ctrl-C or a kill runs the EXIT trap too
 keep=(); [ "$KEEP_TRUNCATED" = 1 ] && keep=(--keep-truncated)
+merged=(); [ "$LORA_RANK" != 0 ] && [ "$MERGED" = 1 ] && merged=(--save-merged)
+if [ -n "$SERVE" ] && [ "$LORA_RANK" != 0 ] && [ "$MERGED" != 1 ]; then
+  echo "SERVE with LORA_RANK serves each iteration's merged copy: set MERGED=1 (or generate in-process)"; exit 2
+fi
 into=(); [ "$INTO_ENGLISH" = 1 ] || into=(--no-into-dominant)
 
 policy=$MODEL
@@ -138,7 +148,7 @@ for iteration in $(seq 1 "$ITERS"); do
   stage "$iteration" "04 DPO (+NLL) training"
   $TRAIN 04_dpo.py --model "$policy" --input "$dir/pairs.jsonl" --eval-pairs "$dir/pairs.eval.jsonl" \
     --output "$dir/model" --epochs "$EPOCHS" --lr "$LR" --nll-weight "$NLL_WEIGHT" --seed "$SEED" \
-    --lora-rank "$LORA_RANK" $TRAIN_ARGS
+    --lora-rank "$LORA_RANK" "${merged[@]}" $TRAIN_ARGS
   reference=$policy
   policy=$dir/model
   models+=("$policy")

@@ -6,6 +6,7 @@ one-sentence prompts in two languages, reliably yields a few pairs in about a mi
 """
 import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -134,6 +135,31 @@ def test_loop_runs_all_stages_and_resumes_after_kills(tmp_path):
     assert os.path.getmtime(model / "model.safetensors") == model_written
     assert os.path.getmtime(iteration / "responses.jsonl") == responses_written
     assert (run / "eval" / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_loop_with_lora_keeps_one_base_and_each_iterations_adapter(tmp_path):
+    """LORA_RANK under LOOP_BF16=1 (a GPU's path), MERGED=0 (the paper-scale setting): each iteration writes its
+    adapter alone, iteration 2 trains on iteration 1's (step 1 is ln 2) and its implicit reward scores iteration
+    1 against the base on one base; 05 evaluates the base and both LoRA policies."""
+    environment = {**loop_environment(tmp_path), "ITERS": "2", "LORA_RANK": "4", "MERGED": "0", "LOOP_BF16": "1",
+                   "SAMPLES": "2", "MAX_NEW_TOKENS": "24", "EVAL_TASKS": "winrate"}
+    with open(tmp_path / "log", "w") as log:
+        assert start_loop(environment, log).wait(timeout=1800) == 0, (tmp_path / "log").read_text()[-3000:]
+    run = tmp_path / "run"
+    for iteration in ("iter1", "iter2"):
+        model = run / iteration / "model"
+        assert sorted(p.name for p in model.iterdir() if not p.name.startswith(("train_summary", "reference"))) == \
+            ["adapter", "metrics.jsonl"]
+        config = json.loads((model / "adapter" / "adapter_config.json").read_text())
+        assert config["r"] == 4 and config["base_model_name_or_path"] == common.embedded_model_dir()
+    step_1 = read_records(run / "iter2" / "model" / "metrics.jsonl")[0]  # DPO + NLL (NLL_WEIGHT=1)
+    assert abs(step_1["loss"] - step_1["nll_loss"] - math.log(2)) < 1e-6
+    scores = read_records(run / "iter2" / "pairs.scores.jsonl")
+    assert scores and all(s["dpo_model"] == str(run / "iter1" / "model") and s["ref_model"] == "smollm2-135m"
+                          and s["dpo_logps"] != s["ref_logps"] for s in scores)
+    evaluation = json.loads((run / "eval" / "eval.json").read_text())
+    assert len(evaluation["models"]) == 3, evaluation["models"]
 
 
 @pytest.mark.slow

@@ -1,9 +1,12 @@
 """Tests of 04_dpo.py --lora-rank: ln 2 at step 1, PEFT loads what we write and trains as we do, the merge is
 exact, and LoRA works with accumulation, checkpointing, resume, DDP/FSDP, the divergence check and SFT."""
+import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +30,12 @@ def lively(tmp_path_factory):
 def adapter_of(output):
     """The adapter weights 04 --lora-rank wrote into `output`."""
     return load_file(output / "adapter" / "adapter_model.safetensors")
+
+
+def updates(adapter, scaling=2.0):
+    """{layer: (alpha / rank) B A}, the update each adapted layer adds to its weight."""
+    return {name.removesuffix(".lora_A.weight"): scaling * adapter[name.replace("lora_A", "lora_B")] @ value
+            for name, value in adapter.items() if "lora_A" in name}
 
 
 def logits_of(model, ids=torch.arange(100, 140)[None]):
@@ -122,8 +131,8 @@ def test_accumulation_and_checkpointing_are_exact_with_lora(tmp_path, tiny_model
     for a, b in zip(read_records(split / "metrics.jsonl"), read_records(whole / "metrics.jsonl"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    assert max_difference(adapter_of(split), adapter_of(whole)) < 2e-5
-    assert max(value.abs().max().item() for name, value in adapter_of(whole).items() if "lora_B" in name) > 1e-4
+    assert max_difference(updates(adapter_of(split)), updates(adapter_of(whole))) < 2e-5
+    assert max(value.abs().max().item() for value in updates(adapter_of(whole)).values()) > 1e-4
 
 
 def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(tmp_path, tiny_model):
@@ -197,7 +206,7 @@ def test_lora_two_processes_match_one(tmp_path, tiny_model):
                               "--batch-size", "1", "--grad-accum", "2", *flags,
                               *(["--fsdp"] if sharding == "fsdp" else []))
         assert result.returncode == 0, result.stderr[-3000:]
-        assert max_difference(adapter_of(one), adapter_of(two)) < 2e-5, sharding
+        assert max_difference(updates(adapter_of(one)), updates(adapter_of(two))) < 2e-5, sharding
 
 
 def test_lora_block_copies_out_whole(lively):
@@ -220,3 +229,153 @@ def test_lora_block_copies_out_whole(lively):
     plain = common.load_model(lively, torch.device("cpu"), torch.float32)[0]
     plain.load_state_dict(merged)
     assert (logits_of(plain) - logits_of(models[0])).abs().max() < 1e-4 * logits_of(plain).abs().max()
+
+
+# ----------------------------------------------------------------------------
+# A LoRA policy (an iteration's output folder) in the stages after it: its base, frozen in the run's precision,
+# plus its fp32 adapter, unmerged; and the next iteration trains on that adapter.
+
+spec = importlib.util.spec_from_file_location("reward", os.path.join(REPO, "03_reward.py"))
+reward = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reward)
+
+
+@pytest.fixture(scope="module")
+def iterations(tmp_path_factory, lively):
+    """loop.sh's two LoRA iterations under LOOP_BF16=1 (a GPU's path), merged copies on request: iteration 1
+    with a small update (most of it below bf16's step at the weights' size), iteration 2 trained on from it."""
+    root = tmp_path_factory.mktemp("lora-iterations")
+    pairs_file = write_pairs(root / "pairs.jsonl")
+    flags = (*LORA, "--batch-size", "4", "--grad-accum", "1", "--epochs", "2", "--save-merged")
+    first, _ = train(root, lively, pairs_file, "iter1", *flags, "--lr", "1e-4", env=BF16)
+    second, _ = train(root, str(first), pairs_file, "iter2", *flags, "--lr", "1e-2", env=BF16)
+    return str(first), str(second)
+
+
+def test_each_stage_loads_a_lora_policy_as_its_base_plus_its_fp32_adapter(iterations, lively, monkeypatch):
+    """Under LOOP_BF16=1, 01/02 (load_engine), 03 (load_scorers: fp32), 04's next iteration (load_policy) and 05
+    (load_generator) hold the base's weights as they were (bf16) and the adapter exactly as trained (fp32); the
+    update each adapted layer adds is (alpha / rank) B A in full. Merged into bf16 weights, most of it is lost."""
+    monkeypatch.setenv("LOOP_BF16", "1")
+    policy = iterations[0]
+    eval05 = importlib.util.module_from_spec(importlib.util.spec_from_file_location("e", f"{REPO}/05_eval.py"))
+    eval05.__spec__.loader.exec_module(eval05)
+    loaded = {"01/02": (common.load_engine(policy)[0], torch.bfloat16),
+              "03": (reward.load_scorers(policy, lively)[0][0][0], torch.float32),
+              "04": (dpo.load_policy(policy, torch.device("cpu"), dpo.parse_args(["--model", policy, *LORA])),
+                     torch.bfloat16),
+              "05": (eval05.load_generator({"model": policy}, eval05.parse_args([]))["model"], torch.bfloat16)}
+    base, adapter = load_file(os.path.join(lively, "model.safetensors")), adapter_of(Path(policy))
+    for stage, (model, base_dtype) in loaded.items():
+        state = model.state_dict()
+        assert all(torch.equal(state[name.removeprefix(common.PEFT_PREFIX)], value) for name, value in adapter.items())
+        assert all(torch.equal(state[name], value.to(base_dtype)) for name, value in base.items()), stage
+    lost = []
+    for name, layer in loaded["05"][0].named_modules():
+        if hasattr(layer, "lora_A"):
+            update = layer.lora_scaling * layer.lora_B.weight @ layer.lora_A.weight  # [out, in], fp32
+            unit_inputs = torch.eye(layer.in_features)
+            added = common.lora_forward(layer, (unit_inputs,), torch.zeros(layer.in_features, layer.out_features))
+            assert torch.allclose(added, update.T, rtol=1e-5, atol=1e-9 * update.abs().max().item()), name
+            weight = base[f"{name}.weight"]
+            kept = (weight + update).bfloat16().float() - weight.bfloat16().float()  # merged, then rounded
+            lost.append(((kept - update).norm() / update.norm()).item())
+    assert len(lost) == 2 * len(ADAPTED) and min(lost) > 0.5  # rounding the merge loses over half of each update
+
+
+def test_03_on_one_base_gives_the_two_model_reward(tmp_path, iterations, lively):
+    """The implicit reward of iteration 2 against iteration 1 (and of 1 against the base), from ONE base with
+    the two adapters taking turns, equals the reward from the two merged fp32 models loaded whole."""
+    first, second = iterations
+    scorers, shared = reward.load_scorers(second, first)
+    assert shared and scorers[0][0] is scorers[1][0]  # one model in memory
+    samples = tmp_path / "samples.jsonl"
+    run_script("01_generate.py", "--model", lively, "--prompts", os.path.join(REPO, "data", "prompts"), "--langs",
+               "en,es", "--limit", "3", "--max-new-tokens", "8", "--num-samples", "3", "--temperature", "0.9",
+               "--output", samples, env=ENV, check=True)
+    for case, (dpo_model, ref_model) in enumerate(((second, first), (first, lively))):
+        scores = []
+        for merged in ("", "/merged"):  # the base itself has no merged copy
+            output = tmp_path / f"pairs-{case}{merged.replace('/', '-')}.jsonl"
+            run_script("03_reward.py", "--method", "implicit", "--input", samples, "--output", output,
+                       "--dpo-model", dpo_model + merged, "--ref-model", ref_model + merged * (ref_model != lively),
+                       "--keep-truncated", env=ENV, check=True)
+            scores.append([torch.tensor(r["dpo_logps"] + r["ref_logps"], dtype=torch.float64)
+                           for r in read_records(str(output).replace(".jsonl", ".scores.jsonl"))])
+        one_base, two_models = torch.cat(scores[0]), torch.cat(scores[1])
+        assert (one_base - two_models).abs().max() < 1e-6 * two_models.abs().max(), (dpo_model, ref_model)
+
+
+def test_a_second_iteration_starts_exactly_where_the_first_ended(tmp_path, iterations, lively):
+    """Iteration 2 trains on iteration 1's adapter under LOOP_BF16=1: step 1 is ln 2, and with a learning rate
+    too small to move an fp32 weight (1e-30) its adapter is iteration 1's bit for bit (nothing rounded to
+    bf16 on the way), naming the same base. Other LoRA flags than those that made it are refused."""
+    first = iterations[0]
+    output, _ = train(tmp_path, first, write_pairs(tmp_path / "pairs.jsonl"), "iter2", *LORA, "--batch-size", "4",
+                      "--grad-accum", "1", "--max-steps", "1", "--lr", "1e-30", env=BF16)
+    assert abs(read_records(output / "metrics.jsonl")[0]["loss"] - math.log(2)) < 1e-6
+    before, after = adapter_of(Path(first)), adapter_of(output)
+    assert sorted(before) == sorted(after) and all(torch.equal(before[name], after[name]) for name in before)
+    assert json.loads((output / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == lively
+    assert sorted(os.listdir(output)) == ["adapter", "metrics.jsonl", "reference_logps.jsonl", "train_summary.json",
+                                          "train_summary.json.lock", "train_summary.json.settings.json"]
+    for flags, says in ((("--lora-rank", "4"), "--lora-rank 8 (now 4)"), ((), "--lora-rank 8 (now 0)"),
+                        ((*LORA, "--lora-targets", "q_proj"), "--lora-targets down_proj,gate_proj")):
+        _, result = train(tmp_path, first, str(tmp_path / "pairs.jsonl"), "bad", *flags, check=False)
+        assert result.returncode == 2 and says in result.stderr.strip().splitlines()[-1], result.stderr[-500:]
+
+
+def test_01_and_05_answer_as_the_merged_model_does(tmp_path, iterations, lively):
+    """fp32: 05 gives a LoRA policy's column the answers of its merged copy, word for word, and 01 does too."""
+    second = iterations[1]
+    output = tmp_path / "eval"
+    run_script("05_eval.py", "--models", lively, second, second + "/merged", "--tasks", "winrate", "--langs",
+               "en,es", "--limit", "2", "--max-new-tokens", "6", "--judge", lively, "--judge-limit", "1",
+               "--output", output, env=ENV, check=True)
+    answers = {}
+    for row in read_records(output / "predictions.jsonl"):
+        answers.setdefault(row["model"], []).append(row["response"])
+    base, policy, merged = answers.values()
+    assert policy == merged and policy != base
+    for name in (second, second + "/merged"):
+        run_script("01_generate.py", "--model", name, "--prompts", os.path.join(REPO, "data", "prompts"),
+                   "--langs", "es", "--limit", "3", "--max-new-tokens", "6", "--output", tmp_path / f"{len(name)}.jsonl",
+                   env=ENV, check=True)
+    assert read_records(tmp_path / f"{len(second)}.jsonl")[0]["responses"] == \
+        read_records(tmp_path / f"{len(second) + 7}.jsonl")[0]["responses"]
+
+
+def test_a_cut_adapter_is_one_line_before_any_work(tmp_path, iterations):
+    policy = tmp_path / "model"
+    shutil.copytree(iterations[0], policy)
+    adapter_file = policy / "adapter" / "adapter_model.safetensors"
+    adapter_file.write_bytes(adapter_file.read_bytes()[:1000])
+    result = run_script("01_generate.py", "--model", policy, "--output", tmp_path / "responses.jsonl", env=ENV)
+    assert result.returncode == 2 and not (tmp_path / "responses.jsonl").exists()
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: {policy}: adapter_model.safetensors is missing, cut short or damaged")
+
+
+def test_the_initial_adapter_depends_on_the_seed_alone(lively):
+    """A is drawn from a generator of add_lora's own: whatever drew random numbers before (converting the
+    embedded model does), the same seed gives the same A."""
+    first, second = (common.load_model(lively, torch.device("cpu"), torch.float32)[0] for _ in range(2))
+    torch.manual_seed(0)
+    common.add_lora(first, 4, 8.0, seed=3)
+    torch.rand(1000)
+    common.add_lora(second, 4, 8.0, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+
+
+@pytest.mark.slow
+def test_a_lora_run_is_the_same_from_an_empty_cache(tmp_path):
+    """04 --lora-rank on the embedded model, once converting it into an empty LOOP_CACHE and once from that
+    cache: bit-identical adapters."""
+    pairs_file, cache = write_pairs(tmp_path / "pairs.jsonl"), tmp_path / "cache"
+    runs = []
+    for name in ("cold", "warm"):
+        output, _ = train(tmp_path, "smollm2-135m", pairs_file, name, "--lora-rank", "4", "--batch-size", "2",
+                          "--grad-accum", "1", "--max-steps", "1", "--lr", "1e-3",
+                          env={**ENV, "LOOP_CACHE": str(cache)})
+        runs.append(adapter_of(output))
+    assert all(torch.equal(runs[0][name], runs[1][name]) for name in runs[0])
