@@ -660,6 +660,10 @@ def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS, seed=0):
     their parameter names are PEFT's, less its "base_model.model." prefix. A forward hook adds the term.
     """
     model.requires_grad_(False)
+    # Frozen, the output layer given a strided slice of the states (transformers' logits_to_keep=1) makes torch's
+    # matmul broadcast its weight over the batch (on a CPU in bf16: a copy of it per row); contiguous, it is one
+    # matrix product.
+    model.get_output_embeddings().register_forward_pre_hook(lambda layer, inputs: (inputs[0].contiguous(),))
     generator = torch.Generator().manual_seed(seed)
     names = [name for name, module in model.named_modules()
              if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]

@@ -257,7 +257,7 @@ def state_bytes(lora_rank, base_dtype, pairs_path):
     model = common.load_model(common.EMBEDDED_MODEL, torch.device("cpu"), base_dtype)[0].train()
     parameters = sum(p.numel() for p in model.parameters())
     if lora_rank:
-        dpo.add_lora(model, lora_rank, 2.0 * lora_rank)
+        common.add_lora(model, lora_rank, 2.0 * lora_rank)
     examples, _ = dpo.read_examples(pairs_path, args, common.load_tokenizer(common.EMBEDDED_MODEL), report=False)
     for example in examples[:BATCH]:
         example["reference_logps"] = [-100.0, -100.0]

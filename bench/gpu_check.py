@@ -272,7 +272,7 @@ def training_rows(rows, shapes, tokenizer, plan, device, lora_rank=0):
             model = build_model(shape, tokenizer, common.pick_device()[1] if lora_rank else torch.float32, device)
             parameters = sum(p.numel() for p in model.parameters())
             if lora_rank:  # as 04's load_policy does on a GPU
-                dpo.add_lora(model, lora_rank, 2.0 * lora_rank)
+                common.add_lora(model, lora_rank, 2.0 * lora_rank)
             adapters = sum(p.numel() for p in model.parameters() if p.requires_grad) if lora_rank else 0
             memory_text = lora_memory_text(parameters, adapters) if lora_rank else training_memory_text(parameters)
             model.train()
