@@ -312,7 +312,7 @@ def score_all(records, keys, args, rank, world_size):
     _, mine = common.resume(path, items, key_of, rank, world_size)
     tokens_scored = 0
     if mine:
-        scorers, shared = load_scorers(args.dpo_model, args.ref_model, args.trust_remote_code)
+        scorers = load_scorers(args.dpo_model, args.ref_model, args.trust_remote_code)
         desc = f"score[rank {rank}]" if world_size > 1 else "score"
         progress = tqdm(total=len(mine), desc=desc, unit="record")
         for start in range(0, len(mine), args.batch_size):
@@ -321,13 +321,9 @@ def score_all(records, keys, args, rank, world_size):
             prompts = [scoring_prompt(records, (item["id"], item["lang"]), args.dominant)
                        for item, texts in zip(batch, answers) for _ in texts]
             responses = [text for texts in answers for text in texts]
-            scored = []
-            for model, tokenizer, adapter in scorers:
-                if shared:  # one base for both: this policy's adapter goes in
-                    common.use_adapter(model, adapter)
-                scored.append(common.score(model, tokenizer, prompts, responses, args.token_budget,
-                                           show_progress=False))
-            (dpo_logps, tokens), (ref_logps, ref_tokens) = scored
+            (dpo_logps, tokens), (ref_logps, ref_tokens) = (common.score(
+                common.use_adapter(model, adapter), tokenizer, prompts, responses, args.token_budget,
+                show_progress=False) for model, tokenizer, adapter in scorers)
             if not (dpo_logps.isfinite().all() and ref_logps.isfinite().all()):
                 raise RuntimeError(f"non-finite log-probs while scoring {batch}: check the models' weights")
             if not (tokens == ref_tokens).all():
@@ -348,24 +344,23 @@ def score_all(records, keys, args, rank, world_size):
 
 
 def load_scorers(dpo_model, ref_model, trust_remote_code=False):
-    """([(model, tokenizer, adapter)] for the two models, shared). In fp32 on every device: the reward is a
-    difference of two close models, which bf16 rounds away.
+    """[(model, tokenizer, adapter)] for the two models, in fp32 on every device: the reward is a difference of
+    two close models, which bf16 rounds away. Before each scores, common.use_adapter puts its adapter in.
 
-    LoRA policies of one base (pi_k with pi_k-1, or with the base itself) share ONE base in memory (shared):
-    before scoring, common.use_adapter puts each one's adapter in (None: the base alone), so the two differ
-    by their adapters exactly. Otherwise (plain models, adapters of other bases or shapes) both load whole.
+    LoRA policies of one base (pi_k with pi_k-1, or with the base itself: adapter None) share ONE base in memory
+    and take turns with their adapters (of one rank and targets, as a loop's are), so the two differ by their
+    adapters exactly. Otherwise (plain models, other bases) each loads whole, with its own adapter if any.
     """
     names = (dpo_model, ref_model)
-    folders = [common.adapter_folder(name) for name in names]
+    adapters = [common.adapter_weights(folder) if (folder := common.adapter_folder(name)) else None
+                for name in names]
     bases = {os.path.realpath(common.resolve_model(common.base_model(name))) for name in names}
-    shapes = [{key: common.adapter_config(folder)[key] for key in ("r", "lora_alpha", "target_modules")}
-              for folder in folders if folder]
-    if any(folders) and len(bases) == 1 and all(shape == shapes[0] for shape in shapes):
-        model, tokenizer = common.load_model(names[0] if folders[0] else names[1], None, torch.float32,
+    if len(bases) == 1 and any(adapters):  # one base: loaded once, with the first adapter's layers
+        model, tokenizer = common.load_model(names[0] if adapters[0] else names[1], None, torch.float32,
                                              trust_remote_code)
-        return [(model, tokenizer, common.adapter_weights(folder) if folder else None)
-                for folder in folders], True
-    return [(*common.load_model(name, None, torch.float32, trust_remote_code), None) for name in names], False
+        return [(model, tokenizer, adapter) for adapter in adapters]
+    return [(*common.load_model(name, None, torch.float32, trust_remote_code), adapter)
+            for name, adapter in zip(names, adapters)]
 
 
 def alpha_grid(rewards, lengths, valid):

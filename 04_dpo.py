@@ -371,7 +371,7 @@ def attach_reference_logps(load, name, train, eval_set, first_epoch, args, rank,
     """
     path = os.path.join(args.output, "reference_logps.jsonl")
     # The weight files' sizes and times are in it, so a retrained directory is noticed.
-    weight_files = common.weight_files(name)
+    weight_files = common.check_weights(name)
     identity = [name, common.pick_device()[0].type, args.batch_size * args.grad_accum * world] + [
         (f, os.path.getsize(f), os.path.getmtime(f)) for f in weight_files]
     examples = train + eval_set
@@ -430,9 +430,6 @@ def load_policy(name, device, args, train=True, checkpoint=None):
             targets = args.lora_targets.split(",")
             if not common.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets, args.seed):
                 raise common.InputError(f"--lora-targets {args.lora_targets} names no linear layer of {name}")
-        model.requires_grad_(False)
-        for parameter_name, parameter in model.named_parameters():
-            parameter.requires_grad_(".lora_" in parameter_name)  # the adapters alone train
         if checkpoint:  # resuming: the adapters as the checkpoint left them
             common.use_adapter(model, common.adapter_weights(os.path.join(checkpoint, "adapter")))
     if args.gradient_checkpointing:
@@ -494,6 +491,16 @@ def all_finite(model, optimizer=None):
     return bool(finite.item())
 
 
+def merge_lora(state, scaling):
+    """A state dict of an adapted model -> the plain model's, each adapter folded into its layer in fp32:
+    W + scaling * B A. Merged and stored in fp32: a LoRA delta is often below bf16's step at W's size."""
+    merged = {name: value.float() for name, value in state.items() if ".lora_" not in name}
+    for layer in [name.removesuffix(".lora_A.weight") for name in state if name.endswith(".lora_A.weight")]:
+        delta = scaling * state[f"{layer}.lora_B.weight"].float() @ state[f"{layer}.lora_A.weight"].float()
+        merged[f"{layer}.weight"] = merged[f"{layer}.weight"] + delta  # not +=: it may be the live weight
+    return merged
+
+
 def save_model(model, tokenizer, directory, rank, args, merged=True):
     """save_pretrained of the full (gathered) weights; a collective call under FSDP.
 
@@ -517,7 +524,7 @@ def save_model(model, tokenizer, directory, rank, args, merged=True):
         model = common.load_model(common.base_model(args.model), torch.device("cpu"), torch.float32,
                                   args.trust_remote_code, scored=False)[0]
         adapters = {name: value for name, value in state.items() if ".lora_" in name}
-        state = common.merge_lora({**dict(model.named_parameters()), **adapters}, args.lora_alpha / args.lora_rank)
+        state = merge_lora({**dict(model.named_parameters()), **adapters}, args.lora_alpha / args.lora_rank)
         directory = os.path.join(directory, "merged")
     common.unwrap(model).save_pretrained(directory, state_dict=state)
     tokenizer.save_pretrained(directory)
@@ -528,13 +535,14 @@ def save_adapter(state, directory, args):
     names) and adapter_config.json, naming the base (a LoRA policy's own base: iterations train on one
     adapter). PeftModel.from_pretrained and vLLM's --lora-modules load it onto that base."""
     os.makedirs(directory, exist_ok=True)
+    base = common.resolve_model(common.base_model(args.model))  # a folder by its absolute path
     adapters = {common.PEFT_PREFIX + name: value.float().contiguous() for name, value in state.items()
                 if ".lora_" in name}
     save_file(adapters, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
     common.write_json(os.path.join(directory, "adapter_config.json"), {  # target_modules: q_proj, ...
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": args.lora_rank, "lora_alpha": args.lora_alpha,
         "lora_dropout": args.lora_dropout, "target_modules": sorted({n.rsplit(".", 3)[-3] for n in adapters}),
-        "base_model_name_or_path": common.resolve_model(common.base_model(args.model))})
+        "base_model_name_or_path": os.path.abspath(base) if os.path.isdir(base) else base})
 
 
 def save_checkpoint(model, optimizer, tokenizer, trainer_state, args, rank):

@@ -584,25 +584,22 @@ def model_config(name, trust_remote_code=False):
     return from_pretrained(AutoConfig, name, trust_remote_code)
 
 
-def weight_files(name):
-    """The safetensors files `name` loads, when it is local (a LoRA policy: its base's, then its adapter)."""
-    folder = adapter_folder(name)
-    files = sorted(glob.glob(os.path.join(glob.escape(resolve_model(base_model(name))), "*.safetensors")))
-    return files + ([os.path.join(folder, "adapter_model.safetensors")] if folder else [])
-
-
 def check_weights(name):
-    """Stop with one line unless each safetensors file of a local model (or LoRA policy) is whole: safetensors
-    checks that its tensors cover the file exactly, which a copy or a save cut short does not. A hub id is
-    checked by the download."""
+    """The safetensors files of a local model (a LoRA policy: its base's, then its adapter's), each checked
+    whole: safetensors checks that its tensors cover the file exactly, which a copy or a save cut short does
+    not; one line if one is not. A hub id has none here: the download checks them."""
     from safetensors import SafetensorError, safe_open
-    for path in weight_files(name):
+    folder, base = adapter_folder(name), resolve_model(base_model(name))
+    files = sorted(glob.glob(os.path.join(glob.escape(base), "*.safetensors"))) + (
+        [os.path.join(folder, "adapter_model.safetensors")] if folder else [])
+    for path in files:
         try:
             with safe_open(path, "pt"):
                 pass
         except (SafetensorError, FileNotFoundError) as error:  # "incomplete metadata, file not fully covered"
             raise InputError(f"{name}: {os.path.basename(path)} is missing, cut short or damaged ({error}); "
                              "rerun the stage that wrote it, or copy it again") from None
+    return files
 
 
 def load_tokenizer(name, trust_remote_code=False):
@@ -628,8 +625,11 @@ def load_model(name, device=None, dtype=None, trust_remote_code=False, scored=Tr
     # GPU (and stop, offline): code nobody asked for, like trust_remote_code.
     model = from_pretrained(AutoModelForCausalLM, name, trust_remote_code, dtype=dtype, use_safetensors=True,
                             use_kernels=False)
-    if adapter_folder(name):  # a LoRA policy: the base in `dtype`, its adapter in fp32, unmerged
-        attach_adapter(model, adapter_folder(name))
+    if folder := adapter_folder(name):  # a LoRA policy: the base in `dtype`, its adapter in fp32, unmerged
+        config = adapter_config(folder)
+        add_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
+                 config["target_modules"])
+        use_adapter(model, adapter_weights(folder))
     model.to(device).eval()
     try:
         if scored:
@@ -660,23 +660,21 @@ def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS, seed=0):
     their parameter names are PEFT's, less its "base_model.model." prefix. A forward hook adds the term.
     """
     model.requires_grad_(False)
-    # Frozen, the output layer given a strided slice of the states (transformers' logits_to_keep=1) makes torch's
-    # matmul broadcast its weight over the batch (on a CPU in bf16: a copy of it per row); contiguous, it is one
-    # matrix product.
+    # Frozen, the output layer given a strided slice of the states (transformers' logits_to_keep=1) makes
+    # torch's matmul broadcast its weight over the batch (on a CPU in bf16: a copy of it per row); contiguous,
+    # it is one matrix product.
     model.get_output_embeddings().register_forward_pre_hook(lambda layer, inputs: (inputs[0].contiguous(),))
     generator = torch.Generator().manual_seed(seed)
     names = [name for name, module in model.named_modules()
              if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
     for name in names:
         layer = model.get_submodule(name)
-        layer.lora_A = torch.nn.Linear(layer.in_features, rank, bias=False, dtype=torch.float32)
-        torch.nn.init.kaiming_uniform_(layer.lora_A.weight, a=5 ** 0.5, generator=generator)  # on the CPU
-        layer.lora_A.to(layer.weight.device)
-        layer.lora_B = torch.nn.Linear(rank, layer.out_features, bias=False, device=layer.weight.device,
-                                       dtype=torch.float32)
+        layer.lora_A = torch.nn.Linear(layer.in_features, rank, bias=False, dtype=torch.float32)  # on the CPU,
+        torch.nn.init.kaiming_uniform_(layer.lora_A.weight, a=5 ** 0.5, generator=generator)  # drawn there
+        layer.lora_B = torch.nn.Linear(rank, layer.out_features, bias=False, dtype=torch.float32)
         torch.nn.init.zeros_(layer.lora_B.weight)
         layer.lora_dropout, layer.lora_scaling = torch.nn.Dropout(dropout), alpha / rank
-        layer.register_forward_hook(lora_forward)
+        layer.to(layer.weight.device).register_forward_hook(lora_forward)
     return names
 
 
@@ -686,25 +684,6 @@ def lora_forward(layer, inputs, output):
     with torch.autocast(output.device.type, enabled=False):
         x = layer.lora_dropout(inputs[0]).float()
         return output + (layer.lora_B(layer.lora_A(x)) * layer.lora_scaling).to(output.dtype)
-
-
-def merge_lora(state, scaling):
-    """A state dict of an adapted model -> the plain model's, each adapter folded into its layer in fp32:
-    W + scaling * B A. Merged and stored in fp32: a LoRA delta is often below bf16's step at W's size."""
-    merged = {name: value.float() for name, value in state.items() if ".lora_" not in name}
-    for layer in [name.removesuffix(".lora_A.weight") for name in state if name.endswith(".lora_A.weight")]:
-        delta = scaling * state[f"{layer}.lora_B.weight"].float() @ state[f"{layer}.lora_A.weight"].float()
-        merged[f"{layer}.weight"] = merged[f"{layer}.weight"] + delta  # not +=: it may be the live weight
-    return merged
-
-
-def use_adapter(model, adapter):
-    """Put an adapter's weights ({name: tensor}, adapter_weights) into an adapted model; None: every A and B
-    zero, so the model computes its base exactly. One base in memory serves several policies in turn."""
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ".lora_" in name:
-                parameter.copy_(adapter[name] if adapter is not None else torch.zeros_like(parameter))
 
 
 # A LoRA policy on disk is 04 --lora-rank's output folder, holding adapter/ (or that adapter/ folder itself):
@@ -721,20 +700,19 @@ def adapter_folder(name):
 
 
 def adapter_config(folder):
-    """A LoRA adapter's config, checked for what this code runs: plain LoRA, a list of target layer names."""
-    config, path = read_json(os.path.join(folder, "adapter_config.json")), f"{folder}/adapter_config.json"
-    plain = config.get("peft_type") == "LORA" and not any(config.get(key) for key in (
-        "use_dora", "use_rslora", "modules_to_save")) and config.get("bias", "none") == "none"
-    if not (plain and isinstance(config.get("target_modules"), list) and config.get("base_model_name_or_path")):
-        raise InputError(f"{path}: not a plain LoRA adapter with a list of target_modules and a "
-                         "base_model_name_or_path (DoRA, rsLoRA, modules_to_save and biases are not run here)")
+    """A LoRA adapter's config, checked for what this code runs: plain LoRA on a list of layer names."""
+    config = read_json(os.path.join(folder, "adapter_config.json"))
+    unsupported = [key for key in ("use_dora", "use_rslora", "modules_to_save") if config.get(key)]
+    if config.get("peft_type") != "LORA" or unsupported or not isinstance(config.get("target_modules"), list) \
+            or not config.get("base_model_name_or_path"):
+        raise InputError(f"{folder}/adapter_config.json: not a plain LoRA adapter naming its base and a list of "
+                         "target_modules (DoRA, rsLoRA and modules_to_save are not run here)")
     return config
 
 
 def base_model(name):
     """The model whose weights `name` starts from: a LoRA policy's base, or `name` itself."""
-    folder = adapter_folder(name)
-    return adapter_config(folder)["base_model_name_or_path"] if folder else name
+    return adapter_config(adapter_folder(name))["base_model_name_or_path"] if adapter_folder(name) else name
 
 
 def adapter_weights(folder):
@@ -744,18 +722,18 @@ def adapter_weights(folder):
     return {name.removeprefix(PEFT_PREFIX): value.float() for name, value in saved.items()}
 
 
-def attach_adapter(model, folder, seed=0):
-    """add_lora as the adapter's config says, then its weights; one line if they do not fit the model."""
-    config = adapter_config(folder)
-    add_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
-             config["target_modules"], seed)
-    expected, saved = {n for n, _ in model.named_parameters() if ".lora_" in n}, adapter_weights(folder)
-    shapes = {n: p.shape for n, p in model.named_parameters()}
-    if set(saved) != expected or any(saved[n].shape != shapes[n] for n in saved):
-        raise InputError(f"{folder}: its adapter does not fit {config['base_model_name_or_path']} "
-                         f"({len(saved)} weights, the model's layers take {len(expected)})")
-    use_adapter(model, saved)
-    return config
+def use_adapter(model, adapter):
+    """`model`, an adapter's weights ({name: tensor}) put into its adapted layers; None: every A and B zero, so
+    it computes its base exactly (a model with no adapter is left as it is). One base in memory serves several
+    policies in turn (03); one line if the adapter does not fit (another base, rank or targets)."""
+    layers = {name: parameter for name, parameter in model.named_parameters() if ".lora_" in name}
+    if adapter is not None and {name: value.shape for name, value in adapter.items()} != \
+            {name: parameter.shape for name, parameter in layers.items()}:
+        raise InputError("an adapter does not fit the adapted model (another base, rank or target layers)")
+    with torch.no_grad():
+        for name, parameter in layers.items():
+            parameter.copy_(adapter[name] if adapter is not None else torch.zeros_like(parameter))
+    return model
 
 
 # ----------------------------------------------------------------------------

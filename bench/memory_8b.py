@@ -38,7 +38,8 @@ sys.path.insert(0, REPO)
 LLAMA_3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                   vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=8192, rope_theta=500000.0)
 STAGES = ("generate", "score", "train", "judge")
-CARDS_GIB = (24, 48, 80)
+CARDS_GB = (24, 48, 80)  # a card's GB are 1e9 bytes: 22.4, 44.7 and 74.5 GiB
+CUDA_CONTEXT_GIB = 0.5
 GIB = 2 ** 30
 
 
@@ -117,7 +118,7 @@ def table(results, stages, layer_counts):
         fixed = peaks[0] - low * per_layer
         at_32 = fixed + 32 * per_layer
         rows.append({"stage": stage, "fixed_gib": fixed, "per_layer_gib": per_layer, "gib_32_layers": at_32,
-                     "fits": {f"{card} GB": at_32 + 0.5 < card for card in CARDS_GIB}})
+                     "fits": {f"{card} GB": at_32 + CUDA_CONTEXT_GIB < card * 1e9 / GIB for card in CARDS_GB}})
     return rows
 
 
@@ -126,6 +127,7 @@ def main():
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--layers", nargs="+", type=int, default=[1, 2], help="two or more layer counts")
     parser.add_argument("--out", default=None, help="write the measurements and the table here (JSON)")
+    parser.add_argument("--table-from", default=None, help="print the table of an earlier --out file again")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # one measurement, in its own process
     args = parser.parse_args()
     if args.child:
@@ -135,9 +137,14 @@ def main():
         parser.error("--layers: give two different layer counts (the fixed and per-layer costs need both)")
     print(f"command: python bench/memory_8b.py --stages {' '.join(args.stages)} "
           f"--layers {' '.join(map(str, args.layers))}")
-    results = measure(args.stages, args.layers)
+    if args.table_from:
+        with open(args.table_from) as handle:
+            results = json.load(handle)["measurements"]
+    else:
+        results = measure(args.stages, args.layers)
     rows = table(results, args.stages, args.layers)
-    print("\n| stage | fixed GiB | per layer GiB | 32 layers GiB | fits 24 / 48 / 80 GB |\n|---|---|---|---|---|")
+    print("\n| stage | fixed GiB | per layer GiB | 32 layers GiB | fits 24 / 48 / 80 GB (22.4 / 44.7 / 74.5 GiB, "
+          f"less {CUDA_CONTEXT_GIB} for CUDA) |\n|---|---|---|---|---|")
     for row in rows:
         fits = " / ".join("yes" if ok else "no" for ok in row["fits"].values())
         print(f"| {row['stage']} | {row['fixed_gib']:.2f} | {row['per_layer_gib']:.3f} | "

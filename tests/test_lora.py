@@ -225,7 +225,7 @@ def test_lora_block_copies_out_whole(lively):
             torch.nn.init.normal_(model.get_submodule(name).lora_B.weight, generator=torch.Generator().manual_seed(1))
     assert torch.equal(logits_of(models[0]), logits_of(models[1]))
     state = {name: value.detach() for name, value in models[0].state_dict().items()}
-    merged = namespace["merge_lora"](state, 2.0)
+    merged = dpo.merge_lora(state, 2.0)
     plain = common.load_model(lively, torch.device("cpu"), torch.float32)[0]
     plain.load_state_dict(merged)
     assert (logits_of(plain) - logits_of(models[0])).abs().max() < 1e-4 * logits_of(plain).abs().max()
@@ -261,7 +261,7 @@ def test_each_stage_loads_a_lora_policy_as_its_base_plus_its_fp32_adapter(iterat
     eval05 = importlib.util.module_from_spec(importlib.util.spec_from_file_location("e", f"{REPO}/05_eval.py"))
     eval05.__spec__.loader.exec_module(eval05)
     loaded = {"01/02": (common.load_engine(policy)[0], torch.bfloat16),
-              "03": (reward.load_scorers(policy, lively)[0][0][0], torch.float32),
+              "03": (reward.load_scorers(policy, lively)[0][0], torch.float32),
               "04": (dpo.load_policy(policy, torch.device("cpu"), dpo.parse_args(["--model", policy, *LORA])),
                      torch.bfloat16),
               "05": (eval05.load_generator({"model": policy}, eval05.parse_args([]))["model"], torch.bfloat16)}
@@ -287,8 +287,8 @@ def test_03_on_one_base_gives_the_two_model_reward(tmp_path, iterations, lively)
     """The implicit reward of iteration 2 against iteration 1 (and of 1 against the base), from ONE base with
     the two adapters taking turns, equals the reward from the two merged fp32 models loaded whole."""
     first, second = iterations
-    scorers, shared = reward.load_scorers(second, first)
-    assert shared and scorers[0][0] is scorers[1][0]  # one model in memory
+    scorers = reward.load_scorers(second, first)
+    assert scorers[0][0] is scorers[1][0]  # one model in memory
     samples = tmp_path / "samples.jsonl"
     run_script("01_generate.py", "--model", lively, "--prompts", os.path.join(REPO, "data", "prompts"), "--langs",
                "en,es", "--limit", "3", "--max-new-tokens", "8", "--num-samples", "3", "--temperature", "0.9",
