@@ -344,23 +344,22 @@ def score_all(records, keys, args, rank, world_size):
 
 
 def load_scorers(dpo_model, ref_model, trust_remote_code=False):
-    """[(model, tokenizer, adapter)] for the two models, in fp32 on every device: the reward is a difference of
-    two close models, which bf16 rounds away. Before each scores, common.use_adapter puts its adapter in.
+    """[(model, tokenizer, adapter)] for the two models, in fp32 on every device: the reward is a difference
+    of two close models, which bf16 rounds away. Before each scores, common.use_adapter puts its adapter in.
 
-    LoRA policies of one base (pi_k with pi_k-1, or with the base itself: adapter None) share ONE base in memory
-    and take turns with their adapters (of one rank and targets, as a loop's are), so the two differ by their
-    adapters exactly. Otherwise (plain models, other bases) each loads whole, with its own adapter if any.
+    LoRA policies of one base (pi_k with pi_k-1, or with the base itself: adapter None) share ONE base in
+    memory and take turns with their adapters (of one rank and targets, as a loop's are), so the two differ
+    by their adapters exactly. Otherwise (plain models, other bases) each loads whole, its adapter in.
     """
+    load = lambda name: common.load_model(name, None, torch.float32, trust_remote_code)  # noqa: E731
     names = (dpo_model, ref_model)
     adapters = [common.adapter_weights(folder) if (folder := common.adapter_folder(name)) else None
                 for name in names]
     bases = {os.path.realpath(common.resolve_model(common.base_model(name))) for name in names}
-    if len(bases) == 1 and any(adapters):  # one base: loaded once, with the first adapter's layers
-        model, tokenizer = common.load_model(names[0] if adapters[0] else names[1], None, torch.float32,
-                                             trust_remote_code)
-        return [(model, tokenizer, adapter) for adapter in adapters]
-    return [(*common.load_model(name, None, torch.float32, trust_remote_code), adapter)
-            for name, adapter in zip(names, adapters)]
+    if any(adapters) and len(bases) == 1:  # one base, loaded once (with the first adapter's layers)
+        model_and_tokenizer = load(names[0] if adapters[0] else names[1])
+        return [(*model_and_tokenizer, adapter) for adapter in adapters]
+    return [(*load(name), adapter) for name, adapter in zip(names, adapters)]
 
 
 def alpha_grid(rewards, lengths, valid):
@@ -415,9 +414,7 @@ def search_alpha(rewards, lengths, valid):
 def implicit_rows(records, keys, scores, args):
     """Best-vs-worst pairs per prompt, with per-language length control."""
     rows, skipped, alphas = [], [], {}
-    by_lang = defaultdict(list)
-    for key in keys:
-        by_lang[key[1]].append(key)
+    by_lang = {lang: [key for key in keys if key[1] == lang] for lang in {key[1] for key in keys}}
     for lang in sorted(by_lang, key=lambda code: list(common.LANGUAGES).index(code)):
         usable = []  # (key, sample indices, rewards)
         for key in by_lang[lang]:
@@ -434,8 +431,7 @@ def implicit_rows(records, keys, scores, args):
         if not usable:
             continue
         width = max(len(samples) for _, samples, _ in usable)
-        rewards = np.zeros((len(usable), width))
-        lengths = np.zeros((len(usable), width))
+        rewards, lengths = np.zeros((2, len(usable), width))
         valid = np.zeros((len(usable), width), dtype=bool)
         for row, (key, samples, reward) in enumerate(usable):
             rewards[row, :len(samples)] = reward

@@ -91,8 +91,8 @@ def parse_args(argv=None):
     add("--lora-rank", type=int, default=0, help="LoRA: train adapters of this rank, model frozen (0: off)")
     add("--lora-alpha", type=float, default=None, help="LoRA: scale by alpha/rank (default: 2 x rank)")
     add("--lora-dropout", type=float, default=0.0, help="LoRA: dropout on the adapters' input")
-    add("--lora-targets", default=",".join(common.LORA_TARGETS), help="LoRA: linear layers to adapt, by last name")
-    add("--save-merged", action="store_true", help="LoRA: also write the merged fp32 model, in --output/merged")
+    add("--lora-targets", default=",".join(common.LORA_TARGETS), help="LoRA: layers to adapt, by last name")
+    add("--save-merged", action="store_true", help="LoRA: also write the merged fp32 model (merged/)")
     add("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     add("--fsdp", action="store_true", help="shard weights, gradients, optimizer over processes (FSDP2)")
     add("--save-every", type=int, default=100, help="checkpoint (with optimizer) every N steps; 0: never")
@@ -413,23 +413,23 @@ def load_policy(name, device, args, train=True, checkpoint=None):
     With --lora-rank the model is frozen and trains adapters: new ones (B = 0), or, when `name` is a LoRA
     policy (an earlier iteration's output), that policy's own adapter, trained on; resuming, `checkpoint`'s.
     Never updated, the frozen base needs no fp32 master copy: it is stored in the run's precision (bf16 on a
-    GPU and under LOOP_BF16=1; fp32 under --fsdp, which gathers one dtype per shard group), the adapters in fp32.
+    GPU and under LOOP_BF16=1; fp32 under --fsdp, which gathers one dtype per shard group), adapters in fp32.
     """
     lora_base = args.lora_rank and not args.fsdp
     model = common.load_model(name, device, common.pick_device()[1] if lora_base else torch.float32,
                               args.trust_remote_code)[0]  # a LoRA policy comes with its adapter
     model.train()
-    for module_name, module in model.named_modules():  # the reference scores without dropout, so must the policy
+    for module_name, module in model.named_modules():  # the reference scores without dropout, the policy too
         if isinstance(module, torch.nn.Dropout) and not module_name.endswith("lora_dropout"):
             module.p = 0.0
         for attribute, value in vars(module).items():  # attention dropout is often a plain float attribute
             if "dropout" in attribute and isinstance(value, float):
                 setattr(module, attribute, 0.0)
     if args.lora_rank and train:
-        if not any(".lora_" in parameter_name for parameter_name, _ in model.named_parameters()):
-            targets = args.lora_targets.split(",")
-            if not common.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets, args.seed):
-                raise common.InputError(f"--lora-targets {args.lora_targets} names no linear layer of {name}")
+        targets = args.lora_targets.split(",")
+        if not common.adapter_folder(name) and not common.add_lora(  # a LoRA policy has its adapter already
+                model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets, args.seed):
+            raise common.InputError(f"--lora-targets {args.lora_targets} names no linear layer of {name}")
         if checkpoint:  # resuming: the adapters as the checkpoint left them
             common.use_adapter(model, common.adapter_weights(os.path.join(checkpoint, "adapter")))
     if args.gradient_checkpointing:
@@ -646,18 +646,14 @@ def prepare(args, rank, world):
 
 def check_lora_policy(args):
     """A LoRA policy as --model (an earlier iteration's output) trains on its own adapter, so the LoRA flags
-    must be those it was made with: one line naming the first that differs."""
-    folder = common.adapter_folder(args.model)
-    if folder is None:
-        return
-    config = common.adapter_config(folder)
-    made = {"rank": config["r"], "alpha": config["lora_alpha"], "dropout": config.get("lora_dropout", 0.0),
-            "targets": ",".join(sorted(config["target_modules"]))}
-    now = {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-           "targets": ",".join(sorted(args.lora_targets.split(",")))}
-    for flag in [flag for flag in made if made[flag] != now[flag]][:1]:
-        raise common.InputError(f"--model {args.model} is a LoRA policy made with --lora-{flag} {made[flag]} "
-                                f"(now {now[flag]}): it trains on its adapter with the flags that made it")
+    must be those it was made with: one line naming them, when they are not."""
+    config = common.adapter_config(folder) if (folder := common.adapter_folder(args.model)) else None
+    made = config and (config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
+                       ",".join(sorted(config["target_modules"])))
+    now = (args.lora_rank, args.lora_alpha, args.lora_dropout, ",".join(sorted(args.lora_targets.split(","))))
+    message = (f"--model {args.model} is a LoRA policy: it trains on its adapter with the flags that made "
+               "it, --lora-rank {} --lora-alpha {} --lora-dropout {} --lora-targets {}")
+    common.refuse({message.format(*made or now): made and made != now})
 
 
 def batches_of_epoch(run, args, epoch):

@@ -569,9 +569,9 @@ def pick_device():
 
 def from_pretrained(auto_class, name, trust_remote_code=False, **kwargs):
     """auto_class.from_pretrained(what `name` names), or one line saying why it cannot be loaded."""
-    try:  # a LoRA policy: its base's
-        return auto_class.from_pretrained(resolve_model(base_model(name)), trust_remote_code=trust_remote_code,
-                                          **kwargs)
+    path = resolve_model(base_model(name))  # a LoRA policy: its base's
+    try:
+        return auto_class.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as error:  # ValueError: a directory or id that is not a model
         raise InputError(f"{name}: not a model we can load ({first_line(error)})") from None
 
@@ -654,8 +654,8 @@ def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS, seed=0):
     Returns the adapted layers' names.
 
     A target layer's y = W x becomes y = W x + (alpha / rank) * B A dropout(x), with A [rank, in] random
-    (nn.Linear's own init, as PEFT's, drawn from a generator of its own seeded with `seed`: the same A whatever
-    else drew random numbers first) and B [out, rank] zero: the model starts exactly as it was, so DPO's
+    (nn.Linear's own init, as PEFT's, from a generator of its own seeded with `seed`: the same A whatever else
+    drew random numbers first) and B [out, rank] zero: the model starts exactly as it was, so DPO's
     step 1 is still ln 2. A and B are fp32 whatever W's dtype, and sit on the layer as `lora_A` and `lora_B`:
     their parameter names are PEFT's, less its "base_model.model." prefix. A forward hook adds the term.
     """
@@ -669,8 +669,8 @@ def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS, seed=0):
              if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
     for name in names:
         layer = model.get_submodule(name)
-        layer.lora_A = torch.nn.Linear(layer.in_features, rank, bias=False, dtype=torch.float32)  # on the CPU,
-        torch.nn.init.kaiming_uniform_(layer.lora_A.weight, a=5 ** 0.5, generator=generator)  # drawn there
+        layer.lora_A = torch.nn.Linear(layer.in_features, rank, bias=False, dtype=torch.float32)
+        torch.nn.init.kaiming_uniform_(layer.lora_A.weight, a=5 ** 0.5, generator=generator)  # on the CPU
         layer.lora_B = torch.nn.Linear(rank, layer.out_features, bias=False, dtype=torch.float32)
         torch.nn.init.zeros_(layer.lora_B.weight)
         layer.lora_dropout, layer.lora_scaling = torch.nn.Dropout(dropout), alpha / rank
@@ -687,8 +687,8 @@ def lora_forward(layer, inputs, output):
 
 
 # A LoRA policy on disk is 04 --lora-rank's output folder, holding adapter/ (or that adapter/ folder itself):
-# adapter_model.safetensors (PEFT's names) and adapter_config.json, which names the base. --model, --dpo-model,
-# --models and the rest take it as any model; it loads as its base plus its adapter.
+# adapter_model.safetensors (PEFT's names) and adapter_config.json, which names the base. --model,
+# --dpo-model, --models and the rest take it as any model; it loads as its base plus its adapter.
 PEFT_PREFIX = "base_model.model."  # PEFT's adapter files name each weight under its wrapper
 
 
@@ -702,11 +702,11 @@ def adapter_folder(name):
 def adapter_config(folder):
     """A LoRA adapter's config, checked for what this code runs: plain LoRA on a list of layer names."""
     config = read_json(os.path.join(folder, "adapter_config.json"))
-    unsupported = [key for key in ("use_dora", "use_rslora", "modules_to_save") if config.get(key)]
-    if config.get("peft_type") != "LORA" or unsupported or not isinstance(config.get("target_modules"), list) \
-            or not config.get("base_model_name_or_path"):
-        raise InputError(f"{folder}/adapter_config.json: not a plain LoRA adapter naming its base and a list of "
-                         "target_modules (DoRA, rsLoRA and modules_to_save are not run here)")
+    extras = any(config.get(key) for key in ("use_dora", "use_rslora", "modules_to_save"))
+    targets, base = config.get("target_modules"), config.get("base_model_name_or_path")
+    if config.get("peft_type") != "LORA" or extras or not isinstance(targets, list) or not base:
+        raise InputError(f"{folder}/adapter_config.json: not a plain LoRA adapter naming its base and a list "
+                         "of target_modules (DoRA, rsLoRA and modules_to_save are not run here)")
     return config
 
 
@@ -723,9 +723,9 @@ def adapter_weights(folder):
 
 
 def use_adapter(model, adapter):
-    """`model`, an adapter's weights ({name: tensor}) put into its adapted layers; None: every A and B zero, so
-    it computes its base exactly (a model with no adapter is left as it is). One base in memory serves several
-    policies in turn (03); one line if the adapter does not fit (another base, rank or targets)."""
+    """`model`, an adapter's weights ({name: tensor}) put into its adapted layers; None: every A and B zero,
+    so it computes its base exactly (a model with no adapter is left as it is). One base in memory serves
+    several policies in turn (03); one line if the adapter does not fit (another base, rank or targets)."""
     layers = {name: parameter for name, parameter in model.named_parameters() if ".lora_" in name}
     if adapter is not None and {name: value.shape for name, value in adapter.items()} != \
             {name: parameter.shape for name, parameter in layers.items()}:
