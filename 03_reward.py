@@ -344,8 +344,9 @@ def score_all(records, keys, args, rank, world_size):
 
 
 def load_scorers(dpo_model, ref_model, trust_remote_code=False):
-    """[(model, tokenizer, adapter)] for the two models, in fp32 on every device: the reward is a difference
-    of two close models, which bf16 rounds away. Before each scores, common.use_adapter puts its adapter in.
+    """[(model, tokenizer, adapter folder)] for the two models, in fp32 on every device: the reward is a
+    difference of two close models, which bf16 rounds away. Before each scores, common.use_adapter puts its
+    adapter in.
 
     LoRA policies of one base (pi_k with pi_k-1, or with the base itself: adapter None) share ONE base in
     memory and take turns with their adapters (of one rank and targets, as a loop's are), so the two differ
@@ -353,8 +354,7 @@ def load_scorers(dpo_model, ref_model, trust_remote_code=False):
     """
     load = lambda name: common.load_model(name, None, torch.float32, trust_remote_code)  # noqa: E731
     names = (dpo_model, ref_model)
-    adapters = [common.adapter_weights(folder) if (folder := common.adapter_folder(name)) else None
-                for name in names]
+    adapters = [common.adapter_folder(name) for name in names]  # None: a plain model
     bases = {os.path.realpath(common.resolve_model(common.base_model(name))) for name in names}
     if any(adapters) and len(bases) == 1:  # one base, loaded once (with the first adapter's layers)
         model_and_tokenizer = load(names[0] if adapters[0] else names[1])

@@ -431,7 +431,7 @@ def load_policy(name, device, args, train=True, checkpoint=None):
                 model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets, args.seed):
             raise common.InputError(f"--lora-targets {args.lora_targets} names no linear layer of {name}")
         if checkpoint:  # resuming: the adapters as the checkpoint left them
-            common.use_adapter(model, common.adapter_weights(os.path.join(checkpoint, "adapter")))
+            common.use_adapter(model, os.path.join(checkpoint, "adapter"))
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -286,11 +286,9 @@ def slug(text):
 def held_out_reward_accuracy(name):
     """04_dpo.py's held-out reward accuracy (share of pairs with chosen reward > rejected), or None."""
     path = os.path.join(name, "train_summary.json")
-    if not os.path.isfile(path):
-        return None
-    summary = common.read_json(path)
+    summary = common.read_json(path) if os.path.isfile(path) else {"eval_pairs": 0}
     accuracy, pairs = summary.get("eval_after", {}).get("rewards/accuracies"), summary.get("eval_pairs")
-    if pairs == 0:  # trained with --eval-frac 0: no held-out pairs to report
+    if pairs == 0:  # not trained by 04, or trained with --eval-frac 0: no held-out pairs to report
         return None
     if accuracy is None or not pairs:
         raise common.InputError(f"{path}: needs 'eval_after' with 'rewards/accuracies' and 'eval_pairs'")

@@ -589,9 +589,8 @@ def check_weights(name):
     whole: safetensors checks that its tensors cover the file exactly, which a copy or a save cut short does
     not; one line if one is not. A hub id has none here: the download checks them."""
     from safetensors import SafetensorError, safe_open
-    folder, base = adapter_folder(name), resolve_model(base_model(name))
-    files = sorted(glob.glob(os.path.join(glob.escape(base), "*.safetensors"))) + (
-        [os.path.join(folder, "adapter_model.safetensors")] if folder else [])
+    files = sorted(glob.glob(os.path.join(glob.escape(resolve_model(base_model(name))), "*.safetensors")))
+    files += [os.path.join(folder, "adapter_model.safetensors")] if (folder := adapter_folder(name)) else []
     for path in files:
         try:
             with safe_open(path, "pt"):
@@ -629,7 +628,7 @@ def load_model(name, device=None, dtype=None, trust_remote_code=False, scored=Tr
         config = adapter_config(folder)
         add_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
                  config["target_modules"])
-        use_adapter(model, adapter_weights(folder))
+        use_adapter(model, folder)
     model.to(device).eval()
     try:
         if scored:
@@ -715,24 +714,20 @@ def base_model(name):
     return adapter_config(adapter_folder(name))["base_model_name_or_path"] if adapter_folder(name) else name
 
 
-def adapter_weights(folder):
-    """{parameter name: fp32 tensor} of an adapter folder, named as add_lora names them."""
-    from safetensors.torch import load_file
-    saved = load_file(os.path.join(folder, "adapter_model.safetensors"))
-    return {name.removeprefix(PEFT_PREFIX): value.float() for name, value in saved.items()}
-
-
-def use_adapter(model, adapter):
-    """`model`, an adapter's weights ({name: tensor}) put into its adapted layers; None: every A and B zero,
+def use_adapter(model, folder):
+    """`model`, the weights of the adapter in `folder` put into its adapted layers; None: every A and B zero,
     so it computes its base exactly (a model with no adapter is left as it is). One base in memory serves
     several policies in turn (03); one line if the adapter does not fit (another base, rank or targets)."""
+    from safetensors.torch import load_file
     layers = {name: parameter for name, parameter in model.named_parameters() if ".lora_" in name}
-    if adapter is not None and {name: value.shape for name, value in adapter.items()} != \
-            {name: parameter.shape for name, parameter in layers.items()}:
-        raise InputError("an adapter does not fit the adapted model (another base, rank or target layers)")
+    saved = {name.removeprefix(PEFT_PREFIX): value for name, value in load_file(
+        os.path.join(folder, "adapter_model.safetensors")).items()} if folder else \
+        {name: torch.zeros_like(parameter) for name, parameter in layers.items()}
+    if {name: value.shape for name, value in saved.items()} != {name: p.shape for name, p in layers.items()}:
+        raise InputError(f"{folder}: the adapter does not fit the model (another base, rank or layers)")
     with torch.no_grad():
         for name, parameter in layers.items():
-            parameter.copy_(adapter[name] if adapter is not None else torch.zeros_like(parameter))
+            parameter.copy_(saved[name])  # in fp32
     return model
 
 
@@ -992,9 +987,8 @@ def request_json(url, body=None, attempts=6, timeout=600):
         # Refused, unreachable, cut off mid-reply, no reply:
         except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as error:
             if attempt == attempts - 1:
-                why = getattr(error, 'reason', error)
-                raise InputError(f"{url}: no reply after {attempts} tries ({why})") \
-                    from None
+                raise InputError(f"{url}: no reply after {attempts} tries "
+                                 f"({getattr(error, 'reason', error)})") from None
         except json.JSONDecodeError as error:
             raise InputError(f"{url}: the reply is not JSON ({error.msg})") from None
         time.sleep(2 ** attempt)

@@ -319,10 +319,12 @@ def test_a_second_iteration_starts_exactly_where_the_first_ended(tmp_path, itera
     assert json.loads((output / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == lively
     assert sorted(os.listdir(output)) == ["adapter", "metrics.jsonl", "reference_logps.jsonl", "train_summary.json",
                                           "train_summary.json.lock", "train_summary.json.settings.json"]
-    for flags, says in ((("--lora-rank", "4"), "--lora-rank 8 (now 4)"), ((), "--lora-rank 8 (now 0)"),
-                        ((*LORA, "--lora-targets", "q_proj"), "--lora-targets down_proj,gate_proj")):
+    says = (f"error: --model {first} is a LoRA policy: it trains on its adapter with the flags that made it, "
+            "--lora-rank 8 --lora-alpha 16.0 --lora-dropout 0.0 --lora-targets down_proj,gate_proj,k_proj,o_proj,")
+    for flags in (("--lora-rank", "4"), (), (*LORA, "--lora-targets", "q_proj"), (*LORA, "--lora-alpha", "8")):
         _, result = train(tmp_path, first, str(tmp_path / "pairs.jsonl"), "bad", *flags, check=False)
-        assert result.returncode == 2 and says in result.stderr.strip().splitlines()[-1], result.stderr[-500:]
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(says), result.stderr[-500:]
+        assert not (tmp_path / "bad").exists()
 
 
 def test_01_and_05_answer_as_the_merged_model_does(tmp_path, iterations, lively):
