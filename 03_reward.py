@@ -23,7 +23,8 @@ Methods (English, the dominant language, is the teacher; X is any other language
              the mean chosen-minus-rejected length is closest to zero). English answers
              are scored after their own instruction, so English gets pairs too (leave it
              out with --langs). Needs --dpo-model and --ref-model (e.g. last iteration's
-             trained model and its reference) and N >= 2 samples per prompt.
+             trained model and its reference) and N >= 2 samples per prompt. Two LoRA
+             policies of one base (or one and its base) are scored on ONE base in memory.
   crossin    CrossIn SFT rows: English instruction + "answer in X" -> the English answer
              translated into X; X instruction + "answer in English" -> the English answer;
              "translate this X instruction into English" -> the English instruction.

@@ -997,7 +997,8 @@ def attach_servers(columns, urls):
         listed = common.served_models(url)
         matched = 0
         for column in columns:
-            known_as = (column["model"], common.resolve_model(column["model"]))
+            path = common.resolve_model(column["model"])  # loop.sh serves a LoRA policy's merged copy
+            known_as = (column["model"], path, os.path.join(path, "merged"))
             name = next((n for n in known_as if n in listed), None)
             if name and "proxy" not in column:
                 column.setdefault("servers", []).append(url.rstrip("/"))

@@ -555,8 +555,9 @@ def pick_device():
     "Paper scale on GPUs").
 
     bf16 means: generation with bf16 weights, and 04's forward under bf16 autocast (fp32 weights, optimizer,
-    loss). A difference of two close models (03's implicit reward, 05's judge, proxy-tuning) loads in fp32 on
-    every device.
+    loss; with LoRA the frozen base in bf16, the adapters fp32). A LoRA policy's adapter is fp32 everywhere. A
+    difference of two close models (03's implicit reward, 05's judge, proxy-tuning) loads in fp32 on every
+    device.
     """
     if torch.cuda.is_available():
         return (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))),
