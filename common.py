@@ -712,7 +712,7 @@ def adapter_config(folder):
 
 def base_model(name):
     """The model whose weights `name` starts from: a LoRA policy's base, or `name` itself."""
-    return adapter_config(adapter_folder(name))["base_model_name_or_path"] if adapter_folder(name) else name
+    return adapter_config(folder)["base_model_name_or_path"] if (folder := adapter_folder(name)) else name
 
 
 def use_adapter(model, folder):
