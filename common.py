@@ -20,6 +20,7 @@ import datetime
 import errno
 import fcntl
 import functools
+import gc
 import glob
 import hashlib
 import http.client
@@ -62,10 +63,14 @@ def refuse(problems):
 def run_main(main):
     """Run a script's main(); user errors become one line on stderr and exit code 2."""
     try:
-        main()
+        return main()
     except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        message = f"error: {error}"
+    # Out of the except block the failed frames are freed: a progress bar they held is closed now, ending its
+    # line (tqdm closes a bar it frees), so the error starts a line of its own, and stays the last one.
+    gc.collect()
+    print(message, file=sys.stderr)
+    sys.exit(2)
 
 
 # What a disk says when it refuses a write: full, over quota, read-only, past a file-size limit (ulimit -f).

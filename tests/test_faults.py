@@ -219,6 +219,16 @@ def test_01_on_a_full_disk_writes_no_output_and_continues(tmp_path, tiny_model, 
     assert len(read_records(output)) == 6, resumed.stdout
 
 
+def test_an_error_while_a_progress_bar_is_drawing_starts_a_line_of_its_own(tmp_path, tiny_model):
+    """The first batch's write is refused while 01's generate bar is half drawn (no newline yet): the bar is
+    ended before the error line, and nothing is drawn after it."""
+    flags = ["--model", tiny_model, "--prompts", prompts_file(tmp_path / "p.jsonl", n=8), "--langs", "en,es",
+             "--output", tmp_path / "out" / "responses.jsonl", "--max-new-tokens", "4", "--batch-size", "1"]
+    result = run_limited("01_generate.py", *flags, mounted=False, file_limit=1024)  # ~3 records
+    error_line(result, "File too large", "make room and rerun the same command")
+    assert "generate:" in result.stderr and result.stderr.endswith("continues from what was finished\n")
+
+
 def test_a_gold_answer_too_large_for_a_float_is_refused_at_its_line():
     """In JSON a 400-digit integer is exact, but no float can hold it: 05 refuses it as it refuses inf."""
     import importlib.util

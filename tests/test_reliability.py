@@ -22,7 +22,9 @@ def error_line(result, *fragments):
     """The run failed with exit code 2 and one `error: ...` line at the end, no traceback; returns that line."""
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
+    # The last line as a log shows it: split at newlines only, so a progress bar redrawn with a carriage
+    # return, left unfinished before the error, counts as part of the error's line.
+    last = result.stderr.rstrip("\n").split("\n")[-1]
     assert last.startswith("error: "), result.stderr[-3000:]
     for fragment in fragments:
         assert fragment in last, last
