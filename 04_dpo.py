@@ -49,6 +49,7 @@ import os
 import random
 import shutil
 import time
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -101,6 +102,11 @@ def parse_args(argv=None):
     add("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     args = parser.parse_args(argv)
     args.lr = args.lr if args.lr is not None else 1e-5 if args.loss == "sft" else 5e-7
+    lora_only = {"--lora-alpha": args.lora_alpha is not None, "--lora-dropout": args.lora_dropout != 0,
+                 "--save-merged": args.save_merged,
+                 "--lora-targets": args.lora_targets != parser.get_default("lora_targets")}
+    common.refuse({f"{flag} applies to LoRA only: add --lora-rank, or leave it out": given and not args.lora_rank
+                   for flag, given in lora_only.items()})
     args.lora_alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
     # Refuse what cannot train before anything is loaded or written.
     at_least_one = ("batch_size", "grad_accum", "epochs", "max_length")
@@ -426,10 +432,9 @@ def load_policy(name, device, args, train=True, checkpoint=None):
             if "dropout" in attribute and isinstance(value, float):
                 setattr(module, attribute, 0.0)
     if args.lora_rank and train:
-        targets = args.lora_targets.split(",")
-        if not common.adapter_folder(name) and not common.add_lora(  # a LoRA policy has its adapter already
-                model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets, args.seed):
-            raise common.InputError(f"--lora-targets {args.lora_targets} names no linear layer of {name}")
+        if not common.adapter_folder(name):  # a LoRA policy has its adapter already
+            common.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets.split(","),
+                            args.seed)
         if checkpoint:  # resuming: the adapters as the checkpoint left them
             common.use_adapter(model, os.path.join(checkpoint, "adapter"))
     if args.gradient_checkpointing:
@@ -585,7 +590,14 @@ def resume_point(output, settings, require, rank):
     checkpoint, state = latest_checkpoint(output), {"step": 0, "settings": settings}
     if checkpoint is None and require:
         raise common.InputError(f"--resume: no checkpoint in {output}")
-    if checkpoint:
+    if checkpoint:  # every file the resume reads is checked whole first
+        remedy = f"delete {checkpoint} to train from the start"
+        common.check_weights(checkpoint, remedy)
+        try:  # torch.save writes a zip file, whose directory is at its end: a cut one has none
+            zipfile.ZipFile(os.path.join(checkpoint, "optimizer.pt")).close()
+        except (OSError, zipfile.BadZipFile) as error:
+            raise common.InputError(f"{checkpoint}: optimizer.pt is missing, cut short or damaged ({error}); "
+                                    f"{remedy}") from None
         state = common.read_json(os.path.join(checkpoint, "trainer_state.json"))  # claim checked its settings
     metrics_path = os.path.join(output, "metrics.jsonl")
     if rank == 0:  # the metrics of the steps after the checkpoint go: those steps run again
@@ -607,7 +619,7 @@ def prepare(args, rank, world):
     run = argparse.Namespace(started=time.perf_counter(), device=common.pick_device()[0],
                              global_batch=args.batch_size * args.grad_accum * world,
                              summary_path=os.path.join(args.output, "train_summary.json"))  # written last
-    check_lora_policy(args)
+    check_lora_flags(args)
     run.tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
     run.train, run.eval_set, run.skip_counts = load_data(args, run.tokenizer, rank)
     # What a resumed run must share: the data, the objective, the schedule, the global batch.
@@ -644,10 +656,19 @@ def prepare(args, rank, world):
     return run
 
 
-def check_lora_policy(args):
-    """A LoRA policy as --model (an earlier iteration's output) trains on its own adapter, so the LoRA flags
-    must be those it was made with: one line naming them, when they are not."""
+def check_lora_flags(args):
+    """Before any work, one line when the LoRA flags do not fit --model: a LoRA policy (an earlier iteration's
+    output) trains on its own adapter, so they must be those it was made with; otherwise each target must name
+    a linear layer of the model, tried on its skeleton (no weights are loaded)."""
+    from transformers import AutoModelForCausalLM
     config = common.adapter_config(folder) if (folder := common.adapter_folder(args.model)) else None
+    if args.lora_rank and not config:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(common.model_config(args.model, args.trust_remote_code))
+        try:
+            common.add_lora(skeleton, args.lora_rank, args.lora_alpha, 0.0, args.lora_targets.split(","))
+        except ValueError as error:
+            raise common.InputError(f"--lora-targets {args.lora_targets}: {error}") from None
     made = config and (config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
                        ",".join(sorted(config["target_modules"])))
     now = (args.lora_rank, args.lora_alpha, args.lora_dropout, ",".join(sorted(args.lora_targets.split(","))))
@@ -678,7 +699,6 @@ def train_loop(run, args, rank, world):
         finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
         # Nothing non-finite is ever saved: a checkpoint is written only after this check.
         if not (finite and all_finite(run.model, run.optimizer if saving else None)):
-            progress.close()
             raise common.InputError(
                 f"step {step + 1}: loss {metrics['loss']}, grad_norm {metrics['grad_norm']}, or the weights "
                 f"after the update, are not finite: training stopped; last good checkpoint: "

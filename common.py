@@ -590,7 +590,7 @@ def model_config(name, trust_remote_code=False):
     return from_pretrained(AutoConfig, name, trust_remote_code)
 
 
-def check_weights(name):
+def check_weights(name, remedy="rerun the stage that wrote it, or copy it again"):
     """The safetensors files of a local model (a LoRA policy: its base's, then its adapter's), each checked
     whole: safetensors checks that its tensors cover the file exactly, which a copy or a save cut short does
     not; one line if one is not. A hub id has none here: the download checks them."""
@@ -603,7 +603,7 @@ def check_weights(name):
                 pass
         except (SafetensorError, FileNotFoundError) as error:  # "incomplete metadata, file not fully covered"
             raise InputError(f"{name}: {os.path.basename(path)} is missing, cut short or damaged ({error}); "
-                             "rerun the stage that wrote it, or copy it again") from None
+                             f"{remedy}") from None
     return files
 
 
@@ -656,7 +656,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS, seed=0):
     """Freeze `model`; give each nn.Linear whose last name is in `targets` a trainable low-rank update.
-    Returns the adapted layers' names.
+    Returns the adapted layers' names; ValueError when a target names none.
 
     A target layer's y = W x becomes y = W x + (alpha / rank) * B A dropout(x), with A [rank, in] random
     (nn.Linear's own init, as PEFT's, from a generator of its own seeded with `seed`: the same A whatever else
@@ -668,10 +668,14 @@ def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS, seed=0):
     # Frozen, the output layer given a strided slice of the states (transformers' logits_to_keep=1) makes
     # torch's matmul broadcast its weight over the batch (on a CPU in bf16: a copy of it per row); contiguous,
     # it is one matrix product.
-    model.get_output_embeddings().register_forward_pre_hook(lambda layer, inputs: (inputs[0].contiguous(),))
+    output_layer = model.get_output_embeddings()
+    output_layer.register_forward_pre_hook(lambda layer, inputs: (inputs[0].contiguous(),))
     generator = torch.Generator().manual_seed(seed)
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+             and module is not output_layer and name.rsplit(".", 1)[-1] in targets]
+    if unmatched := sorted(set(targets) - {name.rsplit(".", 1)[-1] for name in names}):
+        raise ValueError(f"{','.join(unmatched)}: no linear layer of the model is named so (the output layer "
+                         "and embeddings are not adapted)")
     for name in names:
         layer = model.get_submodule(name)
         layer.lora_A = torch.nn.Linear(layer.in_features, rank, bias=False, dtype=torch.float32)

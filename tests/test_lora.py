@@ -165,13 +165,42 @@ def test_lora_settings_and_bad_flags_name_the_option(tmp_path, tiny_model):
     _, other = train(tmp_path, tiny_model, pairs_file, "out", "--lora-rank", "4", "--lora-alpha", "16", *flags,
                      check=False)
     assert other.returncode == 2 and "--lora-rank: made with 8, now 4" in other.stderr
+    no_layer = ": no linear layer of the model is named so (the output layer and embeddings are not adapted)"
     for bad, says in ((("--lora-rank", "-1"), "--lora-rank -1 is out of range"),
                       (("--lora-rank", "8", "--lora-dropout", "1"), "--lora-dropout 1.0 is out of range"),
-                      (("--lora-rank", "8", "--lora-targets", "c_attn"),
-                       "--lora-targets c_attn names no linear layer of")):
+                      (("--lora-rank", "8", "--lora-targets", "c_attn"), "--lora-targets c_attn: c_attn" + no_layer),
+                      (("--lora-rank", "4", "--lora-targets", "q_proj,vproj"), "q_proj,vproj: vproj" + no_layer),
+                      (("--lora-rank", "4", "--lora-targets", "lm_head"), "--lora-targets lm_head: lm_head" + no_layer),
+                      (("--lora-rank", "4", "--lora-targets", "embed_tokens,q_proj"), ": embed_tokens" + no_layer),
+                      (("--lora-rank", "0", "--lora-alpha", "8"), "--lora-alpha applies to LoRA only: add --lora-rank"),
+                      (("--lora-dropout", "0.3",), "--lora-dropout applies to LoRA only"),
+                      (("--lora-targets", "q_proj",), "--lora-targets applies to LoRA only"),
+                      (("--save-merged",), "--save-merged applies to LoRA only")):
         _, result = train(tmp_path, tiny_model, pairs_file, "bad", *bad, *flags, check=False)
-        assert result.returncode == 2 and says in result.stderr.strip().splitlines()[-1], result.stderr[-500:]
-        assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "bad" / "model.safetensors")
+        assert result.returncode == 2 and result.stderr.endswith(says + "\n") if says.endswith(")") else \
+            result.returncode == 2 and says in result.stderr.strip().split("\n")[-1], result.stderr[-500:]
+        assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "bad")  # nothing written
+
+
+@pytest.mark.parametrize("cut", ["adapter/adapter_model.safetensors", "optimizer.pt"])
+def test_a_cut_checkpoint_file_is_one_line_before_any_work(tmp_path, tiny_model, cut):
+    """A resume reads the checkpoint's adapter and optimizer state: each is checked whole first; one line names
+    the file, and the checkpoint (and everything else in the output) is left as it was."""
+    flags = [*LORA, "--batch-size", "1", "--grad-accum", "1", "--epochs", "3", "--save-every", "2"]
+    output = tmp_path / "out"
+    command = [sys.executable, os.path.join(REPO, "04_dpo.py"), "--input", write_pairs(tmp_path / "pairs.jsonl"),
+               "--output", str(output), "--model", tiny_model, "--eval-frac", "0", *flags]
+    kill_after_steps(command, output, ENV, steps=3)
+    checkpoint = dpo.latest_checkpoint(str(output))
+    path = Path(checkpoint) / cut
+    path.write_bytes(path.read_bytes()[:-100])
+    before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    result = run_script(*command[1:], env=ENV)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.rstrip("\n").split("\n")[-1]
+    assert last.startswith(f"error: {checkpoint}: {os.path.basename(cut)} is missing, cut short or damaged (")
+    assert last.endswith(f"); delete {checkpoint} to train from the start"), last
+    assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before
 
 
 def test_lora_divergence_keeps_the_last_good_adapters(tmp_path, tiny_model):
