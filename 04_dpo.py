@@ -103,10 +103,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.lr = args.lr if args.lr is not None else 1e-5 if args.loss == "sft" else 5e-7
     lora_only = {"--lora-alpha": args.lora_alpha is not None, "--lora-dropout": args.lora_dropout != 0,
-                 "--save-merged": args.save_merged,
-                 "--lora-targets": args.lora_targets != parser.get_default("lora_targets")}
-    common.refuse({f"{flag} applies to LoRA only: add --lora-rank, or leave it out": given and not args.lora_rank
-                   for flag, given in lora_only.items()})
+                 "--lora-targets": args.lora_targets != parser.get_default("lora_targets"),
+                 "--save-merged": args.save_merged}  # given without --lora-rank, each would do nothing
+    common.refuse({f"{flag} applies to LoRA only: add --lora-rank, or leave it out": given
+                   and not args.lora_rank for flag, given in lora_only.items()})
     args.lora_alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
     # Refuse what cannot train before anything is loaded or written.
     at_least_one = ("batch_size", "grad_accum", "epochs", "max_length")
@@ -433,8 +433,8 @@ def load_policy(name, device, args, train=True, checkpoint=None):
                 setattr(module, attribute, 0.0)
     if args.lora_rank and train:
         if not common.adapter_folder(name):  # a LoRA policy has its adapter already
-            common.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets.split(","),
-                            args.seed)
+            common.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout,
+                            args.lora_targets.split(","), args.seed)
         if checkpoint:  # resuming: the adapters as the checkpoint left them
             common.use_adapter(model, os.path.join(checkpoint, "adapter"))
     if args.gradient_checkpointing:
@@ -663,8 +663,9 @@ def check_lora_flags(args):
     from transformers import AutoModelForCausalLM
     config = common.adapter_config(folder) if (folder := common.adapter_folder(args.model)) else None
     if args.lora_rank and not config:
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(common.model_config(args.model, args.trust_remote_code))
+        layout = common.model_config(args.model, args.trust_remote_code)
+        with torch.device("meta"):  # the model's layers, with no memory behind them
+            skeleton = AutoModelForCausalLM.from_config(layout, trust_remote_code=args.trust_remote_code)
         try:
             common.add_lora(skeleton, args.lora_rank, args.lora_alpha, 0.0, args.lora_targets.split(","))
         except ValueError as error:

@@ -795,11 +795,8 @@ def end_of_turn_token(tokenizer):
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": "x"}, {"role": "assistant", "content": "SPLIT"}], tokenize=False)
     after = rendered.split("SPLIT", 1)[1]
-    for token_id in end_of_turn_ids(tokenizer):
-        token = tokenizer.convert_ids_to_tokens(token_id)
-        if after.startswith(token):
-            return token_id
-    return tokenizer.eos_token_id
+    return next((token_id for token_id in end_of_turn_ids(tokenizer)
+                 if after.startswith(tokenizer.convert_ids_to_tokens(token_id))), tokenizer.eos_token_id)
 
 
 # ----------------------------------------------------------------------------
@@ -1136,13 +1133,10 @@ def unwrap(model):
 
 def pad_right(sequences, pad_id):
     """[list of id lists] -> (input_ids [batch, longest], attention_mask [batch, longest])."""
-    longest = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(sequences):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        attention_mask[row, :len(ids)] = 1
-    return input_ids, attention_mask
+    rows = [torch.tensor(ids, dtype=torch.long) for ids in sequences]
+    pad = torch.nn.utils.rnn.pad_sequence
+    return (pad(rows, batch_first=True, padding_value=pad_id),
+            pad([torch.ones_like(row) for row in rows], batch_first=True))
 
 
 def logits_of_states(model):
@@ -1323,10 +1317,9 @@ def scoring(model):
     """No autograd and no dropout (a score must not be random) inside the with-block; the model's mode is
     restored after."""
     was_training = model.training
-    model.eval()
     try:
         with torch.inference_mode():
-            yield
+            yield model.eval()
     finally:
         model.train(was_training)
 
