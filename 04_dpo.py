@@ -669,7 +669,8 @@ def check_lora_flags(args):
         try:
             common.add_lora(skeleton, args.lora_rank, args.lora_alpha, 0.0, args.lora_targets.split(","))
         except ValueError as error:
-            raise common.InputError(f"--lora-targets {args.lora_targets}: {error}") from None
+            flags = f"--lora-rank {args.lora_rank} --lora-targets {args.lora_targets}"
+            raise common.InputError(f"{flags}: {error}") from None
     made = config and (config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
                        ",".join(sorted(config["target_modules"])))
     now = (args.lora_rank, args.lora_alpha, args.lora_dropout, ",".join(sorted(args.lora_targets.split(","))))

@@ -656,7 +656,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS, seed=0):
     """Freeze `model`; give each nn.Linear whose last name is in `targets` a trainable low-rank update.
-    Returns the adapted layers' names; ValueError when a target names none.
+    Returns the adapted layers' names; ValueError when a target names none, or the rank is above a layer's.
 
     A target layer's y = W x becomes y = W x + (alpha / rank) * B A dropout(x), with A [rank, in] random
     (nn.Linear's own init, as PEFT's, from a generator of its own seeded with `seed`: the same A whatever else
@@ -674,8 +674,11 @@ def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS, seed=0):
     names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
              and module is not output_layer and name.rsplit(".", 1)[-1] in targets]
     if unmatched := sorted(set(targets) - {name.rsplit(".", 1)[-1] for name in names}):
-        raise ValueError(f"{','.join(unmatched)}: no linear layer of the model is named so (the output layer "
-                         "and embeddings are not adapted)")
+        raise ValueError(f"no linear layer of the model is named {', '.join(map(repr, unmatched))} "
+                         "(the output layer and embeddings are not adapted)")
+    if rank > (most := min(min(model.get_submodule(name).weight.shape) for name in names)):
+        raise ValueError(f"rank {rank} is above {most}, the smallest adapted layer's min(in, out): it adds "
+                         "nothing")
     for name in names:
         layer = model.get_submodule(name)
         layer.lora_A = torch.nn.Linear(layer.in_features, rank, bias=False, dtype=torch.float32)

@@ -165,13 +165,16 @@ def test_lora_settings_and_bad_flags_name_the_option(tmp_path, tiny_model):
     _, other = train(tmp_path, tiny_model, pairs_file, "out", "--lora-rank", "4", "--lora-alpha", "16", *flags,
                      check=False)
     assert other.returncode == 2 and "--lora-rank: made with 8, now 4" in other.stderr
-    no_layer = ": no linear layer of the model is named so (the output layer and embeddings are not adapted)"
+    no_layer = " (the output layer and embeddings are not adapted)"
     for bad, says in ((("--lora-rank", "-1"), "--lora-rank -1 is out of range"),
                       (("--lora-rank", "8", "--lora-dropout", "1"), "--lora-dropout 1.0 is out of range"),
-                      (("--lora-rank", "8", "--lora-targets", "c_attn"), "--lora-targets c_attn: c_attn" + no_layer),
-                      (("--lora-rank", "4", "--lora-targets", "q_proj,vproj"), "q_proj,vproj: vproj" + no_layer),
-                      (("--lora-rank", "4", "--lora-targets", "lm_head"), "--lora-targets lm_head: lm_head" + no_layer),
-                      (("--lora-rank", "4", "--lora-targets", "embed_tokens,q_proj"), ": embed_tokens" + no_layer),
+                      (("--lora-rank", "8", "--lora-targets", "c_attn"),
+                       "--lora-rank 8 --lora-targets c_attn: no linear layer of the model is named 'c_attn'" + no_layer),
+                      (("--lora-rank", "4", "--lora-targets", "q_proj,vproj"), "named 'vproj'" + no_layer),
+                      (("--lora-rank", "4", "--lora-targets", "lm_head"), "named 'lm_head'" + no_layer),
+                      (("--lora-rank", "4", "--lora-targets", "embed_tokens,q_proj"), "named 'embed_tokens'" + no_layer),
+                      (("--lora-rank", "4", "--lora-targets", ""), "--lora-targets : no linear layer of the model is named ''"),
+                      (("--lora-rank", "33",), "rank 33 is above 32, the smallest adapted layer's min(in, out): it adds nothing"),
                       (("--lora-rank", "0", "--lora-alpha", "8"), "--lora-alpha applies to LoRA only: add --lora-rank"),
                       (("--lora-dropout", "0.3",), "--lora-dropout applies to LoRA only"),
                       (("--lora-targets", "q_proj",), "--lora-targets applies to LoRA only"),
@@ -374,6 +377,22 @@ def test_01_and_05_answer_as_the_merged_model_does(tmp_path, iterations, lively)
                    env=ENV, check=True)
     assert read_records(tmp_path / f"{len(second)}.jsonl")[0]["responses"] == \
         read_records(tmp_path / f"{len(second) + 7}.jsonl")[0]["responses"]
+
+
+@pytest.mark.parametrize("script", ["01_generate.py", "02_translate.py"])
+def test_a_policy_whose_base_is_gone_is_one_line_and_nothing_is_written(tmp_path, iterations, script):
+    policy = tmp_path / "model"
+    shutil.copytree(iterations[0], policy)
+    config_path = policy / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "moved")}))
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text(json.dumps({"id": "1", "lang": "es", "prompt": "hola", "responses": ["hola"]}) + "\n")
+    flags = ["--model", policy] if script == "01_generate.py" else ["--translator", policy, "--input", responses]
+    result = run_script(script, *flags, "--output", tmp_path / "out" / "x.jsonl", env=ENV)
+    assert result.returncode == 2 and result.stderr.rstrip().split("\n")[-1].startswith(
+        f"error: {policy}: not a model we can load (") and str(tmp_path / "moved") in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_cut_adapter_is_one_line_before_any_work(tmp_path, iterations):
