@@ -991,15 +991,13 @@ def make_columns(names, args):
 
 
 def attach_servers(columns, urls):
-    """Give each column the --server URLs whose /v1/models lists its model (by name, or as the directory the
-    name resolves to, as loop.sh serves it); the other columns are answered in-process."""
+    """Give each column the --server URLs whose /v1/models lists its model (common.served_name: by name, as
+    the directory it resolves to, or a LoRA policy as its adapter); the rest are answered in-process."""
     for url in urls:
         listed = common.served_models(url)
         matched = 0
         for column in columns:
-            path = common.resolve_model(column["model"])  # loop.sh serves a LoRA policy's merged copy
-            known_as = (column["model"], path, os.path.join(path, "merged"))
-            name = next((n for n in known_as if n in listed), None)
+            name = common.served_name(column["model"], listed)
             if name and "proxy" not in column:
                 column.setdefault("servers", []).append(url.rstrip("/"))
                 column["served_as"], matched = name, matched + 1

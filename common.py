@@ -930,7 +930,9 @@ def decode_samples(tokenizer, rows, stop_ids):
     for sample_tokens in rows:
         end = next((k for k, t in enumerate(sample_tokens) if t in stop_ids), None)
         kept = sample_tokens if end is None else sample_tokens[:end]
-        samples.append({"text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+        text = tokenizer.decode(kept, skip_special_tokens=True)
+        # Cut at the length limit inside a character, its bytes decode as U+FFFD: dropped, as vLLM drops them.
+        samples.append({"text": (text.rstrip("\ufffd") if end is None else text).strip(),
                         "truncated": end is None, "new_tokens": len(kept) + (end is not None)})
     return samples
 
@@ -1005,24 +1007,38 @@ def request_json(url, body=None, attempts=6, timeout=600):
 
 
 def served_models(url, attempts=3):
-    """The model names a server lists at /v1/models (a server that is not there fails in a few seconds)."""
+    """{name: root} of the models a server lists at /v1/models (vLLM gives a LoRA module's adapter folder as
+    its root); a server that is not there fails in a few seconds."""
     reply = request_json(url.rstrip("/") + "/models", attempts=attempts)
     if not isinstance(reply, dict) or not isinstance(reply.get("data"), list):
         raise InputError(f"--server {url}: /models is not a model list: {str(reply)[:200]}")
-    return [entry.get("id") for entry in reply["data"] if isinstance(entry, dict)]
+    return {entry.get("id"): entry.get("root") for entry in reply["data"] if isinstance(entry, dict)}
 
 
-def connect(urls, model=None, concurrency=64):
-    """A Server for base URLs that all serve `model` (default: the one model they list); one line if not."""
+def served_name(name, listed):
+    """The name under which a server's list ({name: root}) serves the model `name`, or None: `name` itself,
+    the directory it resolves to, that directory's merged copy (loop.sh's), or, for a LoRA policy, a LoRA
+    module whose root is its adapter folder (vllm serve BASE --enable-lora --lora-modules ANY_NAME=FOLDER)."""
+    path, folder = resolve_model(name), adapter_folder(name)
+    for served, root in listed.items():
+        if served in (name, path, os.path.join(path, "merged")) or \
+                folder and root and os.path.realpath(root) == os.path.realpath(folder):
+            return served
+    return None
+
+
+def connect(urls, model=None, concurrency=64, policy=None):
+    """A Server for base URLs that all serve `model`; by default the one model they list, or the one that
+    serves `policy` (served_name). One line if not."""
     if concurrency < 1:
         raise InputError("--server-concurrency must be at least 1")
     urls = [url.rstrip("/") for url in urls]
     for url in urls:
         listed = served_models(url)
-        if model is None and len(listed) != 1:
-            raise InputError(f"--server {url}: lists {len(listed)} models {listed[:5]}; "
+        model = model or (next(iter(listed)) if len(listed) == 1 else policy and served_name(policy, listed))
+        if model is None:
+            raise InputError(f"--server {url}: lists {len(listed)} models {list(listed)[:5]}; "
                              "name one with --server-model")
-        model = model or listed[0]
         if model not in listed:
             raise InputError(f"--server {url}: does not serve '{model}' "
                              f"(it lists: {', '.join(listed) or 'none'})")
@@ -1105,7 +1121,7 @@ def load_engine(name, servers=None, server_model=None, concurrency=64, trust_rem
     """(engine, tokenizer, context length): the model loaded here, or a Server; the tokenizer is `name`'s."""
     config = model_config(name, trust_remote_code)  # for its context length
     if servers:
-        engine = connect(servers, server_model, concurrency)
+        engine = connect(servers, server_model, concurrency, policy=name)
         tokenizer = load_tokenizer(name, trust_remote_code)
     else:  # the model generates here
         engine, tokenizer = load_model(name, trust_remote_code=trust_remote_code, scored=False)

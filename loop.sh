@@ -21,9 +21,12 @@
 # {port} where the model's directory and a port go. loop.sh starts it for each iteration's policy (01 and
 # 02 send it their requests), waits for /health, and stops it before 04 trains; for 05 it serves each model
 # in turn (answers only; the judge and the report run after). Scoring (03, 04) stays in-process.
-#   SERVE="vllm serve {model} --port {port}" bash loop.sh
-#   SERVE="python -m sglang.launch_server --model-path {model} --port {port}" bash loop.sh
-#   SERVE="transformers serve {model} --port {port} --device cpu" GEN_ARGS="--repetition-penalty 1.0" bash loop.sh
+#   SERVE="vllm serve {model} --host 127.0.0.1 --port {port}" bash loop.sh
+#   SERVE="python -m sglang.launch_server --model-path {model} --host 127.0.0.1 --port {port}" bash loop.sh
+#   SERVE="transformers serve {model} --host 127.0.0.1 --port {port} --device cpu" \
+#     GEN_ARGS="--repetition-penalty 1.0" SERVE_LORA= bash loop.sh
+# vLLM's CPU build (bash .ci/vllm-cpu-env makes .venv-vllm), fp32: the tests run exactly this:
+#   SERVE=".venv-vllm/bin/vllm serve {model} --host 127.0.0.1 --dtype float32 --enforce-eager --port {port}" ...
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -69,6 +72,10 @@ TRAIN_ARGS=${TRAIN_ARGS:---batch-size 4 --grad-accum 1}  # extra flags for 04_dp
 GEN_ARGS=${GEN_ARGS:-}                  # extra flags for 01 (e.g. --repetition-penalty 1.0 for a server without one)
 SERVE=${SERVE:-}                        # serve each policy with this command (above); empty: generate in-process
 SERVE_PORT=${SERVE_PORT:-8000}
+# With LORA_RANK, SERVE serves the base and these flags add the policy's adapter as a LoRA module ({rank},
+# {name}, {adapter} filled in): vLLM's by default (vLLM takes ranks 1, 8, 16, 32, 64, ...). SERVE_LORA= (empty)
+# serves each merged copy instead (MERGED=1: for a server that takes no adapters, such as transformers serve).
+SERVE_LORA=${SERVE_LORA-"--enable-lora --max-lora-rank {rank} --lora-modules {name}={adapter}"}
 SERVE_WAIT=${SERVE_WAIT:-900}           # seconds a server may take to come up (a 70B model loads for minutes)
 
 stage() { echo; echo "== $(date +%H:%M:%S) iteration $1: $2"; }
@@ -77,12 +84,17 @@ server_pid=""
 server=()  # the --server flag for 01, 02 and 05 while a server runs
 start_server() {  # $1: the model to serve, $2: its log file
   [ -n "$SERVE" ] || return 0
-  local path command
+  local path command lora=""
   path=$($PYTHON -c 'import sys, common; print(common.resolve_model(sys.argv[1]))' "$1")
-  if [ -f "$path/adapter/adapter_config.json" ]; then  # a LoRA policy: the server runs its merged copy
+  if [ -f "$path/adapter/adapter_config.json" ] && [ -n "$SERVE_LORA" ]; then  # a LoRA policy: its base, plus
+    lora=${SERVE_LORA//\{rank\}/$LORA_RANK}                                    # its adapter as a LoRA module
+    lora=${lora//\{name\}/$(basename "$(dirname "$path")")}  # iter1, ...: 01, 02 and 05 find it by its folder
+    lora=${lora//\{adapter\}/$path/adapter}
+    path=$($PYTHON -c 'import sys, common; print(common.resolve_model(common.base_model(sys.argv[1])))' "$1")
+  elif [ -f "$path/adapter/adapter_config.json" ]; then  # without SERVE_LORA: the merged copy (MERGED=1)
     path=$path/merged
   fi
-  command=${SERVE//\{model\}/$path}
+  command="${SERVE//\{model\}/$path} $lora"
   echo "serving $path: ${command//\{port\}/$SERVE_PORT} (log: $2)"
   ${command//\{port\}/$SERVE_PORT} > "$2" 2>&1 &
   server_pid=$!
@@ -111,8 +123,8 @@ trap stop_server EXIT
 trap 'exit 130' INT TERM  # so that Ctrl-C or a kill runs the EXIT trap too
 keep=(); [ "$KEEP_TRUNCATED" = 1 ] && keep=(--keep-truncated)
 merged=(); [ "$LORA_RANK" != 0 ] && [ "$MERGED" = 1 ] && merged=(--save-merged)
-if [ -n "$SERVE" ] && [ "$LORA_RANK" != 0 ] && [ "$MERGED" != 1 ]; then
-  echo "SERVE with LORA_RANK serves each iteration's merged copy: set MERGED=1 (or generate in-process)"; exit 2
+if [ -n "$SERVE" ] && [ "$LORA_RANK" != 0 ] && [ -z "$SERVE_LORA" ] && [ "$MERGED" != 1 ]; then
+  echo "SERVE with LORA_RANK and no SERVE_LORA serves each iteration's merged copy: set MERGED=1"; exit 2
 fi
 into=(); [ "$INTO_ENGLISH" = 1 ] || into=(--no-into-dominant)
 

@@ -395,6 +395,15 @@ def test_a_policy_whose_base_is_gone_is_one_line_and_nothing_is_written(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_server_serves_a_lora_policy_under_any_module_name(iterations, lively):
+    """vLLM lists a LoRA module with its adapter folder as root: that, not the name, says which policy it is."""
+    first, second = iterations
+    listed = {lively: lively, "iter1": os.path.join(first, "adapter"), "anything": os.path.join(second, "adapter")}
+    assert [common.served_name(name, listed) for name in (lively, first, second)] == [lively, "iter1", "anything"]
+    assert common.served_name(first, {lively: lively}) is None  # the base alone does not serve the policy
+    assert common.served_name(first, {first + "/merged": None}) == first + "/merged"  # loop.sh's merged copy
+
+
 def test_a_cut_adapter_is_one_line_before_any_work(tmp_path, iterations):
     policy = tmp_path / "model"
     shutil.copytree(iterations[0], policy)

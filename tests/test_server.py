@@ -41,11 +41,20 @@ def serve(model, log_path, port=None):
     port = port or free_port()
     command = [os.path.join(os.path.dirname(sys.executable), "transformers"), "serve", model, "--host", "127.0.0.1",
                "--port", str(port), "--device", "cpu"]
+    environment = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    with running_server(command, port, log_path, environment) as (url, process):
+        yield url, process
+
+
+@contextlib.contextmanager
+def running_server(command, port, log_path, environment, wait=600):
+    """Start a server command (in its own process group) until http://127.0.0.1:PORT/health answers; yields (its
+    base URL, the process); the whole group is stopped on exit."""
     with open(log_path, "a") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env=dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"))
+                                   env=environment)
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + wait
         while True:
             assert process.poll() is None and time.time() < deadline, open(log_path).read()[-3000:]
             with contextlib.suppress(OSError):
@@ -56,7 +65,7 @@ def serve(model, log_path, port=None):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
+        process.wait(timeout=120)
 
 
 @pytest.fixture(scope="module")
