@@ -498,7 +498,7 @@ def main(argv=None):
     shaping = ("translator", "dominant", "targets", "into_dominant", "questions", "temperature", "top_p",
                "repetition_penalty", "seed", "piece_tokens", "retries", "retry_temperature")
     settings = {name: getattr(args, name) for name in shaping}
-    common.model_config(args.translator, args.trust_remote_code)  # one that cannot load stops before any write
+    common.model_config(args.translator, args.trust_remote_code)  # one that cannot load: before any write
     if common.claim(args.output, {**settings, "input": common.content_key(records)}, rank,
                     files={"input": args.input}):
         return

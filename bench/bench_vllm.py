@@ -6,9 +6,9 @@ default; vLLM takes it), on the first N Alpagasus prompt ids in en, es, de and f
   small    2 ids x 4 languages =  8 prompts,  64 new tokens
 Variants, alternated round after round so a noisy machine slows them alike (the table gives the median):
   in-process   our decode loop, 32 prompts a batch (01's default)
-  vllm         `vllm serve` fp32 (the README's CPU form), its engine's threads bound to both cores
-               (VLLM_CPU_OMP_THREADS_BIND=0-1; by default it keeps one core for its API server); 01 sends every
-               prompt as a request, 64 in flight
+  vllm         `vllm serve` fp32 (README, "Paper scale on GPUs": the tested CPU form), its engine's threads
+               bound to both cores (VLLM_CPU_OMP_THREADS_BIND=0-1; by default it keeps one core for its API
+               server); 01 sends every prompt as a request, 64 in flight
 Tokens/s is 01's own summary (answer tokens over generation time; model load and server start are not in it).
 Every variant's records are checked equal to in-process ones (fp32 greedy), so it is the same work.
 

@@ -229,6 +229,20 @@ def test_an_error_while_a_progress_bar_is_drawing_starts_a_line_of_its_own(tmp_p
     assert "generate:" in result.stderr and result.stderr.endswith("continues from what was finished\n")
 
 
+def test_05_reports_on_a_model_trained_without_held_out_pairs(tmp_path, tiny_model):
+    """04 --eval-frac 0 trains on every pair and holds none out: 05 evaluates its model, with no held-out reward
+    accuracy to report for it (and none invented)."""
+    run_script("04_dpo.py", "--model", tiny_model, "--input", pairs_file(tmp_path / "pairs.jsonl"), "--output",
+               tmp_path / "model", "--eval-frac", "0", "--batch-size", "1", "--max-steps", "1", env=ENV, check=True)
+    assert json.loads((tmp_path / "model" / "train_summary.json").read_text())["eval_pairs"] == 0
+    run_script("05_eval.py", "--models", tiny_model, tmp_path / "model", "--tasks", "winrate", "--langs", "en",
+               "--limit", "1", "--judge", tiny_model, "--prompts", os.path.join(REPO, "data", "prompts"),
+               "--max-new-tokens", "2", "--output", tmp_path / "eval", env=ENV, check=True)
+    results = json.loads((tmp_path / "eval" / "eval.json").read_text())["results"]
+    assert len(results) == 2 and all("held-out reward accuracy (04)" not in metrics for metrics in results.values())
+    assert all("language fidelity of answers to instructions" in metrics for metrics in results.values())
+
+
 def test_a_gold_answer_too_large_for_a_float_is_refused_at_its_line():
     """In JSON a 400-digit integer is exact, but no float can hold it: 05 refuses it as it refuses inf."""
     import importlib.util

@@ -144,9 +144,11 @@ def test_loop_with_lora_keeps_one_base_and_each_iterations_adapter(tmp_path):
     1 against the base on one base; 05 evaluates the base and both LoRA policies."""
     environment = {**loop_environment(tmp_path), "ITERS": "2", "LORA_RANK": "4", "MERGED": "0", "LOOP_BF16": "1",
                    "SAMPLES": "2", "MAX_NEW_TOKENS": "24", "EVAL_TASKS": "winrate"}
-    # A server runs a LoRA policy's merged copy: SERVE with MERGED=0 is refused before any work.
-    refused = subprocess.run(["bash", os.path.join(REPO, "loop.sh")], env={**environment, "SERVE": "any"}, cwd=REPO,
-                             capture_output=True, text=True)
+    # A server that takes no adapters (SERVE_LORA empty) runs a LoRA policy's merged copy: with MERGED=0, refused
+    # before any work. (vLLM serving the adapter itself is tests/test_vllm.py's.)
+    refused = subprocess.run(["bash", os.path.join(REPO, "loop.sh")], env={**environment, "SERVE": "any",
+                                                                          "SERVE_LORA": ""},
+                             cwd=REPO, capture_output=True, text=True)
     assert refused.returncode == 2 and "set MERGED=1" in refused.stdout and not (tmp_path / "run").exists()
     with open(tmp_path / "log", "w") as log:
         assert start_loop(environment, log).wait(timeout=1800) == 0, (tmp_path / "log").read_text()[-3000:]

@@ -4,7 +4,7 @@ vLLM lives in a venv of its own (.ci/vllm-cpu-env builds it: its CPU build pins 
 tests find its `vllm` command at $LOOP_VLLM, or .venv-vllm/bin/vllm in the checkout. Where neither is there
 they are skipped, saying so, unless LOOP_REQUIRE_VLLM=1 (CI sets it), where that is a failure.
 
-The server is started the way the README shows, on loopback, fp32 (`--dtype float32`), with the embedded model
+The server is started as README, "Paper scale on GPUs" shows, on loopback, fp32, with the embedded model
 and a LoRA adapter of it trained here as a module: one start serves both. In fp32, greedy, vLLM's answers are
 the in-process ones word for word (the prompts are rendered here; the server's token counts are checked).
 """
@@ -28,7 +28,7 @@ if not os.access(VLLM, os.X_OK):
     if os.environ.get("LOOP_REQUIRE_VLLM") == "1":
         raise RuntimeError(f"LOOP_REQUIRE_VLLM=1 but there is no vLLM at {VLLM}: run bash .ci/vllm-cpu-env")
     pytestmark = [pytest.mark.slow, pytest.mark.skip(reason=f"no vLLM at {VLLM} (bash .ci/vllm-cpu-env makes it)")]
-# fp32, no torch.compile (a minute saved at every start), a small KV cache: the README's CPU form.
+# fp32, no torch.compile (a minute saved at every start), a small KV cache: README, "Paper scale on GPUs".
 SERVE_FLAGS = "--host 127.0.0.1 --dtype float32 --enforce-eager"
 ENVIRONMENT = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
 PROMPT_FLAGS = ["--prompts", os.path.join(REPO, "data", "prompts"), "--langs", "en,es", "--limit", "3",
@@ -126,7 +126,7 @@ def test_loop_serves_each_lora_policy_as_base_plus_adapter(tmp_path):
     as in-process base + adapter would answer."""
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     serve = re.search(r'SERVE="(\.venv-vllm/bin/vllm serve [^"]*)" LORA_RANK=8 MERGED=0 bash loop.sh', readme).group(1)
-    assert serve == f".venv-vllm/bin/vllm serve {{model}} {SERVE_FLAGS} --port {{port}}"  # as the README shows it
+    assert serve == f".venv-vllm/bin/vllm serve {{model}} {SERVE_FLAGS} --port {{port}}"  # README, "Paper scale on GPUs"
     port = free_port()
     environment = dict(loop_environment(tmp_path), SERVE=serve.replace(".venv-vllm/bin/vllm", VLLM),
                        SERVE_PORT=str(port), SERVE_WAIT="600", LORA_RANK="8", MERGED="0", EVAL_TASKS="winrate",
