@@ -73,7 +73,9 @@ def main(argv=None):
                                                        "max_new_tokens", "num_samples", "seed")}
     settings = {"model": args.model, "langs": args.langs, "limit": args.limit, "split": args.split,
                 **sampling, "prompts": common.content_key(prompts)}
-    common.model_config(args.model, args.trust_remote_code)  # one that cannot load stops before any write
+    # The model loads and the servers serve it: checked before anything is written.
+    common.check_engine(args.model, args.server, args.server_model, args.server_concurrency,
+                        args.trust_remote_code)
     if common.claim(args.output, settings, rank, files={"prompts": args.prompts}):
         return
     engine, tokenizer, context = common.load_engine(args.model, args.server, args.server_model,

@@ -498,7 +498,9 @@ def main(argv=None):
     shaping = ("translator", "dominant", "targets", "into_dominant", "questions", "temperature", "top_p",
                "repetition_penalty", "seed", "piece_tokens", "retries", "retry_temperature")
     settings = {name: getattr(args, name) for name in shaping}
-    common.model_config(args.translator, args.trust_remote_code)  # one that cannot load: before any write
+    # The model loads and the servers serve it: checked before anything is written.
+    common.check_engine(args.translator, args.server, args.server_model, args.server_concurrency,
+                        args.trust_remote_code)
     if common.claim(args.output, {**settings, "input": common.content_key(records)}, rank,
                     files={"input": args.input}):
         return

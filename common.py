@@ -1035,10 +1035,15 @@ def connect(urls, model=None, concurrency=64, policy=None):
     urls = [url.rstrip("/") for url in urls]
     for url in urls:
         listed = served_models(url)
-        model = model or (next(iter(listed)) if len(listed) == 1 else policy and served_name(policy, listed))
+        if model is None:  # the one serving `policy`; else the one listed, unless `policy` needs its adapter
+            model = policy and served_name(policy, listed)
+            if not model and len(listed) == 1 and not (policy and adapter_folder(policy)):
+                model = next(iter(listed))
         if model is None:
-            raise InputError(f"--server {url}: lists {len(listed)} models {list(listed)[:5]}; "
-                             "name one with --server-model")
+            raise InputError(f"--server {url}: lists {len(listed)} models {list(listed)[:5]}, none of them "
+                             f"{policy or 'named'}; name one with --server-model, or serve a LoRA policy's "
+                             "adapter as a module (vllm serve BASE --enable-lora --lora-modules "
+                             "N=POLICY/adapter)")
         if model not in listed:
             raise InputError(f"--server {url}: does not serve '{model}' "
                              f"(it lists: {', '.join(listed) or 'none'})")
@@ -1115,6 +1120,14 @@ def server_chat(server, messages, max_tokens):
 
     with concurrent.futures.ThreadPoolExecutor(server.concurrency) as pool:
         return list(pool.map(ask, enumerate(messages)))
+
+
+def check_engine(name, servers=None, server_model=None, concurrency=64, trust_remote_code=False):
+    """Before a stage writes anything: `name` loads (its config, its weight files whole), and the servers, if
+    any, serve it; one line if not."""
+    model_config(name, trust_remote_code)
+    if servers:
+        connect(servers, server_model, concurrency, policy=name)
 
 
 def load_engine(name, servers=None, server_model=None, concurrency=64, trust_remote_code=False):

@@ -128,6 +128,21 @@ def test_01_through_a_server_writes_the_records_it_writes_in_process(lively_serv
     assert not os.path.exists(tmp_path / "rp.jsonl")
 
 
+def test_a_lora_policy_is_never_answered_by_its_base_alone(lively_server, served_model, tmp_path):
+    """The server lists one model, the policy's base: it does not serve the policy (its adapter is not there), so 01
+    stops with one line before anything is written, instead of answering as the base."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}) + "\n"
+                             for i in range(4)))
+    run_script("04_dpo.py", "--model", served_model, "--input", pairs, "--output", tmp_path / "policy",
+               "--eval-frac", "0", "--lora-rank", "4", "--batch-size", "2", check=True)
+    result = run_script("01_generate.py", "--model", tmp_path / "policy", *PROMPT_FLAGS, "--server", lively_server,
+                        "--output", tmp_path / "out" / "responses.jsonl")
+    assert_one_line_error(result, f"lists 1 models ['{served_model}'], none of them {tmp_path / 'policy'}",
+                          "--lora-modules")
+    assert not (tmp_path / "out").exists()
+
+
 def test_02_through_a_server_gives_the_same_translations_and_null_reasons(lively_server, served_model, tmp_path):
     run_script("01_generate.py", "--model", served_model, *PROMPT_FLAGS, "--limit", "2", "--max-new-tokens", "40",
                "--repetition-penalty", "1.0", "--output", tmp_path / "responses.jsonl", check=True)
