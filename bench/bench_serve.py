@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -43,23 +44,32 @@ def free_port():
 @contextlib.contextmanager
 def server(model_dir, extra, log_path):
     """transformers serve on a free port; yields (base URL, seconds until /health answered)."""
-    port, started = free_port(), time.perf_counter()
     command = [os.path.join(os.path.dirname(sys.executable), "transformers"), "serve", model_dir, "--host",
-               "127.0.0.1", "--port", str(port), "--device", "cpu", *extra]
+               "127.0.0.1", "--device", "cpu", *extra]
+    with running(command, log_path) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def running(command, log_path, environment=None):
+    """A server command, given `--port` and a free port, in a process group of its own; yields (base URL, seconds
+    until /health answered); the group is stopped on exit."""
+    port, started = free_port(), time.perf_counter()
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([*command, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                   env=environment, start_new_session=True)
     try:
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"transformers serve exited: {open(log_path).read()[-2000:]}")
+                raise RuntimeError(f"{command[0]} exited: {open(log_path).read()[-2000:]}")
             with contextlib.suppress(OSError):
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
                 break
             time.sleep(0.5)
         yield f"http://127.0.0.1:{port}/v1", time.perf_counter() - started
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=120)
 
 
 def generate(output, limit, max_new_tokens, url=None):

@@ -21,48 +21,25 @@ import contextlib
 import json
 import os
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "bench"))
+from bench_serve import running  # noqa: E402  (the same server start and stop as the transformers serve bench)
 SHAPES = {"demo": (24, 128), "small": (2, 64)}  # prompt ids per language, new tokens
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager
 def vllm_server(vllm, model_dir, log_path):
     """`vllm serve` in fp32 on a free port; yields (base URL, seconds until /health answered)."""
-    port, started = free_port(), time.perf_counter()
-    command = [vllm, "serve", model_dir, "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager",
-               "--port", str(port)]
+    command = [vllm, "serve", model_dir, "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager"]
     environment = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CPU_KVCACHE_SPACE="4")
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
-                                   start_new_session=True)
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited: {open(log_path).read()[-2000:]}")
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
-                break
-            time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1", time.perf_counter() - started
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=120)
+    with running(command, log_path, environment) as started:
+        yield started
 
 
 def generate(output, limit, max_new_tokens, url=None):
