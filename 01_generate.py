@@ -80,8 +80,6 @@ def main(argv=None):
         return
     engine, tokenizer, context = common.load_engine(args.model, args.server, args.server_model,
                                                     args.server_concurrency, args.trust_remote_code)
-    # Each rank samples its own share; offsetting the seed keeps ranks from drawing the same numbers.
-    torch.manual_seed(args.seed + rank)
     counts = {"new_tokens": 0, "truncated": 0}
     started = time.perf_counter()
     # A prompt that leaves no room for the answer in the model's context is skipped (and counted), never run.

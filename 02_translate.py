@@ -271,22 +271,19 @@ def make_jobs(record, targets, question_target, count_tokens, limit, context_lim
 
 
 def generate_translations(engine, tokenizer, requests, batch_size, sampling, progress):
-    """requests: [(prompt text, cap)]. Returns, in order, one common.generate sample per request:
-    {"text": the model's output after <translated>, "truncated": hit the cap, "new_tokens"}.
+    """requests: [(prompt text, cap, ...)]. Returns, in order, one common.generate sample per request:
+    {"text": the model's output after <translated>, "truncated": hit its cap, "new_tokens"}.
 
-    Requests are sorted by their cap, so a batch's rows need similar lengths and a short
-    translation never waits for a long cap.
+    Each request has its own cap (max new tokens), whatever the others': the engine keeps batch_size rows
+    decoding, a finished row's place going to the next request.
     """
-    order = sorted(range(len(requests)), key=lambda i: requests[i][1])
     outputs = [None] * len(requests)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        cap = max(requests[i][1] for i in chunk)
-        for batch in common.generate(engine, tokenizer, [requests[i][0] for i in chunk], max_new_tokens=cap,
-                                     batch_size=len(chunk), show_progress=False, **sampling):
-            for position, samples in batch:
-                outputs[chunk[position]] = samples[0]
-        progress.update(len(chunk))
+    for batch in common.generate(engine, tokenizer, [text for text, *_ in requests], batch_size=batch_size,
+                                 max_new_tokens=[cap for _, cap, *_ in requests], show_progress=False,
+                                 **sampling):
+        for index, samples in batch:
+            outputs[index] = samples[0]
+        progress.update(len(batch))
     return outputs
 
 
@@ -504,7 +501,6 @@ def main(argv=None):
     if common.claim(args.output, {**settings, "input": common.content_key(records)}, rank,
                     files={"input": args.input}):
         return
-    torch.manual_seed(args.seed + rank)
     engine, tokenizer, context = common.load_engine(args.translator, args.server, args.server_model,
                                                     args.server_concurrency, args.trust_remote_code)
     ratios = token_ratios(records, tokenizer)

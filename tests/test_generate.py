@@ -107,6 +107,14 @@ def test_chat_prompt_has_exactly_one_bos(tiny_model):
     assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
 
 
+def free_answers(models, prompt_ids, pad_id, repetition_penalty, max_new_tokens, alpha=0.0):
+    """Each prompt's greedy tokens from common.decode, all in one batch and never stopped by end-of-turn."""
+    steps = common.decode(models, prompt_ids, [0] * len(prompt_ids), 1, len(prompt_ids), pad_id, [-1], 0.0, 1.0,
+                          repetition_penalty, max_new_tokens, alpha)
+    finished = dict(pair for step in steps for pair in step)
+    return [finished[index][0] for index in range(len(prompt_ids))]
+
+
 def test_batched_greedy_equals_one_prompt_at_a_time(lively_model):
     model, tokenizer = common.load_model(lively_model)
     texts = ["Hi", "Give three tips for staying healthy and explain each one briefly.", "Wie spät ist es?",
@@ -128,10 +136,9 @@ def test_batched_greedy_in_bf16_starts_like_one_prompt_at_a_time(lively_model):
     model, tokenizer = common.load_model(lively_model, dtype=torch.bfloat16)
     texts = ["Hi", "Give three tips for staying healthy and explain each one briefly.", "Wie spät ist es?"]
     prompt_ids = [common.chat_prompt_ids(tokenizer, t) for t in texts]
-    settings = (1, tokenizer.pad_token_id, [-1], 0.0, 1.0, 1.1, 12)  # 1 sample, greedy, penalty 1.1, 12 tokens
-    batched = common.decode_batch([model], prompt_ids, *settings)
-    for ids, [together] in zip(prompt_ids, batched):
-        [[alone]] = common.decode_batch([model], [ids], *settings)
+    batched = free_answers([model], prompt_ids, tokenizer.pad_token_id, 1.1, 12)
+    for ids, together in zip(prompt_ids, batched):
+        [alone] = free_answers([model], [ids], tokenizer.pad_token_id, 1.1, 12)
         assert len(together) == len(alone) == 12 and together[:3] == alone[:3]
 
 
@@ -156,8 +163,7 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(lively
     texts = ["Hi", "Give three tips for staying healthy.", "Wie spät ist es?", "Name a colour.", "¿Qué hora es?"]
     prompt_ids = [common.chat_prompt_ids(tokenizer, t) for t in texts]
     settings = dict(max_new_tokens=16, show_progress=False)
-    free = {number: rows[0] for number, rows in enumerate(common.decode_batch(
-        [model], prompt_ids, 1, tokenizer.pad_token_id, [-1], 0.0, 1.0, 1.0, 16))}
+    free = free_answers([model], prompt_ids, tokenizer.pad_token_id, 1.0, 16)
     stops = {free[0][3], free[2][6]}
     monkeypatch.setattr(common, "end_of_turn_ids", lambda _: sorted(stops))
     batched = {i: s for batch in common.generate_batches(model, tokenizer, prompt_ids, batch_size=5, **settings)
@@ -183,8 +189,8 @@ def test_many_batches_samples_and_proxy_give_each_prompt_its_own_answer(lively_m
         # Random weights never say end-of-turn: let one token of every other prompt's free answer stop it,
         # so rows stop at different steps.
         models, alpha = ([model], 0.0) if "proxy" not in options else ([model, other, model], 0.7)
-        free = common.decode_batch(models, prompt_ids, 1, tokenizer.pad_token_id, [-1], 0.0, 1.0, 0.6, 16, alpha)
-        monkeypatch.setattr(common, "end_of_turn_ids", lambda _: sorted({free[n][0][n + 2] for n in range(0, 9, 2)}))
+        free = free_answers(models, prompt_ids, tokenizer.pad_token_id, 0.6, 16, alpha)
+        monkeypatch.setattr(common, "end_of_turn_ids", lambda _: sorted({free[n][n + 2] for n in range(0, 9, 2)}))
         together = {i: s for batch in common.generate_batches(model, tokenizer, prompt_ids, batch_size=3,
                                                               **settings, **options) for i, s in batch}
         lengths = {s["new_tokens"] for samples in together.values() for s in samples}
@@ -193,6 +199,82 @@ def test_many_batches_samples_and_proxy_give_each_prompt_its_own_answer(lively_m
             [[(_, alone)]] = list(common.generate_batches(model, tokenizer, [ids], batch_size=1, **settings,
                                                           **options))
             assert together[index] == alone, (options, texts[index])
+
+
+def test_the_batch_stays_full_until_the_prompts_run_out(lively_model, monkeypatch):
+    """Continuous batching: nine prompts, three rows at a time, rows ending at different steps. Every decode step
+    runs three rows while prompts wait (a finished row's place goes to the next prompt at once), and every answer
+    equals the prompt's answer alone."""
+    model, tokenizer = common.load_model(lively_model)
+    texts = ["Hi", "Give three tips for staying healthy.", "Wie spät ist es?", "Name a colour.", "¿Qué hora es?",
+             "Describe a cat in one sentence.", "Bonjour", "What is 2 + 2?", "Write a haiku about rain."]
+    prompt_ids = [common.chat_prompt_ids(tokenizer, t) for t in texts]
+    free = free_answers([model], prompt_ids, tokenizer.pad_token_id, 1.0, 20)
+    monkeypatch.setattr(common, "end_of_turn_ids", lambda _: sorted({free[n][n + 1] for n in range(9)}))
+    forwards = []  # (rows, tokens per row) of every forward
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: forwards.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
+    settings = dict(max_new_tokens=20, show_progress=False)
+    together = {i: s for batch in common.generate_batches(model, tokenizer, prompt_ids, batch_size=3, **settings)
+                for i, s in batch}
+    hook.remove()
+    prefills = [n for n, (_, width) in enumerate(forwards) if width > 1]
+    steps_while_waiting = [rows for rows, width in forwards[:prefills[-1]] if width == 1]
+    assert len(prefills) >= 4 and len(steps_while_waiting) >= 10  # prompts were admitted one group at a time
+    assert set(steps_while_waiting) == {3}
+    assert [rows for rows, width in forwards[prefills[-1]:] if width == 1][0] == 3
+    lengths = sorted(s[0]["new_tokens"] for s in together.values())
+    assert len(set(lengths)) >= 3 and lengths[0] < 20  # rows ended at different steps
+    for index, ids in enumerate(prompt_ids):
+        [[(_, alone)]] = list(common.generate_batches(model, tokenizer, [ids], batch_size=1, **settings))
+        assert together[index] == alone, texts[index]
+
+
+def test_each_prompt_keeps_its_own_length_limit_in_a_shared_batch(lively_model):
+    """02 gives every translation its own cap: in one batch, each answer stops at its own limit (random weights
+    never say end-of-turn), exactly as it does alone."""
+    model, tokenizer = common.load_model(lively_model)
+    prompt_ids = [common.chat_prompt_ids(tokenizer, t) for t in ("Hi", "Wie spät ist es?", "Name a colour.")]
+    together = dict(pair for batch in common.generate_batches(model, tokenizer, prompt_ids, max_new_tokens=[4, 12, 7],
+                                                              batch_size=2, show_progress=False) for pair in batch)
+    assert [together[i][0]["new_tokens"] for i in range(3)] == [4, 12, 7]
+    assert all(together[i][0]["truncated"] for i in range(3))
+    for index, cap in enumerate([4, 12, 7]):
+        [[(_, alone)]] = common.generate_batches(model, tokenizer, [prompt_ids[index]], max_new_tokens=cap,
+                                                 show_progress=False)
+        assert together[index] == alone
+
+
+def test_a_sampled_answer_depends_on_its_seed_and_prompt_alone(lively_model):
+    """Each row draws from its own generator, seeded by (seed, prompt, sample): the batch size, the order of the
+    prompts and the other prompts change nothing; another seed changes the answers."""
+    model, tokenizer = common.load_model(lively_model)
+    texts = ["Hi", "Give three tips for staying healthy.", "Wie spät ist es?", "Name a colour."]
+    prompt_ids = [common.chat_prompt_ids(tokenizer, t) for t in texts]
+    settings = dict(num_samples=2, temperature=0.9, top_p=0.9, max_new_tokens=10, show_progress=False)
+
+    def answers(ids, **options):
+        return {tuple(ids[i]): [s["text"] for s in samples]
+                for batch in common.generate_batches(model, tokenizer, ids, **settings, **options) for i, samples in batch}
+    together = answers(prompt_ids, batch_size=4)
+    torch.manual_seed(123)  # the global generator plays no part
+    assert answers(prompt_ids[::-1], batch_size=1) == together == answers(prompt_ids, batch_size=3)
+    assert answers(prompt_ids[1:2], batch_size=1)[tuple(prompt_ids[1])] == together[tuple(prompt_ids[1])]
+    assert all(first != second for first, second in together.values())  # the two samples differ
+    assert answers(prompt_ids, batch_size=4, seed=1) != together
+
+
+def test_sample_next_picks_the_token_where_the_cumulative_probability_passes_the_uniform():
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]] * 4))  # likeliest first: token 1 (0.5), 2 (0.3), 0 (0.2)
+    uniforms = torch.tensor([0.1, 0.55, 0.85, 0.999])
+    assert common.sample_next(logits, 1.0, 1.0, uniforms).tolist() == [1, 2, 0, 0]
+    # top-p 0.6 keeps tokens 1 and 2 (0.5 < 0.6, then 0.8): renormalised 0.625 and 0.375
+    assert common.sample_next(logits, 1.0, 0.6, uniforms).tolist() == [1, 1, 2, 2]
+    assert common.sample_next(logits, 1.0, 0.4, uniforms).tolist() == [1, 1, 1, 1]  # the top token always stays
+    assert common.sample_next(logits, 0.0, 1.0, None).tolist() == [1, 1, 1, 1]
+    draws = common.sample_next(logits[:1].expand(20000, 3), 1.0, 1.0,
+                               torch.rand(20000, generator=torch.Generator().manual_seed(0)))
+    assert torch.allclose(torch.bincount(draws, minlength=3) / 20000, torch.tensor([0.2, 0.5, 0.3]), atol=0.015)
 
 
 def test_sampling_gives_n_samples_per_prompt(tiny_model):
