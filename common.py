@@ -7,7 +7,7 @@ Read top to bottom, this file is the vocabulary the scripts speak:
   3. prompts                   load_prompts (JSONL, directory, TSV, hub dataset), first_ids
   4. models                    load_model (hub id, local dir, the embedded default)
   5. chat formatting           chat_prompt_text, chat_prompt_ids, end_of_turn_ids
-  6. generation                generate -> generate_batches -> decode (continuous batching, plain or proxy-tuned)
+  6. generation                generate -> generate_batches -> decode_batch (plain or proxy-tuned)
   7. a serving engine          connect, server_generate (/v1/completions), server_chat, load_engine
   8. the log-prob scorer       response_logps (torch only: the block users copy)
   9. scoring text              tokenize_prompt_response, score, next_token_logps
@@ -38,7 +38,6 @@ import urllib.request
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from tqdm import tqdm
 
@@ -806,146 +805,117 @@ def end_of_turn_token(tokenizer):
 # ----------------------------------------------------------------------------
 # 6. Generation
 #
-# A plain decode loop rather than model.generate(), for two reasons. It batches continuously, as
-# serving engines do: a row that has finished (end-of-turn) leaves the batch at once, and the next
-# prompt takes its place, so every step runs at the batch size it was given. With generate() every
-# row runs to the batch's longest answer (at 256 new tokens ~40% of the work on the demo prompts was
-# wasted), and a batch that only shrinks runs its last steps at a few rows, where a CPU's matrix
-# products are slowest (RESULTS.md section 4). And the same loop serves proxy-tuned decoding, which
-# mixes three models' logits at every step (generate() takes one). Proxy-tuning (Liu et al. 2024;
-# QAlign uses it too) steers a large model with the difference a small model learned in tuning:
-# logits = large + alpha * (expert - antiexpert). A serving engine adds a paged KV cache on top
-# (section 7); this loop is the readable one for a laptop or one GPU.
+# A plain decode loop rather than model.generate(), for two reasons. A row that has
+# finished (end-of-turn) leaves the batch at once, so it costs nothing more; with
+# generate() every row runs to the batch's longest answer, which at 256 new tokens
+# wasted ~40% of the work on the demo prompts. And the same loop serves proxy-tuned
+# decoding, which mixes three models' logits at every step (generate() takes one).
+# Proxy-tuning (Liu et al. 2024; QAlign uses it too) steers a large model with the
+# difference a small model learned in tuning: logits = large + alpha * (expert - antiexpert).
+# Giving a finished row's place to the next prompt (continuous batching) was measured slower on a CPU at
+# the demo's shapes (RESULTS.md section 4): with transformers' KV cache every row is as wide as the
+# oldest one. At scale, a serving engine does it with a paged KV cache (section 7).
 
 
 def generate_batches(model, tokenizer, prompt_ids, num_samples=1, temperature=0.0, top_p=1.0,
                      repetition_penalty=1.0, max_new_tokens=256, batch_size=16, desc="generate",
                      show_progress=True, proxy=None, seed=0):
-    """Generate answers for many prompts; yields [(index, samples)] as prompts finish.
+    """Generate answers for many prompts; yields [(index, samples)] one batch at a time.
 
-    prompt_ids: list of token-id lists (from chat_prompt_ids). max_new_tokens: one for all, or a list, one
-    per prompt. Each sample is {"text", "truncated", "new_tokens"}; truncated means the answer hit its
-    max_new_tokens before the end-of-turn token, so it is probably cut off. proxy: (expert, antiexpert, alpha) for proxy-tuned decoding; the three models must
-    share the tokenizer (with padded vocabularies only the common first ids are used). seed: a sampled row
-    draws from its own generator, seeded by (seed, prompt ids, sample), so an answer never depends on the
-    other prompts, their order, batch_size, a resume or the number of ranks.
+    prompt_ids: list of token-id lists (from chat_prompt_ids). Prompts are taken longest first, batch_size at
+    a time, so prompts decoded together need little padding. max_new_tokens: one for all, or a list, one per
+    prompt. Each sample is {"text", "truncated", "new_tokens"}; truncated means the answer hit its
+    max_new_tokens before the end-of-turn token, so it is probably cut off. proxy: (expert, antiexpert, alpha)
+    for proxy-tuned decoding; the three models must share the tokenizer (with padded vocabularies only the
+    common first ids are used). seed: a sampled row draws from its own generator, seeded by (seed, prompt ids,
+    sample), so an answer never depends on the other prompts, their order, batch_size, a resume or the ranks.
     """
+    models = [model] if proxy is None else [model, proxy[0], proxy[1]]
     stop_ids = end_of_turn_ids(tokenizer)
-    seeds = [int(content_key(seed, ids), 16) % 2 ** 62 for ids in prompt_ids]
     caps = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompt_ids)
-    progress = tqdm(total=len(prompt_ids), desc=desc, unit="prompt", disable=not show_progress, dynamic_ncols=True)
-    for finished in decode([model] if proxy is None else [model, proxy[0], proxy[1]], prompt_ids, seeds,
-                           num_samples, batch_size, tokenizer.pad_token_id, stop_ids, temperature, top_p,
-                           repetition_penalty, caps, proxy[2] if proxy else 0.0):
-        progress.update(len(finished))
-        yield [(index, decode_samples(tokenizer, rows, stop_ids)) for index, rows in finished]
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    progress = tqdm(total=len(order), desc=desc, unit="prompt", disable=not show_progress, dynamic_ncols=True)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        seeds = [int(content_key(seed, prompt_ids[i]), 16) % 2 ** 62 for i in batch]
+        rows = decode_batch(models, [prompt_ids[i] for i in batch], num_samples, tokenizer.pad_token_id,
+                            stop_ids, temperature, top_p, repetition_penalty, [caps[i] for i in batch],
+                            proxy[2] if proxy else 0.0, seeds)
+        progress.update(len(batch))
+        yield [(index, decode_samples(tokenizer, samples, stop_ids)) for index, samples in zip(batch, rows)]
     progress.close()
 
 
-Row = collections.namedtuple("Row", "prompt sample tokens generator")  # one sample being decoded
-
-
 @torch.inference_mode()
-def decode(models, prompts, seeds, num_samples, batch_size, pad_id, stop_ids, temperature, top_p,
-           repetition_penalty, max_new_tokens, alpha=0.0):
-    """Continuous batching: yields [(prompt index, N lists of new token ids)] as prompts finish.
+def decode_batch(models, prompts, num_samples, pad_id, stop_ids, temperature, top_p, repetition_penalty,
+                 max_new_tokens, alpha=0.0, seeds=None):
+    """Decode N samples for each prompt of one batch; returns, per prompt, N lists of new token ids.
 
-    batch_size prompts (batch_size * N rows) decode at once; when a row ends, the next prompt (longest first)
-    takes its place, so every step runs the full batch until the prompts run out. A list ends with its
-    end-of-turn token, or has its prompt's max_new_tokens (one per prompt) tokens. models: [model] or [model, expert, antiexpert]
-    (proxy-tuned: model + alpha * (expert - antiexpert)). seeds: one per prompt, for sampling. The batch is
-    right-aligned: every row's newest token is in the last column, with padding (masked) on the left.
+    A list ends with its end-of-turn token, or has its prompt's max_new_tokens (a list, one per prompt)
+    tokens. models: [model] or [model, expert, antiexpert] (proxy-tuned: model + alpha * (expert -
+    antiexpert)). Row r * N + s is sample s of prompt r; sampled, it draws from its own generator, seeded
+    seeds[r] + s.
     """
-    if any(len(ids) < 2 for ids in prompts):
-        raise ValueError("decode needs prompts of at least 2 tokens (a chat prompt has more)")
     device = next(models[0].parameters()).device
-    vocab = min(model.get_output_embeddings().out_features for model in models)
-    waiting = collections.deque(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
-    rows, answers = [], {}  # the rows decoding; per prompt, its N token lists (None until a sample ends)
-    caches, mask, inputs, seen, positions = [None] * len(models), None, None, None, None
-    while True:
-        # 1. Admit as many waiting prompts as there are free rows for. Each is prefilled but for its last token,
-        #    which goes into the running rows' next step (so that step runs full); N samples share one prefill.
-        free = (batch_size * num_samples - len(rows)) // num_samples
-        admitted = [waiting.popleft() for _ in range(min(free, len(waiting)))]
-        if admitted:
-            heads = [prompts[i][:-1] for i in admitted]
-            width = max(len(ids) for ids in heads)
-            new_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in heads], device=device)
-            new_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in heads], device=device)
-            new_positions = (new_mask.cumsum(-1) - 1).clamp(min=0)  # real tokens only: padding changes nothing
-            new_caches = [model(input_ids=new_ids, attention_mask=new_mask, position_ids=new_positions,
-                                use_cache=True, logits_to_keep=1).cache for model in models]
-            new_seen = torch.zeros(len(admitted), vocab, dtype=torch.bool, device=device)
-            for row, prompt in enumerate(admitted):  # the tokens each row has seen, for the repetition penalty
-                new_seen[row, prompts[prompt]] = True
-                answers[prompt] = [None] * num_samples
-                rows += [Row(prompt, sample, [], torch.Generator().manual_seed(seeds[prompt] + sample)
-                             if temperature > 0 else None) for sample in range(num_samples)]
-            for cache in new_caches:
-                cache.batch_repeat_interleave(num_samples)
-            last = torch.tensor([prompts[i][-1] for i in admitted], device=device)
-            new_mask, new_seen, new_positions, last = (tensor.repeat_interleave(num_samples, dim=0) for tensor
-                                                       in (new_mask, new_seen, new_positions[:, -1:], last))
-            caches = [join_caches(model, old, new) for model, old, new in zip(models, caches, new_caches)]
-            mask = new_mask if mask is None else join_rows(mask, new_mask, dim=-1)
-            inputs, seen, positions = (new if old is None else torch.cat([old, new]) for old, new in
-                                       ((inputs, last), (seen, new_seen), (positions, new_positions)))
-        if not rows:
-            return
-        # 2. Forward one token per row through every model, each with its own cache.
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        positions = positions + 1
-        logits = [model(input_ids=inputs[:, None], attention_mask=mask, position_ids=positions, cache=cache,
-                        use_cache=True).logits[:, -1, :vocab].float() for model, cache in zip(models, caches)]
+    # 1. Prefill: the prompts left-padded (so every row ends in the same column), once per model.
+    longest = max(len(ids) for ids in prompts)
+    input_ids = torch.tensor([[pad_id] * (longest - len(ids)) + ids for ids in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts],
+                                  device=device)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # real tokens only: padding changes nothing
+    caches, logits = [], []
+    for model in models:
+        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                       use_cache=True, logits_to_keep=1)
+        if num_samples > 1:  # 2. the N samples of a prompt share its prefill: copy its cache rows
+            output.cache.batch_repeat_interleave(num_samples)
+        caches.append(output.cache)
+        logits.append(output.logits[:, -1].float().repeat_interleave(num_samples, dim=0))  # [rows, vocab]
+    vocab = min(step_logits.shape[-1] for step_logits in logits)
+    # The tokens each row has seen, for the repetition penalty (padding counts as the row's last token).
+    seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device).scatter_(
+        1, torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:]).clamp(max=vocab - 1), True)
+    seen, attention_mask, positions = (tensor.repeat_interleave(num_samples, dim=0)
+                                       for tensor in (seen, attention_mask, positions[:, -1:]))
+    # Each row: its (prompt, sample), and its own random generator when sampling.
+    owners = [(prompt, sample) for prompt in range(len(prompts)) for sample in range(num_samples)]
+    generators = [torch.Generator().manual_seed(seeds[prompt] + sample) for prompt, sample in owners] \
+        if temperature > 0 else []
+    new_tokens = [[[] for _ in range(num_samples)] for _ in prompts]
+    for step in range(max(max_new_tokens)):
         # 3. Sample: the proxy's logit arithmetic, the repetition penalty, then greedy or top-p.
-        scores = logits[0] if len(models) == 1 else logits[0] + alpha * (logits[1] - logits[2])
+        scores = logits[0][:, :vocab]
+        if len(models) == 3:
+            scores = scores + alpha * (logits[1][:, :vocab] - logits[2][:, :vocab])
         if repetition_penalty != 1.0:  # as in CTRL and HF: shrink the logit of every token already seen
             scores = torch.where(seen, torch.where(scores < 0, scores * repetition_penalty,
                                                    scores / repetition_penalty), scores)
-        uniforms = [torch.rand(1, generator=row.generator) for row in rows] if temperature > 0 else None
-        inputs = sample_next(scores, temperature, top_p, uniforms and torch.cat(uniforms))  # each row's next input
-        seen[torch.arange(len(rows), device=device), inputs] = True
-        # 4. The step's one host sync: the new tokens come to the CPU; prompts whose samples all ended are done.
-        keep, finished = [], []
-        for position, (row, token) in enumerate(zip(rows, inputs.tolist())):
-            row.tokens.append(token)
-            if token not in stop_ids and len(row.tokens) < max_new_tokens[row.prompt]:
-                keep.append(position)
-                continue
-            answers[row.prompt][row.sample] = row.tokens
-            if all(answers[row.prompt]):
-                finished.append((row.prompt, answers.pop(row.prompt)))
-        if finished:
-            yield finished
-        # 5. Finished rows leave the batch (and every KV cache); columns that are padding in every row are cut.
-        if len(keep) < len(rows):
-            rows, kept = [rows[position] for position in keep], torch.tensor(keep, device=device, dtype=torch.long)
-            inputs, seen, mask, positions = (tensor[kept] for tensor in (inputs, seen, mask, positions))
-            first = int(mask.any(0).int().argmax()) if rows else mask.shape[1]  # the first column still used
-            caches = [kv_cache(model, [(keys[kept, :, first:], values[kept, :, first:]) for keys, values, _ in cache])
-                      for model, cache in zip(models, caches)]
-            mask = mask[:, first:]
-
-
-def join_rows(old, new, dim):
-    """old and new stacked as one batch, the narrower left-padded with zeros along dim (-1 or -2), so that
-    every row's last token stays in the last column."""
-    width = max(old.shape[dim], new.shape[dim])
-    return torch.cat([F.pad(t, (0, 0) * (-1 - dim) + (width - t.shape[dim], 0)) for t in (old, new)])
-
-
-def join_caches(model, old, new):
-    """Two of a model's KV caches (transformers' DynamicCache) joined into one batch, right-aligned."""
-    return new if old is None else kv_cache(model, [
-        (join_rows(old_keys, new_keys, -2), join_rows(old_values, new_values, -2))
-        for (old_keys, old_values, _), (new_keys, new_values, _) in zip(old, new)])
-
-
-def kv_cache(model, layers):
-    """A transformers DynamicCache for `model` that holds the given (keys, values) per layer."""
-    from transformers import DynamicCache
-    return DynamicCache(layers, config=model.config)
+        uniforms = torch.cat([torch.rand(1, generator=g) for g in generators]) if generators else None
+        next_token = sample_next(scores, temperature, top_p, uniforms)  # [rows]
+        # 4. The step's one host sync: the new tokens come to the CPU, and rows that ended leave the batch.
+        tokens = next_token.tolist()
+        for (prompt, sample), token in zip(owners, tokens):
+            new_tokens[prompt][sample].append(token)
+        keep = [row for row, ((prompt, _), token) in enumerate(zip(owners, tokens))
+                if token not in stop_ids and step + 1 < max_new_tokens[prompt]]
+        if not keep:
+            break
+        seen[torch.arange(len(tokens), device=device), next_token] = True
+        if len(keep) < len(tokens):
+            rows = torch.tensor(keep, device=device)
+            for cache in caches:
+                cache.batch_select_indices(rows)
+            next_token, seen, attention_mask, positions = (tensor[rows] for tensor in
+                                                            (next_token, seen, attention_mask, positions))
+            owners = [owners[row] for row in keep]
+            generators = [generators[row] for row in keep] if generators else []
+        # 5. Forward the new tokens through every model, each with its own cache.
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(keep), 1)], dim=1)
+        positions = positions + 1
+        logits = [model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=positions,
+                        cache=cache, use_cache=True).logits[:, -1].float()
+                  for model, cache in zip(models, caches)]
+    return new_tokens
 
 
 def sample_next(logits, temperature, top_p, uniforms=None):
@@ -960,7 +930,8 @@ def sample_next(logits, temperature, top_p, uniforms=None):
     if top_p < 1.0:
         probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)  # the top token always stays
     cumulative = probs.cumsum(-1)
-    picks = torch.searchsorted(cumulative, uniforms.to(logits.device)[:, None] * cumulative[:, -1:], right=True)
+    thresholds = uniforms.to(logits.device)[:, None] * cumulative[:, -1:]
+    picks = torch.searchsorted(cumulative, thresholds, right=True)
     return ids.gather(-1, picks.clamp(max=(probs > 0).sum(-1, keepdim=True) - 1)).squeeze(-1)
 
 

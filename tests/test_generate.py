@@ -108,11 +108,10 @@ def test_chat_prompt_has_exactly_one_bos(tiny_model):
 
 
 def free_answers(models, prompt_ids, pad_id, repetition_penalty, max_new_tokens, alpha=0.0):
-    """Each prompt's greedy tokens from common.decode, all in one batch and never stopped by end-of-turn."""
-    steps = common.decode(models, prompt_ids, [0] * len(prompt_ids), 1, len(prompt_ids), pad_id, [-1], 0.0, 1.0,
-                          repetition_penalty, max_new_tokens, alpha)
-    finished = dict(pair for step in steps for pair in step)
-    return [finished[index][0] for index in range(len(prompt_ids))]
+    """Each prompt's greedy tokens from common.decode_batch, all in one batch and never stopped by end-of-turn."""
+    rows = common.decode_batch(models, prompt_ids, 1, pad_id, [-1], 0.0, 1.0, repetition_penalty,
+                               [max_new_tokens] * len(prompt_ids), alpha)
+    return [samples[0] for samples in rows]
 
 
 def test_batched_greedy_equals_one_prompt_at_a_time(lively_model):
@@ -199,35 +198,6 @@ def test_many_batches_samples_and_proxy_give_each_prompt_its_own_answer(lively_m
             [[(_, alone)]] = list(common.generate_batches(model, tokenizer, [ids], batch_size=1, **settings,
                                                           **options))
             assert together[index] == alone, (options, texts[index])
-
-
-def test_the_batch_stays_full_until_the_prompts_run_out(lively_model, monkeypatch):
-    """Continuous batching: nine prompts, three rows at a time, rows ending at different steps. Every decode step
-    runs three rows while prompts wait (a finished row's place goes to the next prompt at once), and every answer
-    equals the prompt's answer alone."""
-    model, tokenizer = common.load_model(lively_model)
-    texts = ["Hi", "Give three tips for staying healthy.", "Wie spät ist es?", "Name a colour.", "¿Qué hora es?",
-             "Describe a cat in one sentence.", "Bonjour", "What is 2 + 2?", "Write a haiku about rain."]
-    prompt_ids = [common.chat_prompt_ids(tokenizer, t) for t in texts]
-    free = free_answers([model], prompt_ids, tokenizer.pad_token_id, 1.0, 20)
-    monkeypatch.setattr(common, "end_of_turn_ids", lambda _: sorted({free[n][n + 1] for n in range(9)}))
-    forwards = []  # (rows, tokens per row) of every forward
-    hook = model.register_forward_pre_hook(lambda _, args, kwargs: forwards.append(tuple(kwargs["input_ids"].shape)),
-                                           with_kwargs=True)
-    settings = dict(max_new_tokens=20, show_progress=False)
-    together = {i: s for batch in common.generate_batches(model, tokenizer, prompt_ids, batch_size=3, **settings)
-                for i, s in batch}
-    hook.remove()
-    prefills = [n for n, (_, width) in enumerate(forwards) if width > 1]
-    steps_while_waiting = [rows for rows, width in forwards[:prefills[-1]] if width == 1]
-    assert len(prefills) >= 4 and len(steps_while_waiting) >= 10  # prompts were admitted one group at a time
-    assert set(steps_while_waiting) == {3}
-    assert [rows for rows, width in forwards[prefills[-1]:] if width == 1][0] == 3
-    lengths = sorted(s[0]["new_tokens"] for s in together.values())
-    assert len(set(lengths)) >= 3 and lengths[0] < 20  # rows ended at different steps
-    for index, ids in enumerate(prompt_ids):
-        [[(_, alone)]] = list(common.generate_batches(model, tokenizer, [ids], batch_size=1, **settings))
-        assert together[index] == alone, texts[index]
 
 
 def test_each_prompt_keeps_its_own_length_limit_in_a_shared_batch(lively_model):
