@@ -922,17 +922,19 @@ def sample_next(logits, temperature, top_p, uniforms=None):
     """Greedy argmax (temperature 0) or a top-p sample from logits [rows, vocab] -> [rows].
 
     uniforms [rows]: one number in [0, 1) per row; the sample is the token where the row's cumulative
-    probability (likeliest first) passes it.
+    probability, in vocabulary order, passes it.
     """
     if temperature <= 0:
         return logits.argmax(-1)
-    probs, ids = torch.softmax(logits / temperature, dim=-1).sort(dim=-1, descending=True)
+    probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
-        probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)  # the top token always stays
+        sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the top token always stays
+        probs = torch.zeros_like(probs).scatter(-1, sorted_ids, sorted_probs.masked_fill(outside, 0.0))
     cumulative = probs.cumsum(-1)
-    thresholds = uniforms.to(logits.device)[:, None] * cumulative[:, -1:]
-    picks = torch.searchsorted(cumulative, thresholds, right=True)
-    return ids.gather(-1, picks.clamp(max=(probs > 0).sum(-1, keepdim=True) - 1)).squeeze(-1)
+    picks = torch.searchsorted(cumulative, uniforms.to(logits.device)[:, None] * cumulative[:, -1:], right=True)
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1, keepdim=True)  # the last kept token
+    return torch.minimum(picks, last).squeeze(-1)
 
 
 def decode_samples(tokenizer, rows, stop_ids):
