@@ -932,7 +932,8 @@ def sample_next(logits, temperature, top_p, uniforms=None):
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the top token always stays
         probs = torch.zeros_like(probs).scatter(-1, sorted_ids, sorted_probs.masked_fill(outside, 0.0))
     cumulative = probs.cumsum(-1)
-    picks = torch.searchsorted(cumulative, uniforms.to(logits.device)[:, None] * cumulative[:, -1:], right=True)
+    thresholds = uniforms.to(logits.device)[:, None] * cumulative[:, -1:]  # [rows, 1]
+    picks = torch.searchsorted(cumulative, thresholds, right=True)
     last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1, keepdim=True)  # the last kept token
     return torch.minimum(picks, last).squeeze(-1)
 
