@@ -274,8 +274,8 @@ def generate_translations(engine, tokenizer, requests, batch_size, sampling, pro
     """requests: [(prompt text, cap, ...)]. Returns, in order, one common.generate sample per request:
     {"text": the model's output after <translated>, "truncated": hit its cap, "new_tokens"}.
 
-    Each request has its own cap (max new tokens), whatever the others': the engine keeps batch_size rows
-    decoding, a finished row's place going to the next request.
+    Each request has its own cap (max new tokens), whatever the others in its batch have; the engine takes the
+    longest prompts first, batch_size at a time.
     """
     outputs = [None] * len(requests)
     for batch in common.generate(engine, tokenizer, [text for text, *_ in requests], batch_size=batch_size,

@@ -828,7 +828,7 @@ def generate_batches(model, tokenizer, prompt_ids, num_samples=1, temperature=0.
     max_new_tokens before the end-of-turn token, so it is probably cut off. proxy: (expert, antiexpert, alpha)
     for proxy-tuned decoding; the three models must share the tokenizer (with padded vocabularies only the
     common first ids are used). seed: a sampled row draws from its own generator, seeded by (seed, prompt ids,
-    sample), so an answer never depends on the other prompts, their order, batch_size, a resume or the ranks.
+    sample): the same numbers whatever the other prompts, their order, batch_size, a resume or the ranks.
     """
     models = [model] if proxy is None else [model, proxy[0], proxy[1]]
     stop_ids = end_of_turn_ids(tokenizer)
