@@ -74,12 +74,11 @@ def main(argv=None):
     settings = {"model": args.model, "langs": args.langs, "limit": args.limit, "split": args.split,
                 **sampling, "prompts": common.content_key(prompts)}
     # The model loads and the servers serve it: checked before anything is written.
-    common.check_engine(args.model, args.server, args.server_model, args.server_concurrency,
-                        args.trust_remote_code)
+    load_engine = common.check_engine(args.model, args.server, args.server_model, args.server_concurrency,
+                                      args.trust_remote_code)
     if common.claim(args.output, settings, rank, files={"prompts": args.prompts}):
         return
-    engine, tokenizer, context = common.load_engine(args.model, args.server, args.server_model,
-                                                    args.server_concurrency, args.trust_remote_code)
+    engine, tokenizer, context = load_engine()
     counts = {"new_tokens": 0, "truncated": 0}
     started = time.perf_counter()
     # A prompt that leaves no room for the answer in the model's context is skipped (and counted), never run.

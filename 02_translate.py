@@ -496,13 +496,12 @@ def main(argv=None):
                "repetition_penalty", "seed", "piece_tokens", "retries", "retry_temperature")
     settings = {name: getattr(args, name) for name in shaping}
     # The model loads and the servers serve it: checked before anything is written.
-    common.check_engine(args.translator, args.server, args.server_model, args.server_concurrency,
-                        args.trust_remote_code)
+    load_engine = common.check_engine(args.translator, args.server, args.server_model,
+                                      args.server_concurrency, args.trust_remote_code)
     if common.claim(args.output, {**settings, "input": common.content_key(records)}, rank,
                     files={"input": args.input}):
         return
-    engine, tokenizer, context = common.load_engine(args.translator, args.server, args.server_model,
-                                                    args.server_concurrency, args.trust_remote_code)
+    engine, tokenizer, context = load_engine()
     ratios = token_ratios(records, tokenizer)
     tokens_generated = [0]
     progress = tqdm(desc="translate", unit="text", disable=rank != 0, dynamic_ncols=True)

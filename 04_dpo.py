@@ -91,18 +91,16 @@ def parse_args(argv=None):
     add("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: no clipping)")
     add("--lora-rank", type=int, default=0, help="LoRA: train adapters of this rank, model frozen (0: off)")
     add("--lora-alpha", type=float, default=None, help="LoRA: scale by alpha/rank (default: 2 x rank)")
-    add("--lora-dropout", type=float, default=0.0, help="LoRA: dropout on the adapters' input")
     add("--lora-targets", default=",".join(common.LORA_TARGETS), help="LoRA: layers to adapt, by last name")
     add("--save-merged", action="store_true", help="LoRA: also write the merged fp32 model (merged/)")
     add("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     add("--fsdp", action="store_true", help="shard weights, gradients, optimizer over processes (FSDP2)")
     add("--save-every", type=int, default=100, help="checkpoint (with optimizer) every N steps; 0: never")
-    add("--resume", action="store_true", help="require a checkpoint (a rerun continues from one anyway)")
     add("--seed", type=int, default=0, help="seed for the eval split and the data order")
     add("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     args = parser.parse_args(argv)
     args.lr = args.lr if args.lr is not None else 1e-5 if args.loss == "sft" else 5e-7
-    lora_only = {"--lora-alpha": args.lora_alpha is not None, "--lora-dropout": args.lora_dropout != 0,
+    lora_only = {"--lora-alpha": args.lora_alpha is not None,
                  "--lora-targets": args.lora_targets != parser.get_default("lora_targets"),
                  "--save-merged": args.save_merged}  # given without --lora-rank, each would do nothing
     common.refuse({f"{flag} applies to LoRA only: add --lora-rank, or leave it out": given
@@ -114,8 +112,7 @@ def parse_args(argv=None):
               "label_smoothing": 0 <= args.label_smoothing < 0.5, "nll_weight": args.nll_weight >= 0,
               "warmup_ratio": 0 <= args.warmup_ratio <= 1, "weight_decay": args.weight_decay >= 0,
               "max_grad_norm": args.max_grad_norm >= 0, "eval_frac": 0 <= args.eval_frac < 1,
-              "lora_rank": args.lora_rank >= 0, "lora_dropout": 0 <= args.lora_dropout < 1,
-              "lora_alpha": args.lora_alpha > 0 or not args.lora_rank,
+              "lora_rank": args.lora_rank >= 0, "lora_alpha": args.lora_alpha > 0 or not args.lora_rank,
               **{name: getattr(args, name) >= 1 for name in at_least_one}}
     common.refuse({f"--{name.replace('_', '-')} {getattr(args, name)} is out of range":
                    not (ok and math.isfinite(getattr(args, name))) for name, ok in ranges.items()})
@@ -425,16 +422,15 @@ def load_policy(name, device, args, train=True, checkpoint=None):
     model = common.load_model(name, device, common.pick_device()[1] if lora_base else torch.float32,
                               args.trust_remote_code)[0]  # a LoRA policy comes with its adapter
     model.train()
-    for module_name, module in model.named_modules():  # the reference scores without dropout, the policy too
-        if isinstance(module, torch.nn.Dropout) and not module_name.endswith("lora_dropout"):
+    for module in model.modules():  # the reference scores without dropout, the policy too (as TRL's default)
+        if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
         for attribute, value in vars(module).items():  # attention dropout is often a plain float attribute
             if "dropout" in attribute and isinstance(value, float):
                 setattr(module, attribute, 0.0)
     if args.lora_rank and train:
         if not common.adapter_folder(name):  # a LoRA policy has its adapter already
-            common.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout,
-                            args.lora_targets.split(","), args.seed)
+            common.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets.split(","), args.seed)
         if checkpoint:  # resuming: the adapters as the checkpoint left them
             common.use_adapter(model, os.path.join(checkpoint, "adapter"))
     if args.gradient_checkpointing:
@@ -525,11 +521,11 @@ def save_model(model, tokenizer, directory, rank, args, merged=True):
         save_adapter(state, os.path.join(directory, "adapter"), args)
         if not (merged and args.save_merged):
             return
-        # Merged into the base as stored (fp32), not as held here (bf16 on a GPU): nothing is rounded.
-        model = common.load_model(common.base_model(args.model), torch.device("cpu"), torch.float32,
-                                  args.trust_remote_code, scored=False)[0]
-        adapters = {name: value for name, value in state.items() if ".lora_" in name}
-        state = merge_lora({**dict(model.named_parameters()), **adapters}, args.lora_alpha / args.lora_rank)
+        # The policy just saved, loaded as its base as stored (fp32, not bf16 as held here on a GPU) plus the
+        # adapter, then merged: nothing is rounded.
+        model = common.load_model(directory, torch.device("cpu"), torch.float32, args.trust_remote_code,
+                                  scored=False)[0]
+        state = merge_lora(dict(model.named_parameters()), args.lora_alpha / args.lora_rank)
         directory = os.path.join(directory, "merged")
     common.unwrap(model).save_pretrained(directory, state_dict=state)
     tokenizer.save_pretrained(directory)
@@ -546,7 +542,7 @@ def save_adapter(state, directory, args):
     save_file(adapters, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
     common.write_json(os.path.join(directory, "adapter_config.json"), {  # target_modules: q_proj, ...
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": args.lora_rank, "lora_alpha": args.lora_alpha,
-        "lora_dropout": args.lora_dropout, "target_modules": sorted({n.rsplit(".", 3)[-3] for n in adapters}),
+        "lora_dropout": 0.0, "target_modules": sorted({n.rsplit(".", 3)[-3] for n in adapters}),
         "base_model_name_or_path": os.path.abspath(base) if os.path.isdir(base) else base})
 
 
@@ -581,15 +577,13 @@ def latest_checkpoint(output):
 
 
 # Flags a resumed run may change: they split the same global batch differently, or only say where things go.
-RESUMABLE_WITH_OTHER = ("output", "resume", "save_every", "batch_size", "grad_accum",
-                        "gradient_checkpointing", "fsdp", "trust_remote_code")
+RESUMABLE_WITH_OTHER = ("output", "save_every", "batch_size", "grad_accum", "gradient_checkpointing", "fsdp",
+                        "trust_remote_code")
 
 
-def resume_point(output, settings, require, rank):
+def resume_point(output, settings, rank):
     """(latest checkpoint or None, trainer state); metrics.jsonl is cut back to the checkpoint's step."""
     checkpoint, state = latest_checkpoint(output), {"step": 0, "settings": settings}
-    if checkpoint is None and require:
-        raise common.InputError(f"--resume: no checkpoint in {output}")
     if checkpoint:  # every file the resume reads is checked whole first
         remedy = f"delete {checkpoint} to train from the start"
         common.check_weights(checkpoint, remedy)
@@ -634,7 +628,7 @@ def prepare(args, rank, world):
         raise common.InputError(f"{args.input}: {len(run.train)} training rows, fewer than one global batch "
                                 f"of {run.global_batch} (--batch-size x --grad-accum x processes)")
     run.total_steps = min(run.steps_per_epoch * args.epochs, args.max_steps or math.inf)
-    checkpoint, run.state = resume_point(args.output, run.settings, args.resume, rank)
+    checkpoint, run.state = resume_point(args.output, run.settings, rank)
     # A LoRA checkpoint holds the adapters alone: the model is --model's, the adapters the checkpoint's.
     run.model = load_policy(checkpoint if checkpoint and not args.lora_rank else args.model, run.device, args,
                             checkpoint=checkpoint)
@@ -667,15 +661,14 @@ def check_lora_flags(args):
         with torch.device("meta"):  # the model's layers, with no memory behind them
             skeleton = AutoModelForCausalLM.from_config(layout, trust_remote_code=args.trust_remote_code)
         try:
-            common.add_lora(skeleton, args.lora_rank, args.lora_alpha, 0.0, args.lora_targets.split(","))
+            common.add_lora(skeleton, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
         except ValueError as error:
             flags = f"--lora-rank {args.lora_rank} --lora-targets {args.lora_targets}"
             raise common.InputError(f"{flags}: {error}") from None
-    made = config and (config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
-                       ",".join(sorted(config["target_modules"])))
-    now = (args.lora_rank, args.lora_alpha, args.lora_dropout, ",".join(sorted(args.lora_targets.split(","))))
+    made = config and (config["r"], config["lora_alpha"], ",".join(sorted(config["target_modules"])))
+    now = (args.lora_rank, args.lora_alpha, ",".join(sorted(args.lora_targets.split(","))))
     message = (f"--model {args.model} is a LoRA policy: it trains on its adapter with the flags that made "
-               "it, --lora-rank {} --lora-alpha {} --lora-dropout {} --lora-targets {}")
+               "it, --lora-rank {} --lora-alpha {} --lora-targets {}")
     common.refuse({message.format(*made or now): made and made != now})
 
 

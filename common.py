@@ -8,7 +8,7 @@ Read top to bottom, this file is the vocabulary the scripts speak:
   4. models                    load_model (hub id, local dir, the embedded default)
   5. chat formatting           chat_prompt_text, chat_prompt_ids, end_of_turn_ids
   6. generation                generate -> generate_batches -> decode_batch (plain or proxy-tuned)
-  7. a serving engine          connect, server_generate (/v1/completions), server_chat, load_engine
+  7. a serving engine          connect, server_generate (/v1/completions), server_chat, check_engine
   8. the log-prob scorer       response_logps (torch only: the block users copy)
   9. scoring text              tokenize_prompt_response, score, next_token_logps
  10. small helpers             numbers, held-out split, distributed setup, summaries
@@ -632,8 +632,7 @@ def load_model(name, device=None, dtype=None, trust_remote_code=False, scored=Tr
                             use_kernels=False)
     if folder := adapter_folder(name):  # a LoRA policy: the base in `dtype`, its adapter in fp32, unmerged
         config = adapter_config(folder)
-        add_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
-                 config["target_modules"])
+        add_lora(model, config["r"], config["lora_alpha"], config["target_modules"])
         use_adapter(model, folder)
     model.to(device).eval()
     try:
@@ -654,11 +653,11 @@ def load_model(name, device=None, dtype=None, trust_remote_code=False, scored=Tr
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS, seed=0):
+def add_lora(model, rank, alpha, targets=LORA_TARGETS, seed=0):
     """Freeze `model`; give each nn.Linear whose last name is in `targets` a trainable low-rank update.
     Returns the adapted layers' names; ValueError when a target names none, or the rank is above a layer's.
 
-    A target layer's y = W x becomes y = W x + (alpha / rank) * B A dropout(x), with A [rank, in] random
+    A target layer's y = W x becomes y = W x + (alpha / rank) * B A x, with A [rank, in] random
     (nn.Linear's own init, as PEFT's, from a generator of its own seeded with `seed`: the same A whatever else
     drew random numbers first) and B [out, rank] zero: the model starts exactly as it was, so DPO's
     step 1 is still ln 2. A and B are fp32 whatever W's dtype, and sit on the layer as `lora_A` and `lora_B`:
@@ -685,17 +684,17 @@ def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS, seed=0):
         torch.nn.init.kaiming_uniform_(layer.lora_A.weight, a=5 ** 0.5, generator=generator)  # on the CPU
         layer.lora_B = torch.nn.Linear(rank, layer.out_features, bias=False, dtype=torch.float32)
         torch.nn.init.zeros_(layer.lora_B.weight)
-        layer.lora_dropout, layer.lora_scaling = torch.nn.Dropout(dropout), alpha / rank
+        layer.lora_scaling = alpha / rank
         layer.to(layer.weight.device).register_forward_hook(lora_forward)
     return names
 
 
 def lora_forward(layer, inputs, output):
-    """Forward hook of an adapted layer: its frozen output W x plus (alpha / rank) * B A dropout(x), the
-    adapter's term computed in fp32 whatever W's dtype (autocast off for it)."""
+    """Forward hook of an adapted layer: its frozen output W x plus (alpha / rank) * B A x, the adapter's term
+    computed in fp32 whatever W's dtype (autocast off for it). No dropout on the adapter's input: 04 trains
+    with every dropout off (TRL's DPO default does the same, PEFT's lora_dropout included)."""
     with torch.autocast(output.device.type, enabled=False):
-        x = layer.lora_dropout(inputs[0]).float()
-        return output + (layer.lora_B(layer.lora_A(x)) * layer.lora_scaling).to(output.dtype)
+        return output + (layer.lora_B(layer.lora_A(inputs[0].float())) * layer.lora_scaling).to(output.dtype)
 
 
 # A LoRA policy on disk is 04 --lora-rank's output folder, holding adapter/ (or that adapter/ folder itself):
@@ -1142,21 +1141,13 @@ def server_chat(server, messages, max_tokens):
 
 def check_engine(name, servers=None, server_model=None, concurrency=64, trust_remote_code=False):
     """Before a stage writes anything: `name` loads (its config, its weight files whole), and the servers, if
-    any, serve it; one line if not."""
-    model_config(name, trust_remote_code)
-    if servers:
-        connect(servers, server_model, concurrency, policy=name)
-
-
-def load_engine(name, servers=None, server_model=None, concurrency=64, trust_remote_code=False):
-    """(engine, tokenizer, context length): the model loaded here, or a Server; the tokenizer is `name`'s."""
-    config = model_config(name, trust_remote_code)  # for its context length
-    if servers:
-        engine = connect(servers, server_model, concurrency, policy=name)
-        tokenizer = load_tokenizer(name, trust_remote_code)
-    else:  # the model generates here
-        engine, tokenizer = load_model(name, trust_remote_code=trust_remote_code, scored=False)
-    return engine, tokenizer, getattr(config, "max_position_embeddings", None) or 2048
+    any, serve it; one line if not. Returns load(), which gives (engine, tokenizer, context length): the
+    model loaded here, or a Server; the tokenizer is `name`'s."""
+    context = getattr(model_config(name, trust_remote_code), "max_position_embeddings", None) or 2048
+    server = connect(servers, server_model, concurrency, policy=name) if servers else None
+    if server:
+        return lambda: (server, load_tokenizer(name, trust_remote_code), context)
+    return lambda: (*load_model(name, trust_remote_code=trust_remote_code, scored=False), context)
 
 
 def engine_name(engine):

@@ -266,9 +266,9 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, tiny_model, env):
     kill_after_steps(command, killed, env)
     assert not (killed / "train_summary.json").exists()
 
-    changed = run_script("04_dpo.py", *command[2:], "--lr", "2e-3", "--resume", env=env)
+    changed = run_script("04_dpo.py", *command[2:], "--lr", "2e-3", env=env)
     assert changed.returncode == 2 and "--lr: made with 0.001, now 0.002" in changed.stderr  # a checkpoint refuses other settings
-    resumed = run_script("04_dpo.py", *command[2:], "--resume", env=env, check=True)
+    resumed = run_script("04_dpo.py", *command[2:], env=env, check=True)
     assert "resuming from" in resumed.stdout
     assert max_difference(weights(straight), weights(killed)) == 0.0
     straight_losses = [record["loss"] for record in read_records(straight / "metrics.jsonl")]

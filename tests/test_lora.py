@@ -149,9 +149,9 @@ def test_lora_checkpoint_holds_the_adapters_and_resumes_exactly(tmp_path, tiny_m
     assert sorted(os.listdir(checkpoint)) == ["adapter", "optimizer.pt", "trainer_state.json"]
     assert sorted(os.listdir(os.path.join(checkpoint, "adapter"))) == ["adapter_config.json",
                                                                        "adapter_model.safetensors"]
-    other = run_script("04_dpo.py", *command[2:], "--lora-rank", "4", "--lora-alpha", "16", "--resume", env=ENV)
+    other = run_script("04_dpo.py", *command[2:], "--lora-rank", "4", "--lora-alpha", "16", env=ENV)
     assert other.returncode == 2 and "--lora-rank: made with 8, now 4" in other.stderr
-    resumed = run_script("04_dpo.py", *command[2:], "--resume", env=ENV, check=True)
+    resumed = run_script("04_dpo.py", *command[2:], env=ENV, check=True)
     assert "resuming from" in resumed.stdout
     assert max_difference(adapter_of(straight), adapter_of(killed)) == 0.0
     assert [m["loss"] for m in read_records(killed / "metrics.jsonl")] == \
@@ -167,7 +167,7 @@ def test_lora_settings_and_bad_flags_name_the_option(tmp_path, tiny_model):
     assert other.returncode == 2 and "--lora-rank: made with 8, now 4" in other.stderr
     no_layer = " (the output layer and embeddings are not adapted)"
     for bad, says in ((("--lora-rank", "-1"), "--lora-rank -1 is out of range"),
-                      (("--lora-rank", "8", "--lora-dropout", "1"), "--lora-dropout 1.0 is out of range"),
+                      (("--lora-rank", "8", "--lora-dropout", "0.1"), "unrecognized arguments: --lora-dropout 0.1"),
                       (("--lora-rank", "8", "--lora-targets", "c_attn"),
                        "--lora-rank 8 --lora-targets c_attn: no linear layer of the model is named 'c_attn'" + no_layer),
                       (("--lora-rank", "4", "--lora-targets", "q_proj,vproj"), "named 'vproj'" + no_layer),
@@ -176,7 +176,6 @@ def test_lora_settings_and_bad_flags_name_the_option(tmp_path, tiny_model):
                       (("--lora-rank", "4", "--lora-targets", ""), "--lora-targets : no linear layer of the model is named ''"),
                       (("--lora-rank", "33",), "rank 33 is above 32, the smallest adapted layer's min(in, out): it adds nothing"),
                       (("--lora-rank", "0", "--lora-alpha", "8"), "--lora-alpha applies to LoRA only: add --lora-rank"),
-                      (("--lora-dropout", "0.3",), "--lora-dropout applies to LoRA only"),
                       (("--lora-targets", "q_proj",), "--lora-targets applies to LoRA only"),
                       (("--save-merged",), "--save-merged applies to LoRA only")):
         _, result = train(tmp_path, tiny_model, pairs_file, "bad", *bad, *flags, check=False)
@@ -285,14 +284,14 @@ def iterations(tmp_path_factory, lively):
 
 
 def test_each_stage_loads_a_lora_policy_as_its_base_plus_its_fp32_adapter(iterations, lively, monkeypatch):
-    """Under LOOP_BF16=1, 01/02 (load_engine), 03 (load_scorers: fp32), 04's next iteration (load_policy) and 05
+    """Under LOOP_BF16=1, 01/02 (check_engine), 03 (load_scorers: fp32), 04's next iteration (load_policy) and 05
     (load_generator) hold the base's weights as they were (bf16) and the adapter exactly as trained (fp32); the
     update each adapted layer adds is (alpha / rank) B A in full. Merged into bf16 weights, most of it is lost."""
     monkeypatch.setenv("LOOP_BF16", "1")
     policy = iterations[0]
     eval05 = importlib.util.module_from_spec(importlib.util.spec_from_file_location("e", f"{REPO}/05_eval.py"))
     eval05.__spec__.loader.exec_module(eval05)
-    loaded = {"01/02": (common.load_engine(policy)[0], torch.bfloat16),
+    loaded = {"01/02": (common.check_engine(policy)()[0], torch.bfloat16),
               "03": (reward.load_scorers(policy, lively)[0][0], torch.float32),
               "04": (dpo.load_policy(policy, torch.device("cpu"), dpo.parse_args(["--model", policy, *LORA])),
                      torch.bfloat16),
@@ -352,7 +351,7 @@ def test_a_second_iteration_starts_exactly_where_the_first_ended(tmp_path, itera
     assert sorted(os.listdir(output)) == ["adapter", "metrics.jsonl", "reference_logps.jsonl", "train_summary.json",
                                           "train_summary.json.lock", "train_summary.json.settings.json"]
     says = (f"error: --model {first} is a LoRA policy: it trains on its adapter with the flags that made it, "
-            "--lora-rank 8 --lora-alpha 16.0 --lora-dropout 0.0 --lora-targets down_proj,gate_proj,k_proj,o_proj,")
+            "--lora-rank 8 --lora-alpha 16.0 --lora-targets down_proj,gate_proj,k_proj,o_proj,")
     for flags in (("--lora-rank", "4"), (), (*LORA, "--lora-targets", "q_proj"), (*LORA, "--lora-alpha", "8")):
         _, result = train(tmp_path, first, str(tmp_path / "pairs.jsonl"), "bad", *flags, check=False)
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(says), result.stderr[-500:]

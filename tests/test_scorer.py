@@ -156,7 +156,7 @@ def test_unknown_logit_transform_is_refused(tmp_path, tiny_model):
     with pytest.raises(common.InputError, match="capped: LlamaForCausalLM: output_layer.*does not reproduce"):
         common.load_model(str(tmp_path / "capped"), device=torch.device("cpu"), dtype=torch.float32)
     # Generation alone reads no log-probs of ours: 01 and 02 load such a model and generate with it.
-    generator, _, _ = common.load_engine(str(tmp_path / "capped"))
+    generator, _, _ = common.check_engine(str(tmp_path / "capped"))()
     assert generator.config.final_logit_softcapping == 0.5
     assert not [name for name in vars(model) if "scor" in name]  # nothing of ours written onto the user's model
 
