@@ -54,7 +54,6 @@ import zipfile
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import common
@@ -492,16 +491,6 @@ def all_finite(model, optimizer=None):
     return bool(finite.item())
 
 
-def merge_lora(state, scaling):
-    """A state dict of an adapted model -> the plain model's, each adapter folded into its layer in fp32:
-    W + scaling * B A. Merged and stored in fp32: a LoRA delta is often below bf16's step at W's size."""
-    merged = {name: value.float() for name, value in state.items() if ".lora_" not in name}
-    for layer in [name.removesuffix(".lora_A.weight") for name in state if name.endswith(".lora_A.weight")]:
-        delta = scaling * state[f"{layer}.lora_B.weight"].float() @ state[f"{layer}.lora_A.weight"].float()
-        merged[f"{layer}.weight"] = merged[f"{layer}.weight"] + delta  # not +=: it may be the live weight
-    return merged
-
-
 def save_model(model, tokenizer, directory, rank, args, merged=True):
     """save_pretrained of the full (gathered) weights; a collective call under FSDP.
 
@@ -518,32 +507,18 @@ def save_model(model, tokenizer, directory, rank, args, merged=True):
     if rank != 0:
         return
     if args.lora_rank:
-        save_adapter(state, os.path.join(directory, "adapter"), args)
+        common.save_adapter(state, os.path.join(directory, "adapter"), args.lora_rank, args.lora_alpha,
+                            common.base_model(args.model))  # a LoRA policy's own base: one adapter trains on
         if not (merged and args.save_merged):
             return
         # The policy just saved, loaded as its base as stored (fp32, not bf16 as held here on a GPU) plus the
         # adapter, then merged: nothing is rounded.
         model = common.load_model(directory, torch.device("cpu"), torch.float32, args.trust_remote_code,
                                   scored=False)[0]
-        state = merge_lora(dict(model.named_parameters()), args.lora_alpha / args.lora_rank)
+        state = common.merge_lora(dict(model.named_parameters()), args.lora_alpha / args.lora_rank)
         directory = os.path.join(directory, "merged")
     common.unwrap(model).save_pretrained(directory, state_dict=state)
     tokenizer.save_pretrained(directory)
-
-
-def save_adapter(state, directory, args):
-    """The adapters of an adapted model's state dict, in PEFT's format: adapter_model.safetensors (PEFT's
-    names) and adapter_config.json, naming the base (a LoRA policy's own base: iterations train on one
-    adapter). PeftModel.from_pretrained and vLLM's --lora-modules load it onto that base."""
-    os.makedirs(directory, exist_ok=True)
-    base = common.resolve_model(common.base_model(args.model))  # a folder by its absolute path
-    adapters = {common.PEFT_PREFIX + name: value.float().contiguous() for name, value in state.items()
-                if ".lora_" in name}
-    save_file(adapters, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
-    common.write_json(os.path.join(directory, "adapter_config.json"), {  # target_modules: q_proj, ...
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": args.lora_rank, "lora_alpha": args.lora_alpha,
-        "lora_dropout": 0.0, "target_modules": sorted({n.rsplit(".", 3)[-3] for n in adapters}),
-        "base_model_name_or_path": os.path.abspath(base) if os.path.isdir(base) else base})
 
 
 def save_checkpoint(model, optimizer, tokenizer, trainer_state, args, rank):

@@ -697,6 +697,16 @@ def lora_forward(layer, inputs, output):
         return output + (layer.lora_B(layer.lora_A(inputs[0].float())) * layer.lora_scaling).to(output.dtype)
 
 
+def merge_lora(state, scaling):
+    """A state dict of an adapted model -> the plain model's, each adapter folded into its layer in fp32:
+    W + scaling * B A. Merged and stored in fp32: a LoRA delta is often below bf16's step at W's size."""
+    merged = {name: value.float() for name, value in state.items() if ".lora_" not in name}
+    for layer in [name.removesuffix(".lora_A.weight") for name in state if name.endswith(".lora_A.weight")]:
+        delta = scaling * state[f"{layer}.lora_B.weight"].float() @ state[f"{layer}.lora_A.weight"].float()
+        merged[f"{layer}.weight"] = merged[f"{layer}.weight"] + delta  # not +=: it may be the live weight
+    return merged
+
+
 # A LoRA policy on disk is 04 --lora-rank's output folder, holding adapter/ (or that adapter/ folder itself):
 # adapter_model.safetensors (PEFT's names) and adapter_config.json, which names the base. --model,
 # --dpo-model, --models and the rest take it as any model; it loads as its base plus its adapter.
@@ -741,6 +751,22 @@ def use_adapter(model, folder):
         for name, parameter in layers.items():
             parameter.copy_(saved[name])  # in fp32
     return model
+
+
+def save_adapter(state, folder, rank, alpha, base):
+    """The adapters of an adapted model's state dict, in PEFT's format, into `folder`:
+    adapter_model.safetensors (PEFT's names) and adapter_config.json, naming `base`. PeftModel.from_pretrained
+    and vLLM's --lora-modules load it onto that base; so do load_model and use_adapter."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    adapters = {PEFT_PREFIX + name: value.float().contiguous() for name, value in state.items()
+                if ".lora_" in name}
+    save_file(adapters, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    base = resolve_model(base)  # a folder by its absolute path
+    write_json(os.path.join(folder, "adapter_config.json"), {  # target_modules: q_proj, ...
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": sorted({name.rsplit(".", 3)[-3] for name in adapters}),
+        "base_model_name_or_path": os.path.abspath(base) if os.path.isdir(base) else base})
 
 
 # ----------------------------------------------------------------------------

@@ -241,8 +241,8 @@ def test_lora_two_processes_match_one(tmp_path, tiny_model):
 
 
 def test_lora_block_copies_out_whole(lively):
-    """The LoRA section of common.py runs alone in a namespace holding only torch, and adapts a model as the
-    project does."""
+    """The LoRA section of common.py runs alone in a namespace holding only torch, adapts a model as the project
+    does, and merges the adapter into the plain model's weights."""
     from test_scorer import section_source
     source = section_source(os.path.join(REPO, "common.py"), "# LoRA (Hu et al. 2021)", "# A LoRA policy on disk")
     assert "import" not in source
@@ -256,7 +256,7 @@ def test_lora_block_copies_out_whole(lively):
             torch.nn.init.normal_(model.get_submodule(name).lora_B.weight, generator=torch.Generator().manual_seed(1))
     assert torch.equal(logits_of(models[0]), logits_of(models[1]))
     state = {name: value.detach() for name, value in models[0].state_dict().items()}
-    merged = dpo.merge_lora(state, 2.0)
+    merged = namespace["merge_lora"](state, 2.0)
     plain = common.load_model(lively, torch.device("cpu"), torch.float32)[0]
     plain.load_state_dict(merged)
     assert (logits_of(plain) - logits_of(models[0])).abs().max() < 1e-4 * logits_of(plain).abs().max()
