@@ -508,7 +508,7 @@ def save_model(model, tokenizer, directory, rank, args, merged=True):
         return
     if args.lora_rank:
         common.save_adapter(state, os.path.join(directory, "adapter"), args.lora_rank, args.lora_alpha,
-                            common.base_model(args.model))  # a LoRA policy's own base: one adapter trains on
+                            common.base_model(args.model))  # a LoRA policy trains on: its base stays the base
         if not (merged and args.save_merged):
             return
         # The policy just saved, loaded as its base as stored (fp32, not bf16 as held here on a GPU) plus the
