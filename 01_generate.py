@@ -46,7 +46,7 @@ def parse_args(argv=None):
     add("--repetition-penalty", type=float, default=1.1, help="1.0 turns it off")
     add("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     add("--batch-size", type=int, default=32,
-        help="prompts decoded at once (times --num-samples rows); finished answers leave the batch")
+        help="prompts decoded at once (times --num-samples rows); a finished one's rows go to the next")
     add("--seed", type=int, default=0, help="random seed for sampling")
     add("--split", default="train", help="split to use when --prompts is a hub dataset")
     common.add_server_flags(parser)

@@ -7,7 +7,7 @@ Read top to bottom, this file is the vocabulary the scripts speak:
   3. prompts                   load_prompts (JSONL, directory, TSV, hub dataset), first_ids
   4. models                    load_model (hub id, local dir, the embedded default)
   5. chat formatting           chat_prompt_text, chat_prompt_ids, end_of_turn_ids
-  6. generation                generate -> generate_batches -> decode_batch (plain or proxy-tuned)
+  6. generation                generate -> generate_batches -> decode (plain or proxy-tuned)
   7. a serving engine          connect, server_generate (/v1/completions), server_chat, check_engine
   8. the log-prob scorer       response_logps (torch only: the block users copy)
   9. scoring text              tokenize_prompt_response, score, next_token_logps
@@ -16,6 +16,7 @@ Read top to bottom, this file is the vocabulary the scripts speak:
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime
 import errno
 import fcntl
@@ -830,117 +831,180 @@ def end_of_turn_token(tokenizer):
 # ----------------------------------------------------------------------------
 # 6. Generation
 #
-# A plain decode loop rather than model.generate(), for two reasons. A row that has
-# finished (end-of-turn) leaves the batch at once, so it costs nothing more; with
-# generate() every row runs to the batch's longest answer, which at 256 new tokens
-# wasted ~40% of the work on the demo prompts. And the same loop serves proxy-tuned
-# decoding, which mixes three models' logits at every step (generate() takes one).
-# Proxy-tuning (Liu et al. 2024; QAlign uses it too) steers a large model with the
-# difference a small model learned in tuning: logits = large + alpha * (expert - antiexpert).
-# Giving a finished row's place to the next prompt (continuous batching) was measured slower on a CPU at
-# the demo's shapes (RESULTS.md section 4): with transformers' KV cache every row is as wide as the
-# oldest one. At scale, a serving engine does it with a paged KV cache (section 7).
+# A decode loop of our own rather than model.generate(), for three reasons. It keeps its batch full: when an
+# answer ends, its row goes to the next waiting prompt at once (continuous batching), where generate() runs
+# every row of a batch to its longest answer (at 256 new tokens ~40% of the work on the demo prompts was
+# wasted so). Its KV cache is written in place, each row at its own length: transformers' default cache copies
+# itself whole at every step. And the same loop serves proxy-tuned decoding, which mixes three models' logits
+# at every step (generate() takes one). Proxy-tuning (Liu et al. 2024; QAlign uses it too) steers a large
+# model with the difference a small model learned in tuning: logits = large + alpha * (expert - antiexpert).
 
 
 def generate_batches(model, tokenizer, prompt_ids, num_samples=1, temperature=0.0, top_p=1.0,
                      repetition_penalty=1.0, max_new_tokens=256, batch_size=16, desc="generate",
                      show_progress=True, proxy=None, seed=0):
-    """Generate answers for many prompts; yields [(index, samples)] one batch at a time.
+    """Generate answers for many prompts; yields [(index, samples)] as prompts finish.
 
-    prompt_ids: list of token-id lists (from chat_prompt_ids). Prompts are taken longest first, batch_size at
-    a time, so prompts decoded together need little padding. max_new_tokens: one for all, or a list, one per
-    prompt. Each sample is {"text", "truncated", "new_tokens"}; truncated means the answer hit its
-    max_new_tokens before the end-of-turn token, so it is probably cut off. proxy: (expert, antiexpert, alpha)
-    for proxy-tuned decoding; the three models must share the tokenizer (with padded vocabularies only the
-    common first ids are used). seed: a sampled row draws from its own generator, seeded by (seed, prompt ids,
-    sample): the same numbers whatever the other prompts, their order, batch_size, a resume or the ranks.
+    prompt_ids: list of token-id lists (from chat_prompt_ids). batch_size prompts are decoded at a time (their
+    num_samples rows each), longest first; a finished prompt's rows go to the next one. max_new_tokens: one
+    for all, or a list, one per prompt. Each sample is {"text", "truncated", "new_tokens"}; truncated means
+    the answer hit its max_new_tokens before the end-of-turn token, so it is probably cut off. proxy: (expert,
+    antiexpert, alpha) for proxy-tuned decoding; the three models must share the tokenizer (with padded
+    vocabularies only the common first ids are used). seed: a sampled row draws from its own generator, seeded
+    by (seed, prompt ids, sample): the same numbers whatever the other prompts, their order, batch_size, a
+    resume or the ranks.
     """
     models = [model] if proxy is None else [model, proxy[0], proxy[1]]
     stop_ids = end_of_turn_ids(tokenizer)
     caps = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompt_ids)
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    progress = tqdm(total=len(order), desc=desc, unit="prompt", disable=not show_progress, dynamic_ncols=True)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        seeds = [int(content_key(seed, prompt_ids[i]), 16) % 2 ** 62 for i in batch]
-        rows = decode_batch(models, [prompt_ids[i] for i in batch], num_samples, tokenizer.pad_token_id,
-                            stop_ids, temperature, top_p, repetition_penalty, [caps[i] for i in batch],
-                            proxy[2] if proxy else 0.0, seeds)
-        progress.update(len(batch))
-        yield [(index, decode_samples(tokenizer, samples, stop_ids)) for index, samples in zip(batch, rows)]
+    seeds = [int(content_key(seed, ids), 16) % 2 ** 62 for ids in prompt_ids]
+    progress = tqdm(total=len(prompt_ids), desc=desc, unit="prompt", disable=not show_progress,
+                    dynamic_ncols=True)
+    for finished in decode(models, prompt_ids, num_samples, batch_size, stop_ids, temperature, top_p,
+                           repetition_penalty, caps, proxy[2] if proxy else 0.0, seeds):
+        progress.update(len(finished))
+        yield [(index, decode_samples(tokenizer, samples, stop_ids)) for index, samples in finished]
     progress.close()
 
 
+class RowCache:
+    """The decode loop's KV cache, written in place: per layer a buffer [rows, kv heads, capacity, head dim],
+    in which each row holds its own tokens at columns 0, 1, 2, ... (rows of their own length, no padding).
+
+    The model calls update() in every attention layer. Before each forward the loop sets `write`: (rows,
+    columns, tokens), where the keys and values of the forward's tokens (`tokens` indexes them, flattened
+    [batch x length]) go; and `width`: the columns the live rows 0 .. n-1 attend to, or None for a prefill,
+    whose tokens attend among themselves.
+    """
+
+    def __init__(self, rows, capacity):
+        self.rows, self.capacity, self.keys, self.values = rows, capacity, {}, {}
+        self.write, self.width = None, None
+
+    def update(self, key_states, value_states, layer, *args, **kwargs):
+        rows, columns, tokens = self.write
+        for buffers, states in ((self.keys, key_states), (self.values, value_states)):
+            if layer not in buffers:  # states: [batch, kv heads, length, head dim]
+                buffers[layer] = states.new_zeros(self.rows, states.shape[1], self.capacity, states.shape[3])
+            buffers[layer][rows, :, columns] = states.transpose(1, 2).flatten(0, 1)[tokens]
+        if self.width is None:
+            return key_states, value_states
+        return self.keys[layer][:len(rows), :, :self.width], self.values[layer][:len(rows), :, :self.width]
+
+    def move(self, to, source):
+        """Rows `source` of every layer into rows `to` (lists of row numbers)."""
+        for buffer in [*self.keys.values(), *self.values.values()]:
+            buffer[to] = buffer[source]
+
+
+def cached_forward(model, cache, input_ids, positions, allowed, write, width=None):
+    """fp32 logits [batch, vocab] of the last position of input_ids [batch, length] at `positions`, each
+    token attending to the keys `allowed` [batch, length, keys] marks, through a RowCache set by `write` and
+    `width`. The mask goes to the model as an additive one, [batch, 1, length, keys]: transformers takes a
+    4-D mask as it is."""
+    cache.write, cache.width = write, width
+    bias = torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device)
+    bias = bias.masked_fill(~allowed, torch.finfo(model.dtype).min)[:, None]
+    output = model(input_ids=input_ids, attention_mask=bias, position_ids=positions, cache=cache,
+                   use_cache=True, logits_to_keep=1)
+    return output.logits[:, -1].float()
+
+
+@dataclasses.dataclass
+class Row:
+    """One sample being decoded."""
+    prompt: int
+    sample: int
+    length: int  # tokens in its cache: its next token's position, and column
+    generator: torch.Generator | None  # its own random numbers, when sampling
+    tokens: list = dataclasses.field(default_factory=list)  # its answer so far
+
+
 @torch.inference_mode()
-def decode_batch(models, prompts, num_samples, pad_id, stop_ids, temperature, top_p, repetition_penalty,
-                 max_new_tokens, alpha=0.0, seeds=None):
-    """Decode N samples for each prompt of one batch; returns, per prompt, N lists of new token ids.
+def decode(models, prompts, num_samples, batch_size, stop_ids, temperature, top_p, repetition_penalty,
+           max_new_tokens, alpha=0.0, seeds=None):
+    """Decode N samples of every prompt, batch_size prompts' rows at a time; yields [(prompt index, N lists of
+    new token ids)] as prompts finish.
 
     A list ends with its end-of-turn token, or has its prompt's max_new_tokens (a list, one per prompt)
-    tokens. models: [model] or [model, expert, antiexpert] (proxy-tuned: model + alpha * (expert -
-    antiexpert)). Row r * N + s is sample s of prompt r; sampled, it draws from its own generator, seeded
-    seeds[r] + s.
+    tokens. When a row ends, a waiting prompt (longest first) takes its place, so every step runs a full batch
+    until the prompts run out. models: [model] or [model, expert, antiexpert] (proxy-tuned: model + alpha *
+    (expert - antiexpert)). Sampled, sample s of prompt p draws from its own generator, seeded seeds[p] + s.
     """
-    device = next(models[0].parameters()).device
-    # 1. Prefill: the prompts left-padded (so every row ends in the same column), once per model.
-    longest = max(len(ids) for ids in prompts)
-    input_ids = torch.tensor([[pad_id] * (longest - len(ids)) + ids for ids in prompts], device=device)
-    attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts],
-                                  device=device)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # real tokens only: padding changes nothing
-    caches, logits = [], []
-    for model in models:
-        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                       use_cache=True, logits_to_keep=1)
-        if num_samples > 1:  # 2. the N samples of a prompt share its prefill: copy its cache rows
-            output.cache.batch_repeat_interleave(num_samples)
-        caches.append(output.cache)
-        logits.append(output.logits[:, -1].float().repeat_interleave(num_samples, dim=0))  # [rows, vocab]
-    vocab = min(step_logits.shape[-1] for step_logits in logits)
-    # The tokens each row has seen, for the repetition penalty (padding counts as the row's last token).
-    seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device).scatter_(
-        1, torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:]).clamp(max=vocab - 1), True)
-    seen, attention_mask, positions = (tensor.repeat_interleave(num_samples, dim=0)
-                                       for tensor in (seen, attention_mask, positions[:, -1:]))
-    # Each row: its (prompt, sample), and its own random generator when sampling.
-    owners = [(prompt, sample) for prompt in range(len(prompts)) for sample in range(num_samples)]
-    generators = [torch.Generator().manual_seed(seeds[prompt] + sample) for prompt, sample in owners] \
-        if temperature > 0 else []
-    new_tokens = [[[] for _ in range(num_samples)] for _ in prompts]
-    for step in range(max(max_new_tokens)):
-        # 3. Sample: the proxy's logit arithmetic, the repetition penalty, then greedy or top-p.
-        scores = logits[0][:, :vocab]
+    device, slots = next(models[0].parameters()).device, batch_size * num_samples
+    capacity = max((len(ids) + cap for ids, cap in zip(prompts, max_new_tokens)), default=0)  # longest row
+    caches = [RowCache(slots, capacity) for _ in models]
+    vocab = min(model.get_output_embeddings().weight.shape[0] for model in models)
+    logits = [torch.zeros(slots, vocab, device=device) for _ in models]  # each row's next-token logits
+    seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)  # each row's tokens: repetition penalty
+    rows = []  # the live rows: rows 0 .. n-1 of every cache and tensor here
+    waiting = collections.deque(sorted(range(len(prompts)), key=lambda p: -len(prompts[p])))
+    answers = collections.defaultdict(dict)  # prompt -> {sample: its tokens}, as they end
+    while waiting or rows:
+        # 1. Admit waiting prompts into the free rows, prefilled together. Left-padded, so that every prompt's
+        # last token is in the last column; the keys of its real tokens go to its N rows, at columns 0, 1, ...
+        admitted = [waiting.popleft() for _ in range(min(len(waiting), (slots - len(rows)) // num_samples))]
+        if admitted:
+            first, end, width = len(rows), len(rows) + len(admitted) * num_samples, len(prompts[admitted[0]])
+            pads = [width - len(prompts[p]) for p in admitted]
+            ids = torch.tensor([[0] * pad + prompts[p] for p, pad in zip(admitted, pads)], device=device)
+            real = torch.arange(width, device=device) >= torch.tensor(pads, device=device)[:, None]
+            positions = (real.cumsum(-1) - 1).clamp(min=0)
+            prompt_of, column_of = real.nonzero(as_tuple=True)  # each real token's prompt and column
+            to_rows = first + prompt_of[:, None] * num_samples + torch.arange(num_samples, device=device)
+            write = (to_rows.flatten(), positions[prompt_of, column_of].repeat_interleave(num_samples),
+                     (prompt_of * width + column_of).repeat_interleave(num_samples))
+            allowed = torch.ones(width, width, dtype=torch.bool, device=device).tril() & real[:, None]
+            for model, cache, model_logits in zip(models, caches, logits):
+                model_logits[first:end] = cached_forward(model, cache, ids, positions, allowed, write)[
+                    :, :vocab].repeat_interleave(num_samples, dim=0)
+            seen[first:end] = False
+            seen[write[0], ids.flatten()[write[2]].clamp(max=vocab - 1)] = True
+            rows += [Row(p, s, len(prompts[p]), torch.Generator().manual_seed(seeds[p] + s) if temperature > 0
+                         else None) for p in admitted for s in range(num_samples)]
+        n = len(rows)
+        # 2. Sample: the proxy's logit arithmetic, the repetition penalty, then greedy or top-p.
+        scores = logits[0][:n]
         if len(models) == 3:
-            scores = scores + alpha * (logits[1][:, :vocab] - logits[2][:, :vocab])
+            scores = scores + alpha * (logits[1][:n] - logits[2][:n])
         if repetition_penalty != 1.0:  # as in CTRL and HF: shrink the logit of every token already seen
-            scores = torch.where(seen, torch.where(scores < 0, scores * repetition_penalty,
-                                                   scores / repetition_penalty), scores)
-        uniforms = torch.cat([torch.rand(1, generator=g) for g in generators]) if generators else None
-        next_token = sample_next(scores, temperature, top_p, uniforms)  # [rows]
-        # 4. The step's one host sync: the new tokens come to the CPU, and rows that ended leave the batch.
-        tokens = next_token.tolist()
-        for (prompt, sample), token in zip(owners, tokens):
-            new_tokens[prompt][sample].append(token)
-        keep = [row for row, ((prompt, _), token) in enumerate(zip(owners, tokens))
-                if token not in stop_ids and step + 1 < max_new_tokens[prompt]]
-        if not keep:
-            break
-        seen[torch.arange(len(tokens), device=device), next_token] = True
-        if len(keep) < len(tokens):
-            rows = torch.tensor(keep, device=device)
-            for cache in caches:
-                cache.batch_select_indices(rows)
-            next_token, seen, attention_mask, positions = (tensor[rows] for tensor in
-                                                            (next_token, seen, attention_mask, positions))
-            owners = [owners[row] for row in keep]
-            generators = [generators[row] for row in keep] if generators else []
-        # 5. Forward the new tokens through every model, each with its own cache.
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(keep), 1)], dim=1)
-        positions = positions + 1
-        logits = [model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=positions,
-                        cache=cache, use_cache=True).logits[:, -1].float()
-                  for model, cache in zip(models, caches)]
-    return new_tokens
+            scores = torch.where(seen[:n], torch.where(scores < 0, scores * repetition_penalty,
+                                                       scores / repetition_penalty), scores)
+        uniforms = torch.cat([torch.rand(1, generator=row.generator) for row in rows]) if temperature > 0 \
+            else None
+        next_token = sample_next(scores, temperature, top_p, uniforms)  # [n]
+        seen[torch.arange(n, device=device), next_token] = True
+        # 3. The step's one host sync: the new tokens come to the CPU. A prompt whose N rows have all ended is
+        # yielded. The live rows past the new end move into the ended rows' places: live rows stay 0 .. n-1.
+        ended = []
+        for index, (row, token) in enumerate(zip(rows, next_token.tolist())):
+            row.tokens.append(token)
+            if token in stop_ids or len(row.tokens) >= max_new_tokens[row.prompt]:
+                ended.append(index)
+                answers[row.prompt][row.sample] = row.tokens
+        done = [p for p in dict.fromkeys(rows[i].prompt for i in ended) if len(answers[p]) == num_samples]
+        if done:
+            yield [(p, [tokens for _, tokens in sorted(answers.pop(p).items())]) for p in done]
+        n -= len(ended)
+        holes, movers = [i for i in ended if i < n], [i for i in range(n, len(rows)) if i not in ended]
+        for cache in caches:
+            cache.move(holes, movers)
+        seen[holes], next_token[holes] = seen[movers], next_token[movers]
+        for hole, mover in zip(holes, movers):
+            rows[hole] = rows[mover]
+        del rows[n:]
+        if not rows:
+            continue
+        # 4. Forward each live row's new token through every model: its keys and values written at the row's
+        # own column, its attention over the row's own columns.
+        positions = torch.tensor([row.length for row in rows], device=device)
+        allowed = torch.arange(max(row.length for row in rows) + 1, device=device) <= positions[:, None]
+        write = (torch.arange(n, device=device), positions, torch.arange(n, device=device))
+        for model, cache, model_logits in zip(models, caches, logits):
+            model_logits[:n] = cached_forward(model, cache, next_token[:n, None], positions[:, None],
+                                              allowed[:, None], write, allowed.shape[1])[:, :vocab]
+        for row in rows:
+            row.length += 1
 
 
 def sample_next(logits, temperature, top_p, uniforms=None):

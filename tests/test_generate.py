@@ -107,11 +107,12 @@ def test_chat_prompt_has_exactly_one_bos(tiny_model):
     assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
 
 
-def free_answers(models, prompt_ids, pad_id, repetition_penalty, max_new_tokens, alpha=0.0):
-    """Each prompt's greedy tokens from common.decode_batch, all in one batch and never stopped by end-of-turn."""
-    rows = common.decode_batch(models, prompt_ids, 1, pad_id, [-1], 0.0, 1.0, repetition_penalty,
-                               [max_new_tokens] * len(prompt_ids), alpha)
-    return [samples[0] for samples in rows]
+def free_answers(models, prompt_ids, repetition_penalty, max_new_tokens, alpha=0.0):
+    """Each prompt's greedy tokens from common.decode, all in one batch and never stopped by end-of-turn."""
+    answers = {prompt: samples[0] for finished in common.decode(
+        models, prompt_ids, 1, len(prompt_ids), [-1], 0.0, 1.0, repetition_penalty,
+        [max_new_tokens] * len(prompt_ids), alpha) for prompt, samples in finished}
+    return [answers[prompt] for prompt in range(len(prompt_ids))]
 
 
 def test_batched_greedy_equals_one_prompt_at_a_time(lively_model):
@@ -135,9 +136,9 @@ def test_batched_greedy_in_bf16_starts_like_one_prompt_at_a_time(lively_model):
     model, tokenizer = common.load_model(lively_model, dtype=torch.bfloat16)
     texts = ["Hi", "Give three tips for staying healthy and explain each one briefly.", "Wie spät ist es?"]
     prompt_ids = [common.chat_prompt_ids(tokenizer, t) for t in texts]
-    batched = free_answers([model], prompt_ids, tokenizer.pad_token_id, 1.1, 12)
+    batched = free_answers([model], prompt_ids, 1.1, 12)
     for ids, together in zip(prompt_ids, batched):
-        [alone] = free_answers([model], [ids], tokenizer.pad_token_id, 1.1, 12)
+        [alone] = free_answers([model], [ids], 1.1, 12)
         assert len(together) == len(alone) == 12 and together[:3] == alone[:3]
 
 
@@ -162,7 +163,7 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(lively
     texts = ["Hi", "Give three tips for staying healthy.", "Wie spät ist es?", "Name a colour.", "¿Qué hora es?"]
     prompt_ids = [common.chat_prompt_ids(tokenizer, t) for t in texts]
     settings = dict(max_new_tokens=16, show_progress=False)
-    free = free_answers([model], prompt_ids, tokenizer.pad_token_id, 1.0, 16)
+    free = free_answers([model], prompt_ids, 1.0, 16)
     stops = {free[0][3], free[2][6]}
     monkeypatch.setattr(common, "end_of_turn_ids", lambda _: sorted(stops))
     batched = {i: s for batch in common.generate_batches(model, tokenizer, prompt_ids, batch_size=5, **settings)
@@ -188,7 +189,7 @@ def test_many_batches_samples_and_proxy_give_each_prompt_its_own_answer(lively_m
         # Random weights never say end-of-turn: let one token of every other prompt's free answer stop it,
         # so rows stop at different steps.
         models, alpha = ([model], 0.0) if "proxy" not in options else ([model, other, model], 0.7)
-        free = free_answers(models, prompt_ids, tokenizer.pad_token_id, 0.6, 16, alpha)
+        free = free_answers(models, prompt_ids, 0.6, 16, alpha)
         monkeypatch.setattr(common, "end_of_turn_ids", lambda _: sorted({free[n][n + 2] for n in range(0, 9, 2)}))
         together = {i: s for batch in common.generate_batches(model, tokenizer, prompt_ids, batch_size=3,
                                                               **settings, **options) for i, s in batch}
@@ -198,6 +199,34 @@ def test_many_batches_samples_and_proxy_give_each_prompt_its_own_answer(lively_m
             [[(_, alone)]] = list(common.generate_batches(model, tokenizer, [ids], batch_size=1, **settings,
                                                           **options))
             assert together[index] == alone, (options, texts[index])
+
+
+def test_a_finished_row_goes_to_the_next_waiting_prompt_at_once(lively_model, monkeypatch):
+    """Continuous batching: nine prompts, three at a time, rows ending at different steps. While prompts wait,
+    every step samples three rows (a static batch would shrink, then start the next batch); the rows drop only
+    once the queue is empty. (That each answer is still the prompt's answer alone: the test above.)"""
+    model, tokenizer = common.load_model(lively_model)
+    texts = ["Hi", "Give three tips for staying healthy.", "Wie spät ist es?", "Name a colour.", "¿Qué hora es?",
+             "Describe a cat in one sentence.", "Bonjour", "What is 2 + 2?", "Write a haiku about rain."]
+    prompt_ids = [common.chat_prompt_ids(tokenizer, t) for t in texts]
+    free = free_answers([model], prompt_ids, 1.0, 16)
+    monkeypatch.setattr(common, "end_of_turn_ids", lambda _: sorted({free[n][n + 2] for n in range(0, 9, 2)}))
+    events, sample_next = [], common.sample_next  # "prefill" (prompts joining), or the rows sampled in a step
+    monkeypatch.setattr(common, "sample_next", lambda logits, *rest: events.append(len(logits)) or
+                        sample_next(logits, *rest))
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: events.append("prefill") if kwargs["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True)
+    answers = [pair for batch in common.generate_batches(model, tokenizer, prompt_ids, max_new_tokens=16,
+                                                         batch_size=3, show_progress=False) for pair in batch]
+    hook.remove()
+    last_prefill = max(step for step, event in enumerate(events) if event == "prefill")
+    while_waiting = [rows for rows in events[:last_prefill + 2] if rows != "prefill"]
+    draining = events[last_prefill + 2:]
+    assert sorted(index for index, _ in answers) == list(range(9))
+    assert events.count("prefill") > 3  # prompts joined mid-run, not in three batches of three
+    assert set(while_waiting) == {3} and "prefill" not in draining
+    assert draining == sorted(draining, reverse=True) and draining[-1] < 3
 
 
 def test_each_prompt_keeps_its_own_length_limit_in_a_shared_batch(lively_model):
