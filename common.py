@@ -945,7 +945,8 @@ def decode(models, prompts, num_samples, batch_size, stop_ids, temperature, top_
         # last token is in the last column; the keys of its real tokens go to its N rows, at columns 0, 1, ...
         admitted = [waiting.popleft() for _ in range(min(len(waiting), (slots - len(rows)) // num_samples))]
         if admitted:
-            first, end, width = len(rows), len(rows) + len(admitted) * num_samples, len(prompts[admitted[0]])
+            first, end = len(rows), len(rows) + len(admitted) * num_samples
+            width = len(prompts[admitted[0]])  # longest first: the first admitted is the widest
             pads = [width - len(prompts[p]) for p in admitted]
             ids = torch.tensor([[0] * pad + prompts[p] for p, pad in zip(admitted, pads)], device=device)
             real = torch.arange(width, device=device) >= torch.tensor(pads, device=device)[:, None]
@@ -970,8 +971,8 @@ def decode(models, prompts, num_samples, batch_size, stop_ids, temperature, top_
         if repetition_penalty != 1.0:  # as in CTRL and HF: shrink the logit of every token already seen
             scores = torch.where(seen[:n], torch.where(scores < 0, scores * repetition_penalty,
                                                        scores / repetition_penalty), scores)
-        uniforms = torch.cat([torch.rand(1, generator=row.generator) for row in rows]) if temperature > 0 \
-            else None
+        uniforms = (torch.cat([torch.rand(1, generator=row.generator) for row in rows]) if temperature > 0
+                    else None)
         next_token = sample_next(scores, temperature, top_p, uniforms)  # [n]
         seen[torch.arange(n, device=device), next_token] = True
         # 3. The step's one host sync: the new tokens come to the CPU. A prompt whose N rows have all ended is

@@ -3,8 +3,9 @@
   decode precision  our decode loop (01's: greedy, repetition penalty 1.1, batch 32, longest first) on the demo's
                     01 input (the first 24 alpagasus prompts of en, es, de, fr), fp32 weights vs bf16 weights;
                     and how many answers come out identical, and in the same language (py3langid)
-  decode cache      the same loop in fp32, transformers' growing DynamicCache (what common.decode_batch uses)
-                    vs a preallocated StaticCache written in place, finished rows dropped with reorder_cache
+  decode cache      the same loop in fp32 (common.generate_batches: continuous batching, its own cache written in
+                    place) vs static batches on transformers' preallocated StaticCache, finished rows dropped with
+                    reorder_cache (the lever tried before common's engine had a cache of its own)
   decode batch      bf16 weights, 32 vs 64 rows decoded at once
   forward roofline  one forward over 8 x 256 tokens in fp32 and in bf16: what a decode rate is measured against
   04 step           04_dpo.py on 32 made-up pairs (4 a step, plain DPO), LOOP_BF16=0 vs LOOP_BF16=1: training
@@ -40,7 +41,7 @@ import common  # noqa: E402
 
 @torch.inference_mode()
 def static_cache_decode(model, prompts, pad_id, stop_ids, max_new_tokens, repetition_penalty):
-    """common.decode_batch's greedy path with a preallocated StaticCache instead: the comparison only."""
+    """A static batch's greedy decode on transformers' preallocated StaticCache: the comparison only."""
     from transformers import StaticCache
     longest = max(len(ids) for ids in prompts)
     input_ids = torch.tensor([[pad_id] * (longest - len(ids)) + ids for ids in prompts])
