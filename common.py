@@ -931,7 +931,7 @@ def decode(models, prompts, num_samples, batch_size, stop_ids, temperature, top_
     until the prompts run out. models: [model] or [model, expert, antiexpert] (proxy-tuned: model + alpha *
     (expert - antiexpert)). Sampled, sample s of prompt p draws from its own generator, seeded seeds[p] + s.
     """
-    device, slots = next(models[0].parameters()).device, batch_size * num_samples
+    device, slots = next(models[0].parameters()).device, min(batch_size, len(prompts)) * num_samples
     capacity = max((len(ids) + cap for ids, cap in zip(prompts, max_new_tokens)), default=0)  # longest row
     caches = [RowCache(slots, capacity) for _ in models]
     vocab = min(model.get_output_embeddings().weight.shape[0] for model in models)

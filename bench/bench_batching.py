@@ -86,9 +86,26 @@ def static_batch(model, prompts, num_samples, pad_id, stop_ids, temperature, top
     return new_tokens
 
 
-def run_engine(engine, model, tokenizer, ids, num_samples, max_new_tokens, batch_size):
-    """(tokens/s, texts in prompt order) for one engine on one shape."""
+def forward_times(model):
+    """{"prefill" | "decode step": [forwards, seconds, rows]}, filled by hooks on the model's forward until
+    the returned remove() is called."""
+    times, started = {"prefill": [0, 0.0, 0], "decode step": [0, 0.0, 0]}, []
+
+    def after(module, args, kwargs, output):
+        kind = times["prefill" if kwargs["input_ids"].shape[1] > 1 else "decode step"]
+        kind[0] += 1
+        kind[1] += time.perf_counter() - started.pop()
+        kind[2] += kwargs["input_ids"].shape[0]
+    hooks = [model.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()), with_kwargs=True),
+             model.register_forward_hook(after, with_kwargs=True)]
+    return times, lambda: [hook.remove() for hook in hooks]
+
+
+def run_engine(engine, model, tokenizer, ids, num_samples, max_new_tokens, batch_size, forwards=None):
+    """(tokens/s, texts in prompt order) for one engine on one shape; `forwards` (a dict) gets the engine's
+    forward_times."""
     settings = dict(temperature=0.9 if num_samples > 1 else 0.0, top_p=1.0, repetition_penalty=1.1)
+    times, remove = forward_times(model)
     started = time.perf_counter()
     if engine == "continuous":
         done = dict(pair for batch in common.generate_batches(
@@ -104,6 +121,9 @@ def run_engine(engine, model, tokenizer, ids, num_samples, max_new_tokens, batch
                                 max_new_tokens=[max_new_tokens] * len(batch), seeds=seeds, **settings)
             done.update((i, common.decode_samples(tokenizer, row, stop_ids)) for i, row in zip(batch, rows))
     seconds = time.perf_counter() - started
+    remove()
+    if forwards is not None:
+        forwards[engine] = times
     samples = [done[i] for i in range(len(ids))]
     return sum(s["new_tokens"] for row in samples for s in row) / seconds, [[s["text"] for s in row] for row in samples]
 
@@ -196,11 +216,11 @@ def main():
         if args.profile:
             profile(model, tokenizer, ids, num_samples, max_new_tokens, batch_size, shape)
             continue
-        rates, texts = {"static": [], "continuous": []}, {}
+        rates, texts, forwards = {"static": [], "continuous": []}, {}, {}
         for round_ in range(args.rounds):
             for engine in ("static", "continuous") if round_ % 2 == 0 else ("continuous", "static"):
                 rate, texts[engine] = run_engine(engine, model, tokenizer, ids, num_samples, max_new_tokens,
-                                                 batch_size)
+                                                 batch_size, forwards)
                 rates[engine].append(rate)
         static, continuous = statistics.median(rates["static"]), statistics.median(rates["continuous"])
         same = sum(a == b for a, b in zip(texts["static"], texts["continuous"]))
@@ -209,6 +229,10 @@ def main():
               f"({continuous / roofline:.2f}), {continuous / static:.2f}x; answers identical {same} of {len(ids)}; "
               f"rounds {[round(r, 1) for r in rates['static']]} / {[round(r, 1) for r in rates['continuous']]}",
               flush=True)
+        for engine, times in forwards.items():  # the last round's
+            print(f"  {engine}, last round: " + "; ".join(
+                f"{count} {kind}s, {seconds:.1f} s, {rows / max(count, 1):.1f} rows each"
+                for kind, (count, seconds, rows) in times.items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ it, copy its tokenizer*.json and chat_template.jinja into a folder and name it).
      an identical copy is 0; greedy generation of the same prompts at batch 1 and batch 32 agrees token by token.
   2. speed and memory, Llama shapes of 1B and 8B (random weights):
      generation (common.generate_batches, 64 prompts x 256 new tokens, greedy) against HF model.generate on the
-     same prompts in the same batch, alternated; the scorer (common.score_sequences) on 256 sequences of 512
+     same prompts in the same batch, and against the engine before (bench_batching.static_batch: transformers'
+     DynamicCache, copied whole at every step), alternated; the scorer (common.score_sequences) on 256 sequences of 512
      tokens; 04's optimizer step (fp32 master weights, bf16 autocast, fused AdamW, gradient checkpointing) on 16
      pairs of 512 tokens: seconds, peak memory, tokens/s, model FLOPs utilisation (6 x params x tokens / time /
      989 TFLOP/s, the H100/H200 bf16 dense peak). A shape whose training does not fit says why, with the memory
@@ -49,6 +50,7 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
 import common  # noqa: E402
+from bench_batching import static_batch  # noqa: E402  (the engine before common's, kept to compare)
 
 spec = importlib.util.spec_from_file_location("dpo", os.path.join(REPO, "04_dpo.py"))  # a numbered file name
 dpo = importlib.util.module_from_spec(spec)
@@ -198,9 +200,14 @@ def generation_rows(rows, shape, model, tokenizer, plan, device, prompts):
         new = out[:, longest:].tolist()  # a row's tokens up to and including its end-of-turn token
         return sum(next((k + 1 for k, t in enumerate(r) if t in stops), len(r)) for r in new)
 
-    results = {"ours": [], "generate()": []}
+    def before():
+        return sum(len(sample) for row in static_batch(model, ids, 1, tokenizer.pad_token_id, stops, 0.0, 1.0, 1.0,
+                                                       [plan["new_tokens"]] * len(ids), [0] * len(ids))
+                   for sample in row)
+
+    results = {"ours": [], "generate()": [], "the engine before": []}
     for _ in range(2):
-        for name, function in (("ours", ours), ("generate()", library)):
+        for name, function in (("ours", ours), ("generate()", library), ("the engine before", before)):
             results[name].append(measured(function, device))
     for name, runs in results.items():
         tokens, seconds, peak = min(runs, key=lambda r: r[1])
@@ -209,6 +216,7 @@ def generation_rows(rows, shape, model, tokenizer, plan, device, prompts):
             f"best of 2, alternated")
     best = {name: max(r[0] / r[1] for r in runs) for name, runs in results.items()}
     row(rows, "generation, ours / generate()", shape, f"{best['ours'] / best['generate()']:.2f}", "x")
+    row(rows, "generation, ours / the engine before", shape, f"{best['ours'] / best['the engine before']:.2f}", "x")
 
 
 def peak_text(peak):

@@ -24,7 +24,8 @@ def test_gpu_check_cpu_smoke(tmp_path):
     # 04 --lora-rank's step as on a GPU: the model frozen in bf16, fp32 adapters
     assert float(rows["04 LoRA r16 step 1: loss - NLL - ln 2", "tiny"]["value"]) == pytest.approx(0, abs=1e-6)
     assert float(rows["04 LoRA r16 step: tokens/s", "tiny"]["value"]) > 0
-    for check in ("generation, ours", "generation, generate()", "scorer (score_sequences), bf16 weights",
+    for check in ("generation, ours", "generation, generate()", "generation, the engine before",
+                  "scorer (score_sequences), bf16 weights",
                   "04 train step: seconds"):
         assert float(rows[check, "tiny"]["value"]) > 0
     assert (tmp_path / "results.md").read_text().count("\n| ") == len(rows) + 1  # + the header
